@@ -1,0 +1,79 @@
+//! tnetstrings (`LEN:PAYLOAD<tag>`), the header encoding of `protocol='tnetstring'` handlers.
+//!
+//! Only what mongrel2 puts in a header dict is modelled: string keys mapped to strings or
+//! lists of strings. Other scalars (`#` ints, `!` bools) keep their payload text; nulls are
+//! dropped. Nested dicts are a protocol error.
+
+use std::borrow::Cow;
+
+use crate::error::WireError;
+use crate::headers::{HeaderValue, Headers};
+use crate::netstring::split_tagged;
+
+/// Parses the payload of a tnetstring dict (what sits between `LEN:` and `}`).
+/// `base` is the payload's offset in the whole message, for error reports.
+pub fn parse_header_dict(payload: &[u8], base: usize) -> Result<Headers<'_>, WireError> {
+    let mut headers = Headers::with_capacity(16);
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let offset = base + payload.len() - rest.len();
+        let (key, tag, after_key) = split_tagged(rest, offset)?;
+        if tag != b',' {
+            return Err(WireError::at(offset, "tnetstring dict key is not a string"));
+        }
+        let offset = base + payload.len() - after_key.len();
+        let (value, tag, after_value) = split_tagged(after_key, offset)?;
+        rest = after_value;
+        let value = match tag {
+            b',' | b'#' | b'!' | b'^' => HeaderValue::One(Cow::Borrowed(value)),
+            b']' => HeaderValue::Many(parse_string_list(value, offset)?),
+            b'~' => continue,
+            _ => return Err(WireError::at(offset, "unsupported tnetstring header value")),
+        };
+        headers.push(Cow::Borrowed(key), value);
+    }
+    Ok(headers)
+}
+
+fn parse_string_list(payload: &[u8], base: usize) -> Result<Vec<Cow<'_, [u8]>>, WireError> {
+    let mut items = Vec::with_capacity(4);
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let offset = base + payload.len() - rest.len();
+        let (item, tag, after) = split_tagged(rest, offset)?;
+        if !matches!(tag, b',' | b'#' | b'!' | b'^') {
+            return Err(WireError::at(
+                offset,
+                "tnetstring list item is not a string",
+            ));
+        }
+        items.push(Cow::Borrowed(item));
+        rest = after;
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mongrel2_header_dict() {
+        let payload = b"6:METHOD,3:GET,6:cookie,12:3:a=1,3:b=2,]4:size,2:42#3:nil,0:~";
+        let headers = parse_header_dict(payload, 0).unwrap();
+        assert_eq!(headers.first(b"METHOD"), Some(&b"GET"[..]));
+        assert_eq!(
+            headers.get(b"cookie").unwrap().joined(b"; ").as_ref(),
+            b"a=1; b=2"
+        );
+        assert_eq!(headers.first(b"size"), Some(&b"42"[..]));
+        assert!(headers.get(b"nil").is_none());
+    }
+
+    #[test]
+    fn rejects_nested_dicts_and_truncation() {
+        assert!(parse_header_dict(b"1:a,3:1:b,}", 0).is_err());
+        assert!(parse_header_dict(b"1:a,", 0).is_err());
+        assert!(parse_header_dict(b"1:a,5:abc,", 0).is_err());
+    }
+}
