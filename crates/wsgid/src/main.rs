@@ -1,1 +1,134 @@
-fn main() {}
+//! `wsgid`: serves a Python WSGI application as a mongrel2 handler.
+//!
+//! `main` only dispatches: subcommands (`commands`), the master (`arbiter`), or a worker
+//! (`worker`, started by the master as `wsgid worker`).
+
+mod appdir;
+mod arbiter;
+mod cli;
+mod commands;
+mod config;
+mod daemon;
+mod logging;
+mod upload;
+mod worker;
+mod wsgi;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nix::sys::signal::Signal;
+
+use crate::cli::{Cli, Command};
+use crate::config::Settings;
+
+/// Usage errors (bad options, a malformed wsgid.json) exit 2, as argparse did.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let app_path = || -> PathBuf {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        cwd.join(cli.options.app_path.clone().unwrap_or_else(|| cwd.clone()))
+    };
+    let result = match &cli.command {
+        None => return serve(&cli),
+        Some(Command::Worker) => return run_worker(),
+        Some(Command::Init) => commands::init(&app_path()),
+        Some(Command::Config { no_debug }) => {
+            commands::config(&app_path(), &cli.options, *no_debug)
+        }
+        Some(Command::Status) => {
+            print!("{}", commands::status(&app_path()));
+            Ok(())
+        }
+        Some(Command::Stop { signal }) => {
+            send(&app_path(), signal.send_signal.as_deref(), Signal::SIGTERM)
+        }
+        Some(Command::Restart { signal }) => {
+            send(&app_path(), signal.send_signal.as_deref(), Signal::SIGHUP)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgid: error: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn send(app_path: &std::path::Path, given: Option<&str>, default: Signal) -> anyhow::Result<()> {
+    let signal = given
+        .map(commands::parse_signal)
+        .transpose()?
+        .unwrap_or(default);
+    let count = commands::signal_masters(app_path, signal);
+    if count == 0 {
+        anyhow::bail!("no running wsgid master in {}", app_path.display());
+    }
+    Ok(())
+}
+
+fn serve(cli: &Cli) -> ExitCode {
+    let settings = match Settings::resolve(&cli.options) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("wsgid: error: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let to_stderr = settings.stdout;
+    if let Err(e) = logging::init(&settings.app_path, to_stderr, settings.debug) {
+        eprintln!(
+            "wsgid: error: cannot open {}: {e}",
+            logging::log_path(&settings.app_path).display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if !settings.no_daemon {
+        if let Err(e) = daemon::daemonize(logging::file_for_stdio()) {
+            eprintln!("wsgid: error: cannot daemonize: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let outcome = daemon::drop_privileges(&settings.app_path)
+        .and_then(|()| arbiter::Arbiter::new(settings))
+        .and_then(arbiter::Arbiter::run);
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("master failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_worker() -> ExitCode {
+    let settings: Settings = match std::env::var(arbiter::SETTINGS_ENV)
+        .map_err(anyhow::Error::from)
+        .and_then(|json| Ok(serde_json::from_str(&json)?))
+    {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!(
+                "wsgid worker: started without settings ({e}); workers are started by the master"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = logging::init(&settings.app_path, settings.stdout, settings.debug) {
+        eprintln!("wsgid worker: cannot open the log: {e}");
+        return ExitCode::FAILURE;
+    }
+    let span = tracing::info_span!("worker", pid = std::process::id());
+    let _entered = span.enter();
+    match worker::run(settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("worker failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The app folder: `app/`, `logs/`, `pid/master/<pid>.pid`, `pid/worker/<pid>.pid`,
+//! `wsgid.json`, `django.json`. Several wsgid instances may share one folder.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Master,
+    Worker,
+}
+
+impl Role {
+    fn dir(self) -> &'static str {
+        match self {
+            Role::Master => "pid/master",
+            Role::Worker => "pid/worker",
+        }
+    }
+}
+
+pub const LAYOUT: [&str; 5] = ["app", "logs", "pid", "pid/master", "pid/worker"];
+
+/// Creates the folder layout; existing parts are kept (idempotent).
+pub fn init(app_path: &Path) -> io::Result<()> {
+    for dir in LAYOUT {
+        std::fs::create_dir_all(app_path.join(dir))?;
+    }
+    Ok(())
+}
+
+pub fn pid_file(app_path: &Path, role: Role, pid: u32) -> PathBuf {
+    app_path.join(role.dir()).join(format!("{pid}.pid"))
+}
+
+pub fn write_pid(app_path: &Path, role: Role, pid: u32) -> io::Result<()> {
+    std::fs::create_dir_all(app_path.join(role.dir()))?;
+    std::fs::write(pid_file(app_path, role, pid), pid.to_string())
+}
+
+pub fn remove_pid(app_path: &Path, role: Role, pid: u32) {
+    let path = pid_file(app_path, role, pid);
+    if let Err(e) = std::fs::remove_file(&path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Pids named by `<digits>.pid` files in the role's directory, sorted.
+pub fn pids(app_path: &Path, role: Role) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(app_path.join(role.dir())) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".pid")?.parse().ok()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+pub fn alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+}

@@ -1,0 +1,359 @@
+//! The master: starts workers, watches them, reloads and stops them. It runs no Python and
+//! no ZeroMQ; workers are fresh executions of this binary (`wsgid worker`), so nothing
+//! crosses a fork, and they die with the master (parent-death signal).
+//!
+//! Signals: TERM/INT graceful stop, QUIT immediate stop, HUP graceful reload (new workers
+//! first, old ones retire once the new ones are ready), TTIN/TTOU one worker more/fewer,
+//! USR1 reopen logs.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::appdir::{self, Role};
+use crate::config::Settings;
+use crate::worker::{EXIT_APP_LOAD, READY_FD_ENV};
+
+/// Environment variable carrying the settings (JSON) from master to worker.
+pub const SETTINGS_ENV: &str = "WSGID_SETTINGS";
+
+/// A worker that dies sooner than this after its start counts as a failed start.
+const FAILED_START: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+struct WorkerState {
+    generation: u64,
+    started: Instant,
+    ready: bool,
+    retiring: bool,
+}
+
+#[derive(Default)]
+struct Flags {
+    stop: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
+    more: Arc<AtomicBool>,
+    fewer: Arc<AtomicBool>,
+    reopen: Arc<AtomicBool>,
+}
+
+pub struct Arbiter {
+    settings: Settings,
+    settings_json: String,
+    workers: BTreeMap<i32, WorkerState>,
+    target: u32,
+    generation: u64,
+    failures: u32,
+    next_spawn: Instant,
+    stopping: Option<Instant>,
+    ready_read: OwnedFd,
+    ready_write: OwnedFd,
+}
+
+impl Arbiter {
+    pub fn new(settings: Settings) -> anyhow::Result<Arbiter> {
+        let (ready_read, ready_write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).context("pipe")?;
+        Ok(Arbiter {
+            settings_json: serde_json::to_string(&settings)?,
+            target: settings.workers,
+            settings,
+            workers: BTreeMap::new(),
+            generation: 0,
+            failures: 0,
+            next_spawn: Instant::now(),
+            stopping: None,
+            ready_read,
+            ready_write,
+        })
+    }
+
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let app_path = self.settings.app_path.clone();
+        let pid = std::process::id();
+        appdir::write_pid(&app_path, Role::Master, pid)
+            .context("cannot write the master pid file")?;
+        let result = self.supervise();
+        appdir::remove_pid(&app_path, Role::Master, pid);
+        tracing::info!("master exiting");
+        result
+    }
+
+    fn supervise(&mut self) -> anyhow::Result<()> {
+        use signal_hook::consts::*;
+        let flags = Flags::default();
+        let (wake_read, wake_write) = std::os::unix::net::UnixStream::pair()?;
+        wake_read.set_nonblocking(true)?;
+        wake_write.set_nonblocking(true)?;
+        for (sig, flag) in [
+            (SIGTERM, Some(&flags.stop)),
+            (SIGINT, Some(&flags.stop)),
+            (SIGQUIT, Some(&flags.quit)),
+            (SIGHUP, Some(&flags.reload)),
+            (SIGTTIN, Some(&flags.more)),
+            (SIGTTOU, Some(&flags.fewer)),
+            (SIGUSR1, Some(&flags.reopen)),
+            (SIGCHLD, None),
+        ] {
+            if let Some(flag) = flag {
+                signal_hook::flag::register(sig, flag.clone())?;
+            }
+            signal_hook::low_level::pipe::register(sig, wake_write.try_clone()?)?;
+        }
+        tracing::info!(
+            pid = std::process::id(),
+            workers = self.target,
+            "master started"
+        );
+        loop {
+            self.reap();
+            if flags.quit.swap(false, Ordering::Relaxed) {
+                tracing::info!("QUIT: stopping workers now");
+                self.signal_all(Signal::SIGQUIT);
+                self.stopping = Some(Instant::now());
+            }
+            if flags.stop.swap(false, Ordering::Relaxed) && self.stopping.is_none() {
+                tracing::info!("stopping gracefully");
+                self.signal_all(Signal::SIGTERM);
+                self.stopping =
+                    Some(Instant::now() + Duration::from_secs(self.settings.graceful_timeout));
+            }
+            if let Some(deadline) = self.stopping {
+                if self.workers.is_empty() {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!("graceful timeout over: killing the remaining workers");
+                    self.signal_all(Signal::SIGKILL);
+                }
+            } else {
+                self.handle_requests(&flags);
+                if !self.settings.keep_alive && self.workers.is_empty() {
+                    tracing::info!("no workers left and keep-alive is off");
+                    return Ok(());
+                }
+                self.maintain();
+                self.retire_old_generation();
+            }
+            self.wait(&wake_read)?;
+        }
+    }
+
+    fn handle_requests(&mut self, flags: &Flags) {
+        if flags.reload.swap(false, Ordering::Relaxed) {
+            self.generation += 1;
+            tracing::info!(
+                generation = self.generation,
+                "reloading: starting new workers"
+            );
+            self.failures = 0;
+            self.next_spawn = Instant::now();
+        }
+        if flags.more.swap(false, Ordering::Relaxed) {
+            self.target += 1;
+            tracing::info!(workers = self.target, "TTIN: one worker more");
+        }
+        if flags.fewer.swap(false, Ordering::Relaxed) && self.target > 1 {
+            self.target -= 1;
+            tracing::info!(workers = self.target, "TTOU: one worker fewer");
+            if let Some((&pid, state)) = self.workers.iter_mut().find(|(_, w)| !w.retiring) {
+                state.retiring = true;
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        if flags.reopen.swap(false, Ordering::Relaxed) {
+            if let Err(e) = crate::logging::reopen() {
+                tracing::error!("cannot reopen the log file: {e}");
+            }
+            self.signal_all(Signal::SIGUSR1);
+        }
+    }
+
+    /// Starts workers until the current generation has `target` of them, respecting the
+    /// backoff after failed starts.
+    fn maintain(&mut self) {
+        while self.current_count() < self.target as usize && Instant::now() >= self.next_spawn {
+            if let Err(e) = self.spawn() {
+                tracing::error!("cannot start a worker: {e:#}");
+                self.backoff();
+                break;
+            }
+        }
+    }
+
+    fn current_count(&self) -> usize {
+        self.workers
+            .values()
+            .filter(|w| w.generation == self.generation && !w.retiring)
+            .count()
+    }
+
+    /// After a reload, old workers stop only once the new generation is fully ready, so
+    /// some worker is connected to mongrel2 at every instant (design note 5).
+    fn retire_old_generation(&mut self) {
+        let ready_new = self
+            .workers
+            .values()
+            .filter(|w| w.generation == self.generation && w.ready && !w.retiring)
+            .count();
+        if ready_new < self.target as usize {
+            return;
+        }
+        for (&pid, state) in self.workers.iter_mut() {
+            if state.generation < self.generation && !state.retiring {
+                state.retiring = true;
+                tracing::info!(pid, "retiring worker of the previous generation");
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("cannot find our own executable")?;
+        let ready_fd = self.ready_write.as_raw_fd();
+        let mut command = Command::new(exe);
+        command
+            .arg("worker")
+            .env(SETTINGS_ENV, &self.settings_json)
+            .env(READY_FD_ENV, ready_fd.to_string())
+            .envs(&self.settings.envs);
+        // SAFETY: only async-signal-safe calls (prctl, fcntl) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+                let fd = std::os::fd::BorrowedFd::borrow_raw(ready_fd);
+                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+                Ok(())
+            });
+        }
+        let child = command.spawn().context("cannot execute the worker")?;
+        let pid = child.id();
+        // Reaped through waitpid in `reap`, not through `Child`.
+        drop(child);
+        if let Err(e) = appdir::write_pid(&self.settings.app_path, Role::Worker, pid) {
+            tracing::warn!("cannot write the worker pid file: {e}");
+        }
+        tracing::info!(pid, generation = self.generation, "worker started");
+        self.workers.insert(
+            pid as i32,
+            WorkerState {
+                generation: self.generation,
+                started: Instant::now(),
+                ready: false,
+                retiring: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn backoff(&mut self) {
+        self.failures += 1;
+        let delay = Duration::from_millis(500)
+            .saturating_mul(1 << self.failures.min(8))
+            .min(MAX_BACKOFF);
+        tracing::warn!(
+            failures = self.failures,
+            "next worker start in {:.1}s",
+            delay.as_secs_f64()
+        );
+        self.next_spawn = Instant::now() + delay;
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => status,
+            };
+            let Some(pid) = status.pid() else { return };
+            let Some(state) = self.workers.remove(&pid.as_raw()) else {
+                continue;
+            };
+            appdir::remove_pid(&self.settings.app_path, Role::Worker, pid.as_raw() as u32);
+            let (code, signal) = match status {
+                WaitStatus::Exited(_, code) => (Some(code), None),
+                WaitStatus::Signaled(_, sig, _) => (None, Some(sig)),
+                _ => (None, None),
+            };
+            let expected = state.retiring || self.stopping.is_some();
+            if expected {
+                tracing::info!(pid = pid.as_raw(), ?code, ?signal, "worker exited");
+                continue;
+            }
+            let lived = state.started.elapsed();
+            tracing::warn!(
+                pid = pid.as_raw(),
+                ?code,
+                ?signal,
+                "worker died after {:.1}s",
+                lived.as_secs_f64()
+            );
+            if code == Some(EXIT_APP_LOAD) || lived < FAILED_START {
+                self.backoff();
+            } else {
+                self.failures = 0;
+            }
+        }
+    }
+
+    fn signal_all(&self, signal: Signal) {
+        for &pid in self.workers.keys() {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Sleeps until a signal, a ready report, or the next deadline.
+    fn wait(&mut self, wake: &std::os::unix::net::UnixStream) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let mut deadline = None::<Instant>;
+        if let Some(stop) = self.stopping {
+            deadline = Some(stop.max(now + Duration::from_millis(100)));
+        } else if self.current_count() < self.target as usize {
+            deadline = Some(self.next_spawn);
+        }
+        let timeout = match deadline {
+            Some(d) => PollTimeout::try_from(
+                d.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1,
+            )
+            .unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::try_from(1000).unwrap_or(PollTimeout::MAX),
+        };
+        let mut fds = [
+            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.ready_read.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut sink = [0u8; 256];
+        while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
+        let mut reports = [0u8; 4 * 64];
+        while let Ok(n) = nix::unistd::read(&self.ready_read, &mut reports) {
+            if n == 0 {
+                break;
+            }
+            for pid in reports[..n].chunks_exact(4) {
+                let pid = u32::from_le_bytes(pid.try_into().expect("4 bytes")) as i32;
+                if let Some(state) = self.workers.get_mut(&pid) {
+                    state.ready = true;
+                    self.failures = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}

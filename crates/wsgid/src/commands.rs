@@ -1,0 +1,136 @@
+//! The subcommands that manage an app folder: `init`, `config`, `status`, `stop`, `restart`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+use crate::appdir::{self, Role};
+use crate::cli::Options;
+use crate::config::{read_config_file, validate_spec, CONFIG_FILE};
+
+pub fn init(app_path: &Path) -> anyhow::Result<()> {
+    eprintln!("Initializing wsgid app folder in {}...", app_path.display());
+    appdir::init(app_path).with_context(|| format!("cannot create {}", app_path.display()))
+}
+
+/// Writes the given options into wsgid.json with real JSON types; keys not given are kept.
+pub fn config(app_path: &Path, options: &Options, no_debug: bool) -> anyhow::Result<()> {
+    let mut cfg = read_config_file(app_path)?;
+    let mut set = |key: &str, value: Value| {
+        cfg.insert(key.to_string(), value);
+    };
+    let o = options;
+    if let Some(v) = &o.recv {
+        set("recv", json!(v))
+    }
+    if let Some(v) = &o.send {
+        set("send", json!(v))
+    }
+    if let Some(v) = &o.wsgi_app {
+        set("wsgi_app", json!(v))
+    }
+    if let Some(v) = o.workers {
+        set("workers", json!(v))
+    }
+    if let Some(v) = &o.mongrel2_chroot {
+        set("mongrel2_chroot", json!(v))
+    }
+    if let Some(v) = &o.upload_temp_store {
+        set("upload_temp_store", json!(v))
+    }
+    if let Some(v) = o.max_body_size {
+        set("max_body_size", json!(v))
+    }
+    if let Some(v) = &o.virtualenv {
+        set("virtualenv", json!(v))
+    }
+    if let Some(v) = o.graceful_timeout {
+        set("graceful_timeout", json!(v))
+    }
+    if let Some(v) = o.max_requests {
+        set("max_requests", json!(v))
+    }
+    for (given, key) in [
+        (o.debug, "debug"),
+        (o.no_daemon, "no_daemon"),
+        (o.stdout, "stdout"),
+        (o.chroot, "chroot"),
+        (o.django, "django"),
+    ] {
+        if given {
+            set(key, json!(true))
+        }
+    }
+    if no_debug {
+        set("debug", json!(false))
+    }
+    if o.keep_alive {
+        set("keep_alive", json!(true))
+    }
+    if o.no_keep_alive {
+        set("keep_alive", json!(false))
+    }
+    for key in ["recv", "send"] {
+        match cfg.get(key) {
+            Some(Value::String(spec)) => validate_spec(spec).map_err(anyhow::Error::msg)?,
+            Some(_) => bail!("{CONFIG_FILE}: \"{key}\" must be a string"),
+            None => bail!("--{key} is required (not given and not in {CONFIG_FILE})"),
+        }
+    }
+    let text = serde_json::to_string_pretty(&Value::Object(cfg))? + "\n";
+    let path = app_path.join(CONFIG_FILE);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn pid_list(pids: &[u32]) -> String {
+    pids.iter()
+        .map(|&pid| {
+            if appdir::alive(pid) {
+                pid.to_string()
+            } else {
+                format!("{pid}(dead)")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The original's three lines; "Running" needs a live master and a live worker.
+pub fn status(app_path: &Path) -> String {
+    let masters = appdir::pids(app_path, Role::Master);
+    let workers = appdir::pids(app_path, Role::Worker);
+    let running =
+        masters.iter().any(|&p| appdir::alive(p)) && workers.iter().any(|&p| appdir::alive(p));
+    format!(
+        "Status: {}\nMaster pid(s): {}\nWorker pid(s): {}\n",
+        if running { "Running" } else { "Stopped" },
+        pid_list(&masters),
+        pid_list(&workers)
+    )
+}
+
+/// A signal by name (`TERM`, `SIGTERM`, `term`) or number.
+pub fn parse_signal(text: &str) -> anyhow::Result<Signal> {
+    if let Ok(number) = text.parse::<i32>() {
+        return Signal::try_from(number).with_context(|| format!("no signal number {number}"));
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<Signal>()
+        .with_context(|| format!("unknown signal {text:?}"))
+}
+
+/// Sends `signal` to every live master of the app folder; returns how many got it.
+pub fn signal_masters(app_path: &Path, signal: Signal) -> usize {
+    appdir::pids(app_path, Role::Master)
+        .into_iter()
+        .filter(|&pid| kill(Pid::from_raw(pid as i32), signal).is_ok())
+        .count()
+}

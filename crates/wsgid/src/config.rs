@@ -1,0 +1,260 @@
+//! Settings: defaults, then `<app-path>/wsgid.json`, then the command line (the command line
+//! wins; the original let the file win, which made a one-off override impossible).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::cli::Options;
+
+/// Everything a master and its workers need; passed to workers as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Settings {
+    pub recv: String,
+    pub send: String,
+    pub wsgi_app: Option<String>,
+    pub app_path: PathBuf,
+    pub workers: u32,
+    pub no_daemon: bool,
+    pub stdout: bool,
+    pub debug: bool,
+    pub keep_alive: bool,
+    pub chroot: bool,
+    pub mongrel2_chroot: PathBuf,
+    pub upload_temp_store: Option<String>,
+    pub max_body_size: Option<u64>,
+    pub django: bool,
+    pub virtualenv: Option<PathBuf>,
+    pub graceful_timeout: u64,
+    pub max_requests: Option<u64>,
+    pub envs: BTreeMap<String, String>,
+}
+
+pub const CONFIG_FILE: &str = "wsgid.json";
+
+/// The original's spec validation, kept so configs that worked there work here.
+pub fn validate_spec(spec: &str) -> Result<(), String> {
+    let Some((scheme, address)) = spec.split_once("://") else {
+        return Err(format!(
+            "invalid ZeroMQ endpoint {spec:?}: expected SCHEME://ADDRESS"
+        ));
+    };
+    match scheme {
+        "tcp" => {
+            let port = address.rsplit_once(':').map(|(_, port)| port);
+            match port {
+                Some(port) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                    Ok(())
+                }
+                _ => Err(format!("invalid ZeroMQ endpoint {spec:?}: tcp needs HOST:PORT")),
+            }
+        }
+        "ipc" | "inproc" | "pgm" | "epgm" if !address.is_empty() => Ok(()),
+        _ => Err(format!(
+            "invalid ZeroMQ endpoint {spec:?}: expected tcp://HOST:PORT, ipc://PATH or inproc://NAME"
+        )),
+    }
+}
+
+/// Reads `<app_path>/wsgid.json` as a JSON object; an absent file is an empty one. A
+/// malformed file is an error naming the file, line and column.
+pub fn read_config_file(app_path: &Path) -> anyhow::Result<Map<String, Value>> {
+    let path = app_path.join(CONFIG_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Map::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if text.trim().is_empty() {
+        return Ok(Map::new());
+    }
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => bail!("{}: expected a JSON object", path.display()),
+        Err(e) => bail!(
+            "{}:{}:{}: malformed JSON: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        ),
+    }
+}
+
+/// The original accepted `"true"`, `"True"` and `true`; so do we, and numbers as strings.
+fn as_bool(file: &Map<String, Value>, key: &str) -> anyhow::Result<Option<bool>> {
+    Ok(match file.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Some(true),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") || s.is_empty() => Some(false),
+        Some(other) => bail!("{CONFIG_FILE}: \"{key}\" must be true or false, not {other}"),
+    })
+}
+
+fn as_u64(file: &Map<String, Value>, key: &str) -> anyhow::Result<Option<u64>> {
+    Ok(match file.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(Value::String(s)) if s.trim().parse::<u64>().is_ok() => s.trim().parse().ok(),
+        Some(other) => bail!("{CONFIG_FILE}: \"{key}\" must be a whole number, not {other}"),
+    })
+}
+
+fn as_string(file: &Map<String, Value>, key: &str) -> anyhow::Result<Option<String>> {
+    Ok(match file.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => bail!("{CONFIG_FILE}: \"{key}\" must be a string, not {other}"),
+    })
+}
+
+impl Settings {
+    /// Merges defaults, the app folder's wsgid.json and the command line.
+    pub fn resolve(cli: &Options) -> anyhow::Result<Settings> {
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        let app_path = cwd.join(cli.app_path.clone().unwrap_or_else(|| cwd.clone()));
+        if !app_path.is_dir() {
+            bail!("app path {} does not exist", app_path.display());
+        }
+        let file = read_config_file(&app_path)?;
+        let flag = |given: bool, key: &str| -> anyhow::Result<bool> {
+            Ok(given || as_bool(&file, key)?.unwrap_or(false))
+        };
+        let recv = cli.recv.clone().or(as_string(&file, "recv")?);
+        let send = cli.send.clone().or(as_string(&file, "send")?);
+        let (Some(recv), Some(send)) = (recv, send) else {
+            bail!("--recv and --send are required (on the command line or in {CONFIG_FILE})");
+        };
+        for spec in [&recv, &send] {
+            validate_spec(spec).map_err(|e| anyhow::anyhow!("{CONFIG_FILE}: {e}"))?;
+        }
+        let keep_alive = if cli.no_keep_alive {
+            false
+        } else if cli.keep_alive {
+            true
+        } else {
+            as_bool(&file, "keep_alive")?.unwrap_or(true)
+        };
+        let envs = match file.get("envs") {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Object(map)) => map
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => Ok((k.clone(), s.clone())),
+                    other => Ok((k.clone(), other.to_string())),
+                })
+                .collect::<anyhow::Result<_>>()?,
+            Some(other) => bail!("{CONFIG_FILE}: \"envs\" must be an object, not {other}"),
+        };
+        let workers = match cli.workers {
+            Some(n) => n,
+            None => as_u64(&file, "workers")?.unwrap_or(1).clamp(1, 1024) as u32,
+        };
+        let path_opt = |given: &Option<PathBuf>, key: &str| -> anyhow::Result<Option<PathBuf>> {
+            Ok(given.clone().or(as_string(&file, key)?.map(PathBuf::from)))
+        };
+        let virtualenv = path_opt(&cli.virtualenv, "virtualenv")?
+            .or_else(|| std::env::var_os("VIRTUAL_ENV").map(PathBuf::from))
+            .map(|venv| cwd.join(venv));
+        Ok(Settings {
+            recv,
+            send,
+            wsgi_app: cli.wsgi_app.clone().or(as_string(&file, "wsgi_app")?),
+            workers,
+            no_daemon: flag(cli.no_daemon, "no_daemon")?,
+            stdout: flag(cli.stdout, "stdout")?,
+            debug: flag(cli.debug, "debug")?,
+            keep_alive,
+            chroot: flag(cli.chroot, "chroot")?,
+            mongrel2_chroot: path_opt(&cli.mongrel2_chroot, "mongrel2_chroot")?
+                .unwrap_or_else(|| PathBuf::from("/")),
+            upload_temp_store: cli
+                .upload_temp_store
+                .clone()
+                .or(as_string(&file, "upload_temp_store")?),
+            max_body_size: cli.max_body_size.or(as_u64(&file, "max_body_size")?),
+            django: flag(cli.django, "django")?,
+            virtualenv,
+            graceful_timeout: cli
+                .graceful_timeout
+                .or(as_u64(&file, "graceful_timeout")?)
+                .unwrap_or(30),
+            max_requests: cli.max_requests.or(as_u64(&file, "max_requests")?),
+            envs,
+            app_path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_and_rejects_specs_like_the_original() {
+        for ok in [
+            "tcp://127.0.0.1:8080",
+            "tcp://*:8080",
+            "tcp://machine.intranet.org:8080",
+            "ipc:///tmp/sock",
+            "inproc://#2",
+            "pgm:///tmp/sock",
+            "tcp://[::1]:9000",
+        ] {
+            assert!(validate_spec(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "tcp://127.0.0.1",
+            "tcp://127.0.0.1:abc",
+            "invalid://127.0.0.1:abc",
+            "ipc://",
+            "127.0.0.1:80",
+        ] {
+            assert!(validate_spec(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_line_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            r#"{"recv": "tcp://127.0.0.1:5000", "send": "tcp://127.0.0.1:5001", "debug": "true",
+                "workers": "4", "chroot": "false", "stdout": "True", "keep_alive": false,
+                "envs": {"ENV1": "VALUE1"}}"#,
+        )
+        .unwrap();
+        let cli = Options {
+            app_path: Some(dir.path().to_path_buf()),
+            workers: Some(8),
+            ..Options::default()
+        };
+        let s = Settings::resolve(&cli).unwrap();
+        assert_eq!(s.workers, 8);
+        assert_eq!(s.recv, "tcp://127.0.0.1:5000");
+        assert!(s.debug && s.stdout && !s.chroot && !s.keep_alive);
+        assert_eq!(s.envs.get("ENV1").map(String::as_str), Some("VALUE1"));
+        let s = Settings::resolve(&Options {
+            keep_alive: true,
+            ..cli
+        })
+        .unwrap();
+        assert!(s.keep_alive);
+    }
+
+    #[test]
+    fn malformed_file_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "{\n  \"recv\": \"x\",\n  oops\n}",
+        )
+        .unwrap();
+        let err = read_config_file(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("wsgid.json:3:"), "{err}");
+    }
+}

@@ -1,0 +1,510 @@
+//! A worker: one embedded Python, one app, one request at a time.
+//!
+//! Startup order matters (design notes 1, 7): Python and the app first, then the reply
+//! socket, and only once mongrel2's subscription has reached it the request socket, so no
+//! reply can be published into the void. Stopping gracefully disconnects the request socket
+//! first and serves what libzmq had already queued, so no accepted request is dropped.
+
+use std::cell::RefCell;
+use std::io::{self, Write as _};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use m2wire::{encode_prefix, parse_address, MessageKind, Request, UploadMarker};
+use pyo3::intern;
+use pyo3::prelude::*;
+
+use crate::config::Settings;
+use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
+use crate::wsgi::environ::{self, BodyInfo, EnvironTemplate};
+use crate::wsgi::input::{Body, Input};
+use crate::wsgi::response::{ReplySink, RequestFacts, ResponseWriter};
+use crate::wsgi::types::{Errors, FileWrapper};
+use crate::wsgi::{call, loader};
+
+/// Exit code of a worker whose app cannot be loaded: the master backs off before retrying.
+pub const EXIT_APP_LOAD: i32 = 3;
+
+/// Environment variable naming the fd on which a ready worker reports its pid to the master.
+pub const READY_FD_ENV: &str = "WSGID_READY_FD";
+
+/// Queued requests per worker: low, so mongrel2's round robin passes a busy worker by
+/// instead of queueing fast requests behind a slow one (design note 3).
+const RECV_HWM: i32 = 16;
+
+/// The reply socket: a PUB that never drops (XPUB_NODROP makes a full queue block the
+/// sender instead), so a large streamed response is paced, not truncated.
+struct Outbox {
+    socket: zmq::Socket,
+}
+
+impl ReplySink for Outbox {
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        self.socket.send(msg, 0).map_err(io::Error::from)
+    }
+}
+
+/// The signals a worker reacts to, set from handlers, read by the loop.
+struct Signals {
+    stop: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    reopen_logs: Arc<AtomicBool>,
+    wake: UnixStream,
+}
+
+impl Signals {
+    fn install() -> io::Result<Signals> {
+        use signal_hook::consts::*;
+        let (wake, notify) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        notify.set_nonblocking(true)?;
+        let signals = Signals {
+            stop: Arc::default(),
+            quit: Arc::default(),
+            reopen_logs: Arc::default(),
+            wake,
+        };
+        for (sig, flag) in [
+            (SIGTERM, &signals.stop),
+            (SIGINT, &signals.stop),
+            (SIGQUIT, &signals.quit),
+            (SIGUSR1, &signals.reopen_logs),
+        ] {
+            signal_hook::flag::register(sig, flag.clone())?;
+            signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
+        }
+        // The master reloads on HUP; a worker in the same process group must not die of it.
+        signal_hook::flag::register(SIGHUP, Arc::new(AtomicBool::new(false)))?;
+        Ok(signals)
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!(io::Read::read(&mut &self.wake, &mut buf), Ok(n) if n > 0) {}
+        if self.reopen_logs.swap(false, Ordering::Relaxed) {
+            if let Err(e) = crate::logging::reopen() {
+                tracing::error!("cannot reopen the log file: {e}");
+            }
+        }
+    }
+}
+
+pub fn run(settings: Settings) -> anyhow::Result<()> {
+    let signals = Signals::install().context("cannot install signal handlers")?;
+    loader::init_python(settings.virtualenv.as_deref())?;
+    let (app, template) = Python::attach(|py| -> anyhow::Result<_> {
+        let app = match loader::load_app(py, &settings) {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                std::process::exit(EXIT_APP_LOAD);
+            }
+        };
+        let errors = Bound::new(py, Errors::default())?.into_any();
+        let wrapper = py.get_type::<FileWrapper>().into_any();
+        Ok((app, EnvironTemplate::new(py, errors, wrapper)?))
+    })?;
+
+    let context = zmq::Context::new();
+    let outbox = Rc::new(Outbox {
+        socket: connect_replies(&context, &settings.send, &signals)?,
+    });
+    let requests = context.socket(zmq::PULL)?;
+    requests.set_rcvhwm(RECV_HWM)?;
+    requests
+        .connect(&settings.recv)
+        .with_context(|| format!("cannot connect to {}", settings.recv))?;
+    report_ready();
+    tracing::info!(recv = %settings.recv, send = %settings.send, "worker ready");
+
+    let mut worker = Worker {
+        app,
+        template,
+        outbox,
+        policy: UploadPolicy {
+            chroot: settings.mongrel2_chroot.clone(),
+            template: settings.upload_temp_store.clone(),
+            max_body_size: settings.max_body_size,
+        },
+        served: 0,
+    };
+    let retire_after = settings.max_requests.unwrap_or(u64::MAX);
+    loop {
+        if signals.quit.load(Ordering::Relaxed) {
+            tracing::info!("quit: stopping now");
+            return Ok(());
+        }
+        if signals.stop.load(Ordering::Relaxed) || worker.served >= retire_after {
+            break;
+        }
+        let mut items = [
+            requests.as_poll_item(zmq::POLLIN),
+            worker.outbox.socket.as_poll_item(zmq::POLLIN),
+            zmq::PollItem::from_fd(signals.wake.as_raw_fd(), zmq::POLLIN),
+        ];
+        match zmq::poll(&mut items, -1) {
+            Ok(_) => {}
+            Err(zmq::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if items[2].is_readable() {
+            signals.drain();
+        }
+        if items[1].is_readable() {
+            // (Re)subscriptions after mongrel2 reconnects: nothing to do but read them.
+            while worker.outbox.socket.recv_bytes(zmq::DONTWAIT).is_ok() {}
+        }
+        if items[0].is_readable() {
+            worker.serve_queued(&requests, 64)?;
+        }
+    }
+    // Graceful stop: take no new requests, serve those libzmq already queued.
+    tracing::info!(served = worker.served, "stopping gracefully");
+    let _ = requests.disconnect(&settings.recv);
+    worker.serve_queued(&requests, usize::MAX)?;
+    worker
+        .outbox
+        .socket
+        .set_linger(i32::try_from(settings.graceful_timeout * 1000).unwrap_or(i32::MAX))?;
+    tracing::info!(served = worker.served, "worker stopped");
+    Ok(())
+}
+
+/// Connects the reply socket and waits until mongrel2's subscription arrives: a reply
+/// published before then would be silently dropped (PUB slow joiner).
+fn connect_replies(
+    context: &zmq::Context,
+    spec: &str,
+    signals: &Signals,
+) -> anyhow::Result<zmq::Socket> {
+    let socket = context.socket(zmq::XPUB)?;
+    set_nodrop(&socket)?;
+    socket.set_linger(5000)?;
+    socket
+        .connect(spec)
+        .with_context(|| format!("cannot connect to {spec}"))?;
+    let since = Instant::now();
+    let mut warned = false;
+    loop {
+        if signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed) {
+            anyhow::bail!("stopped before mongrel2 was reachable");
+        }
+        if socket.poll(zmq::POLLIN, 250)? > 0 {
+            let subscription = socket.recv_bytes(0)?;
+            if subscription.first() == Some(&1) {
+                return Ok(socket);
+            }
+        }
+        if !warned && since.elapsed() > Duration::from_secs(2) {
+            tracing::warn!("waiting for mongrel2 to accept replies on {spec}");
+            warned = true;
+        }
+    }
+}
+
+fn set_nodrop(socket: &zmq::Socket) -> anyhow::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket handle, a c_int option value of the documented size.
+    let rc = unsafe {
+        zmq_sys::zmq_setsockopt(
+            socket_ptr(socket),
+            zmq_sys::ZMQ_XPUB_NODROP as libc::c_int,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>(),
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "cannot set ZMQ_XPUB_NODROP: {}",
+        io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// The raw libzmq handle, for an option the `zmq` crate does not wrap.
+fn socket_ptr(socket: &zmq::Socket) -> *mut libc::c_void {
+    // `as_mut_ptr` only reads the handle; it takes `&mut` for API reasons.
+    let socket = socket as *const zmq::Socket as *mut zmq::Socket;
+    // SAFETY: no other reference uses the socket during this call.
+    unsafe { (*socket).as_mut_ptr() }
+}
+
+/// Tells the master this worker serves now (a reload retires old workers only after).
+fn report_ready() {
+    let Some(fd) = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // SAFETY: the master passed this fd open for us, and nothing else in the worker uses it.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+    let _ = pipe.write_all(&std::process::id().to_le_bytes());
+}
+
+struct Worker {
+    app: Py<PyAny>,
+    template: EnvironTemplate,
+    outbox: Rc<Outbox>,
+    policy: UploadPolicy,
+    served: u64,
+}
+
+/// What one request needs after its message is parsed and dropped.
+struct Prepared<'py> {
+    environ: Bound<'py, pyo3::types::PyDict>,
+    writer: Rc<RefCell<ResponseWriter>>,
+    upload: Option<UploadFile>,
+    body_range: (usize, usize),
+    access: String,
+}
+
+impl Worker {
+    /// Serves up to `limit` messages already queued on the socket.
+    fn serve_queued(&mut self, requests: &zmq::Socket, limit: usize) -> anyhow::Result<()> {
+        Python::attach(|py| -> anyhow::Result<()> {
+            for _ in 0..limit {
+                match requests.recv_msg(zmq::DONTWAIT) {
+                    Ok(msg) => self.handle(py, msg)?,
+                    Err(zmq::Error::EAGAIN) => break,
+                    Err(zmq::Error::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn writer(
+        &self,
+        sender: &[u8],
+        conn_id: m2wire::ConnId,
+        facts: RequestFacts,
+    ) -> Option<Rc<RefCell<ResponseWriter>>> {
+        let mut prefix = Vec::with_capacity(sender.len() + 16);
+        if let Err(e) = encode_prefix(&mut prefix, sender, &[conn_id]) {
+            tracing::warn!(conn_id, "cannot reply: {e}");
+            return None;
+        }
+        Some(Rc::new(RefCell::new(ResponseWriter::new(
+            self.outbox.clone(),
+            prefix,
+            facts,
+        ))))
+    }
+
+    /// Answers a request we refuse, and closes its connection.
+    fn refuse(
+        &self,
+        sender: &[u8],
+        conn_id: m2wire::ConnId,
+        status: &str,
+        reason: &str,
+    ) -> io::Result<()> {
+        match self.writer(sender, conn_id, RequestFacts::default()) {
+            Some(writer) => writer
+                .borrow_mut()
+                .reply_error(status, &format!("{reason}\n")),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes a connection we will not serve (websockets, JSON sockets: not WSGI).
+    fn close(&self, sender: &[u8], conn_id: m2wire::ConnId) -> io::Result<()> {
+        let msg = m2wire::encode_close(sender, &[conn_id]).map_err(io::Error::other)?;
+        self.outbox.send(&msg)
+    }
+
+    fn handle(&mut self, py: Python<'_>, msg: zmq::Message) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let prepared = match Request::parse(&msg) {
+            Err(e) => {
+                tracing::warn!("malformed message from mongrel2 ({e}): {:?}", preview(&msg));
+                if let Some((sender, conn_id)) = parse_address(&msg) {
+                    self.refuse(sender, conn_id, "400 Bad Request", "malformed request")?;
+                }
+                return Ok(());
+            }
+            Ok(req) => match self.prepare(py, &req)? {
+                Some(prepared) => prepared,
+                None => return Ok(()),
+            },
+        };
+        let Prepared {
+            environ,
+            writer,
+            upload,
+            body_range,
+            access,
+        } = prepared;
+        let body = match &upload {
+            Some(upload) => {
+                let file = upload
+                    .file
+                    .try_clone()
+                    .context("cannot reuse the upload file")?;
+                Body::file(file, upload.size)
+            }
+            None => Body::inline(msg, body_range.0, body_range.1),
+        };
+        environ.set_item(intern!(py, "wsgi.input"), Bound::new(py, Input::new(body))?)?;
+        let result = call::run_app(py, self.app.bind(py), environ, &writer);
+        if let Some(upload) = upload {
+            if let Err(e) = upload.remove() {
+                tracing::error!("cannot remove upload {}: {e}", upload.path.display());
+            }
+        }
+        self.served += 1;
+        let w = writer.borrow();
+        tracing::info!(
+            target: "wsgid::access",
+            "{access} {} {} {:.1}ms",
+            w.status_code,
+            w.body_bytes,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        result.context("cannot send the response to mongrel2")
+    }
+
+    /// Decides what a parsed message needs; returns what to run the app with, or `None`
+    /// when the message is fully handled (notification, refusal, upload start).
+    fn prepare<'py>(
+        &mut self,
+        py: Python<'py>,
+        req: &Request<'_>,
+    ) -> anyhow::Result<Option<Prepared<'py>>> {
+        let (sender, conn_id) = (req.sender, req.conn_id);
+        match req.kind() {
+            MessageKind::Http => {}
+            MessageKind::Disconnect | MessageKind::Credits | MessageKind::OtherNotification => {
+                tracing::debug!(conn_id, kind = ?req.kind(), "notification");
+                return Ok(None);
+            }
+            MessageKind::UploadStream => {
+                tracing::warn!(
+                    conn_id,
+                    "upload.stream=1 is not supported; use upload.temp_store"
+                );
+                self.refuse(
+                    sender,
+                    conn_id,
+                    "501 Not Implemented",
+                    "streamed uploads are not supported",
+                )?;
+                return Ok(None);
+            }
+            other => {
+                tracing::warn!(conn_id, kind = ?other, "not an HTTP request (WSGI serves HTTP only); closing the connection");
+                self.close(sender, conn_id)?;
+                return Ok(None);
+            }
+        }
+        let mut upload = None;
+        match req.upload() {
+            UploadMarker::None => {}
+            UploadMarker::Start(path) => {
+                match self.policy.admit(req, path) {
+                    Ok(()) => {
+                        tracing::debug!(conn_id, path = %String::from_utf8_lossy(path), "upload started")
+                    }
+                    Err(refusal) => self.refuse_upload(req, refusal)?,
+                }
+                return Ok(None);
+            }
+            UploadMarker::Done(path) => match self.policy.open(req, path) {
+                Ok(file) => upload = Some(file),
+                Err(OpenError::Refused(refusal)) => {
+                    self.refuse_upload(req, refusal)?;
+                    return Ok(None);
+                }
+                Err(OpenError::Unavailable(e)) => {
+                    tracing::error!(conn_id, path = %String::from_utf8_lossy(path), "upload file unavailable: {e}");
+                    self.refuse(
+                        sender,
+                        conn_id,
+                        "500 Internal Server Error",
+                        "the uploaded body was lost",
+                    )?;
+                    return Ok(None);
+                }
+            },
+            UploadMarker::Mismatched => {
+                self.refuse_upload(
+                    req,
+                    Refusal::Forged("upload start and done headers disagree"),
+                )?;
+                return Ok(None);
+            }
+        }
+
+        let facts = RequestFacts::new(
+            req.header(b"VERSION").unwrap_or(b"HTTP/1.1"),
+            req.header(b"connection"),
+            req.header(b"METHOD").unwrap_or(b"GET"),
+        );
+        let Some(writer) = self.writer(sender, conn_id, facts) else {
+            return Ok(None);
+        };
+        let content_length = match &upload {
+            Some(file) => Some(req.content_length().unwrap_or(file.size)),
+            None => req
+                .content_length()
+                .or((!req.body.is_empty()).then_some(req.body.len() as u64)),
+        };
+        let info = BodyInfo {
+            content_length,
+            upload_path: upload.as_ref().map(|u| u.path.as_path()),
+        };
+        let environ = environ::build(py, &self.template, req, py.None().into_bound(py), &info)?;
+        let msg_start = req.sender.as_ptr() as usize;
+        let body_start = req.body.as_ptr() as usize - msg_start;
+        let access = format!(
+            "{} \"{} {} {}\"",
+            String::from_utf8_lossy(req.header(b"REMOTE_ADDR").unwrap_or(b"-")),
+            String::from_utf8_lossy(req.header(b"METHOD").unwrap_or(b"-")),
+            String::from_utf8_lossy(req.header(b"URI").unwrap_or(req.path)),
+            String::from_utf8_lossy(req.header(b"VERSION").unwrap_or(b"-")),
+        );
+        Ok(Some(Prepared {
+            environ,
+            writer,
+            upload,
+            body_range: (body_start, body_start + req.body.len()),
+            access,
+        }))
+    }
+
+    fn refuse_upload(&self, req: &Request<'_>, refusal: Refusal) -> io::Result<()> {
+        let (sender, conn_id) = (req.sender, req.conn_id);
+        match refusal {
+            Refusal::Forged(reason) => {
+                tracing::warn!(conn_id, "refused upload headers: {reason}");
+                self.refuse(sender, conn_id, "400 Bad Request", reason)
+            }
+            Refusal::TooLarge { declared, limit } => {
+                tracing::warn!(
+                    conn_id,
+                    declared,
+                    limit,
+                    "refused upload larger than --max-body-size"
+                );
+                self.refuse(
+                    sender,
+                    conn_id,
+                    "413 Payload Too Large",
+                    "request body too large",
+                )
+            }
+        }
+    }
+}
+
+/// The start of a message, for a log line about it.
+fn preview(msg: &[u8]) -> String {
+    String::from_utf8_lossy(&msg[..msg.len().min(200)]).into_owned()
+}

@@ -1,0 +1,216 @@
+//! `wsgi.input`: the request body as a read-only binary file.
+//!
+//! Small bodies come inline in the mongrel2 message and are read from memory; large ones
+//! were spooled by mongrel2 to a temp file and are read from it through a fixed buffer, so
+//! memory stays flat whatever the body size. Reads never go past the declared body and
+//! return `b''` at its end, as PEP 3333 asks.
+
+use std::fs::File;
+use std::io::Read;
+
+use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+/// Read-buffer size for spooled bodies: large enough for few syscalls, small enough that a
+/// gigabyte upload costs no more memory than a hello-world request.
+const FILE_BUFFER: usize = 64 * 1024;
+
+pub enum Body {
+    Memory {
+        data: zmq::Message,
+        end: usize,
+        pos: usize,
+    },
+    File {
+        file: File,
+        remaining: u64,
+        buf: Box<[u8]>,
+        lo: usize,
+        hi: usize,
+    },
+}
+
+impl Body {
+    /// The inline body: bytes `start..end` of the mongrel2 message (kept, not copied).
+    pub fn inline(data: zmq::Message, start: usize, end: usize) -> Body {
+        Body::Memory {
+            data,
+            end,
+            pos: start,
+        }
+    }
+
+    pub fn file(file: File, len: u64) -> Body {
+        Body::File {
+            file,
+            remaining: len,
+            buf: vec![0; FILE_BUFFER].into_boxed_slice(),
+            lo: 0,
+            hi: 0,
+        }
+    }
+
+    /// Buffered bytes, refilled from the file when empty; empty at the end of the body.
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        match self {
+            Body::Memory { data, end, pos } => Ok(&data[*pos..*end]),
+            Body::File {
+                file,
+                remaining,
+                buf,
+                lo,
+                hi,
+            } => {
+                if lo == hi && *remaining > 0 {
+                    let want = buf
+                        .len()
+                        .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                    let n = file.read(&mut buf[..want])?;
+                    if n == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "upload file is shorter than the request body",
+                        ));
+                    }
+                    *remaining -= n as u64;
+                    *lo = 0;
+                    *hi = n;
+                }
+                Ok(&buf[*lo..*hi])
+            }
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        match self {
+            Body::Memory { pos, .. } => *pos += n,
+            Body::File { lo, .. } => *lo += n,
+        }
+    }
+
+    /// Reads up to `limit` bytes (all if `None`), stopping after `stop_at` when given.
+    fn read_until(
+        &mut self,
+        limit: Option<usize>,
+        stop_at: Option<u8>,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let want = limit.map_or(usize::MAX, |l| l - out.len());
+            if want == 0 {
+                break;
+            }
+            let available = self.fill_buf()?;
+            if available.is_empty() {
+                break;
+            }
+            let mut take = available.len().min(want);
+            let mut done = false;
+            if let Some(byte) = stop_at {
+                if let Some(i) = available[..take].iter().position(|&b| b == byte) {
+                    take = i + 1;
+                    done = true;
+                }
+            }
+            out.extend_from_slice(&available[..take]);
+            self.consume(take);
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[pyclass(module = "wsgid", unsendable)]
+pub struct Input {
+    body: Body,
+}
+
+impl Input {
+    pub fn new(body: Body) -> Self {
+        Input { body }
+    }
+}
+
+fn size_arg(size: Option<isize>) -> Option<usize> {
+    size.and_then(|s| usize::try_from(s).ok())
+}
+
+fn io_err(e: std::io::Error) -> PyErr {
+    PyOSError::new_err(format!("wsgi.input: {e}"))
+}
+
+#[pymethods]
+impl Input {
+    /// read(size=-1): at most `size` bytes; everything left when `size` is negative or None.
+    #[pyo3(signature = (size = None))]
+    fn read<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let limit = size_arg(size);
+        // Fast path: the answer is already contiguous in the buffer (always for inline bodies).
+        let in_memory = matches!(self.body, Body::Memory { .. });
+        let available = self.body.fill_buf().map_err(io_err)?;
+        if in_memory || limit.is_some_and(|l| l <= available.len()) {
+            let take = limit.map_or(available.len(), |l| l.min(available.len()));
+            let bytes = PyBytes::new(py, &available[..take]);
+            self.body.consume(take);
+            return Ok(bytes);
+        }
+        let data = self.body.read_until(limit, None).map_err(io_err)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// readline(size=-1): up to and including the next b"\n".
+    #[pyo3(signature = (size = None))]
+    fn readline<'py>(
+        &mut self,
+        py: Python<'py>,
+        size: Option<isize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self
+            .body
+            .read_until(size_arg(size), Some(b'\n'))
+            .map_err(io_err)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// readlines(hint=-1): lines until their total size reaches `hint`.
+    #[pyo3(signature = (hint = None))]
+    fn readlines<'py>(
+        &mut self,
+        py: Python<'py>,
+        hint: Option<isize>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let hint = size_arg(hint).filter(|&h| h > 0);
+        let lines = PyList::empty(py);
+        let mut total = 0;
+        loop {
+            let line = self.body.read_until(None, Some(b'\n')).map_err(io_err)?;
+            if line.is_empty() {
+                break;
+            }
+            total += line.len();
+            lines.append(PyBytes::new(py, &line))?;
+            if hint.is_some_and(|h| total >= h) {
+                break;
+            }
+        }
+        Ok(lines)
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let line = self.readline(py, None)?;
+        Ok((!line.as_bytes().is_empty()).then_some(line))
+    }
+
+    fn readable(&self) -> bool {
+        true
+    }
+
+    fn close(&self) {}
+}
