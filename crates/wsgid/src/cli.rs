@@ -12,6 +12,7 @@ use crate::config::validate_spec;
     name = "wsgid",
     version,
     disable_version_flag = true,
+    propagate_version = true,
     about = "A complete WSGI environment for mongrel2 handlers",
     after_help = "Options given on the command line override <app-path>/wsgid.json."
 )]
