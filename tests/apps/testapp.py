@@ -65,7 +65,8 @@ def inner(environ, start_response):
         write(b"written-")
         return [b"returned"]
     if path == "/echo":
-        body = environ["wsgi.input"].read()
+        length = environ.get("CONTENT_LENGTH")
+        body = environ["wsgi.input"].read(int(length)) if length else environ["wsgi.input"].read()
         return text(start_response, body, extra=[("X-Content-Length", environ.get("CONTENT_LENGTH", "absent"))])
     if path == "/lines":
         inp = environ["wsgi.input"]
@@ -127,7 +128,7 @@ def inner(environ, start_response):
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](open(__file__, "rb"))
     if path == "/big":
-        size = int(environ["QUERY_STRING"] or 1048576)
+        size = int(environ["QUERY_STRING"].partition("=")[2] or 1048576)
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return (b"x" * 65536 for _ in range(size // 65536))
     if path == "/close-me":

@@ -10,6 +10,7 @@ mod commands;
 mod config;
 mod daemon;
 mod logging;
+mod outbox;
 mod upload;
 mod worker;
 mod wsgi;

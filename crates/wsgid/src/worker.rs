@@ -20,6 +20,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::config::Settings;
+use crate::outbox::Outbox;
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use crate::wsgi::environ::{self, BodyInfo, EnvironTemplate};
 use crate::wsgi::input::{Body, Input};
@@ -36,18 +37,6 @@ pub const READY_FD_ENV: &str = "WSGID_READY_FD";
 /// Queued requests per worker: low, so mongrel2's round robin passes a busy worker by
 /// instead of queueing fast requests behind a slow one (design note 3).
 const RECV_HWM: i32 = 16;
-
-/// The reply socket: a PUB that never drops (XPUB_NODROP makes a full queue block the
-/// sender instead), so a large streamed response is paced, not truncated.
-struct Outbox {
-    socket: zmq::Socket,
-}
-
-impl ReplySink for Outbox {
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
-        self.socket.send(msg, 0).map_err(io::Error::from)
-    }
-}
 
 /// The signals a worker reacts to, set from handlers, read by the loop.
 struct Signals {
@@ -111,9 +100,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     })?;
 
     let context = zmq::Context::new();
-    let outbox = Rc::new(Outbox {
-        socket: connect_replies(&context, &settings.send, &signals)?,
-    });
+    let replies = Outbox::connect(&context, &settings.send, || {
+        signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed)
+    })?;
     let requests = context.socket(zmq::PULL)?;
     requests.set_rcvhwm(RECV_HWM)?;
     requests
@@ -125,7 +114,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let mut worker = Worker {
         app,
         template,
-        outbox,
+        outbox: Rc::new(replies.outbox.clone()),
         policy: UploadPolicy {
             chroot: settings.mongrel2_chroot.clone(),
             template: settings.upload_temp_store.clone(),
@@ -144,7 +133,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
         let mut items = [
             requests.as_poll_item(zmq::POLLIN),
-            worker.outbox.socket.as_poll_item(zmq::POLLIN),
             zmq::PollItem::from_fd(signals.wake.as_raw_fd(), zmq::POLLIN),
         ];
         match zmq::poll(&mut items, -1) {
@@ -152,12 +140,8 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             Err(zmq::Error::EINTR) => continue,
             Err(e) => return Err(e.into()),
         }
-        if items[2].is_readable() {
-            signals.drain();
-        }
         if items[1].is_readable() {
-            // (Re)subscriptions after mongrel2 reconnects: nothing to do but read them.
-            while worker.outbox.socket.recv_bytes(zmq::DONTWAIT).is_ok() {}
+            signals.drain();
         }
         if items[0].is_readable() {
             worker.serve_queued(&requests, 64)?;
@@ -167,71 +151,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(served = worker.served, "stopping gracefully");
     let _ = requests.disconnect(&settings.recv);
     worker.serve_queued(&requests, usize::MAX)?;
-    worker
-        .outbox
-        .socket
-        .set_linger(i32::try_from(settings.graceful_timeout * 1000).unwrap_or(i32::MAX))?;
+    replies.set_linger(Duration::from_secs(settings.graceful_timeout))?;
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
-}
-
-/// Connects the reply socket and waits until mongrel2's subscription arrives: a reply
-/// published before then would be silently dropped (PUB slow joiner).
-fn connect_replies(
-    context: &zmq::Context,
-    spec: &str,
-    signals: &Signals,
-) -> anyhow::Result<zmq::Socket> {
-    let socket = context.socket(zmq::XPUB)?;
-    set_nodrop(&socket)?;
-    socket.set_linger(5000)?;
-    socket
-        .connect(spec)
-        .with_context(|| format!("cannot connect to {spec}"))?;
-    let since = Instant::now();
-    let mut warned = false;
-    loop {
-        if signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed) {
-            anyhow::bail!("stopped before mongrel2 was reachable");
-        }
-        if socket.poll(zmq::POLLIN, 250)? > 0 {
-            let subscription = socket.recv_bytes(0)?;
-            if subscription.first() == Some(&1) {
-                return Ok(socket);
-            }
-        }
-        if !warned && since.elapsed() > Duration::from_secs(2) {
-            tracing::warn!("waiting for mongrel2 to accept replies on {spec}");
-            warned = true;
-        }
-    }
-}
-
-fn set_nodrop(socket: &zmq::Socket) -> anyhow::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket handle, a c_int option value of the documented size.
-    let rc = unsafe {
-        zmq_sys::zmq_setsockopt(
-            socket_ptr(socket),
-            zmq_sys::ZMQ_XPUB_NODROP as libc::c_int,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>(),
-        )
-    };
-    anyhow::ensure!(
-        rc == 0,
-        "cannot set ZMQ_XPUB_NODROP: {}",
-        io::Error::last_os_error()
-    );
-    Ok(())
-}
-
-/// The raw libzmq handle, for an option the `zmq` crate does not wrap.
-fn socket_ptr(socket: &zmq::Socket) -> *mut libc::c_void {
-    // `as_mut_ptr` only reads the handle; it takes `&mut` for API reasons.
-    let socket = socket as *const zmq::Socket as *mut zmq::Socket;
-    // SAFETY: no other reference uses the socket during this call.
-    unsafe { (*socket).as_mut_ptr() }
 }
 
 /// Tells the master this worker serves now (a reload retires old workers only after).
@@ -250,7 +172,8 @@ fn report_ready() {
 struct Worker {
     app: Py<PyAny>,
     template: EnvironTemplate,
-    outbox: Rc<Outbox>,
+    /// The outbox as the response writers see it.
+    outbox: Rc<dyn ReplySink>,
     policy: UploadPolicy,
     served: u64,
 }
@@ -316,8 +239,9 @@ impl Worker {
 
     /// Closes a connection we will not serve (websockets, JSON sockets: not WSGI).
     fn close(&self, sender: &[u8], conn_id: m2wire::ConnId) -> io::Result<()> {
-        let msg = m2wire::encode_close(sender, &[conn_id]).map_err(io::Error::other)?;
-        self.outbox.send(&msg)
+        let mut prefix = Vec::new();
+        encode_prefix(&mut prefix, sender, &[conn_id]).map_err(io::Error::other)?;
+        self.outbox.send(&prefix, b"")
     }
 
     fn handle(&mut self, py: Python<'_>, msg: zmq::Message) -> anyhow::Result<()> {

@@ -10,9 +10,16 @@ use std::io;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Where reply messages go: the worker's PUB socket, or a vector in tests.
+/// Where reply messages go: the worker's outbox, or a vector in tests. `prefix` is the
+/// reply header (`UUID LEN:ID, `); an empty `payload` closes the connection.
 pub trait ReplySink {
-    fn send(&self, msg: &[u8]) -> io::Result<()>;
+    fn send(&self, prefix: &[u8], payload: &[u8]) -> io::Result<()>;
+}
+
+impl<T: ReplySink + ?Sized> ReplySink for std::sync::Arc<T> {
+    fn send(&self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
+        (**self).send(prefix, payload)
+    }
 }
 
 /// What the request says about the connection and the body.
@@ -176,7 +183,6 @@ impl ResponseWriter {
             return Ok(());
         }
         self.buf.clear();
-        self.buf.extend_from_slice(&self.prefix);
         if self.sent.is_none() {
             self.encode_head(None)?;
         }
@@ -192,7 +198,6 @@ impl ResponseWriter {
             return self.finish();
         }
         self.buf.clear();
-        self.buf.extend_from_slice(&self.prefix);
         self.encode_head(Some(body.len() as u64))?;
         self.encode_chunk(body);
         self.finish_into_buf();
@@ -203,12 +208,11 @@ impl ResponseWriter {
     /// End of the body: the head if nothing was written, the last chunk, the close message.
     pub fn finish(&mut self) -> io::Result<()> {
         self.buf.clear();
-        self.buf.extend_from_slice(&self.prefix);
         if self.sent.is_none() {
             self.encode_head(Some(0))?;
         }
         self.finish_into_buf();
-        if self.buf.len() > self.prefix.len() {
+        if !self.buf.is_empty() {
             self.flush_buf()?;
         }
         self.close_if_needed()
@@ -362,11 +366,11 @@ impl ResponseWriter {
     }
 
     fn send_close(&self) -> io::Result<()> {
-        self.sink.send(&self.prefix)
+        self.sink.send(&self.prefix, b"")
     }
 
     fn flush_buf(&mut self) -> io::Result<()> {
-        self.sink.send(&self.buf)
+        self.sink.send(&self.prefix, &self.buf)
     }
 }
 
@@ -431,8 +435,8 @@ mod tests {
     #[derive(Default)]
     struct Recorder(RefCell<Vec<Vec<u8>>>);
     impl ReplySink for Recorder {
-        fn send(&self, msg: &[u8]) -> io::Result<()> {
-            self.0.borrow_mut().push(msg.to_vec());
+        fn send(&self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
+            self.0.borrow_mut().push([prefix, payload].concat());
             Ok(())
         }
     }

@@ -1,0 +1,242 @@
+//! The reply path to mongrel2: one XPUB socket, paced so mongrel2 keeps the connection.
+//!
+//! mongrel2 handles every reply already queued on its socket before it lets a connection
+//! write, and it disconnects a client with more than 16 replies waiting (reference §8.5).
+//! A fast generator would trip that in a burst, so replies to one connection are paced:
+//! a message goes out at once when the connection's previous one has had time to be
+//! written, otherwise the data waits and merges with what follows (fewer, larger messages).
+//! A flusher thread sends waiting data when its time comes, so a chunk the app yields and
+//! then sleeps on still reaches the client at once, not at the next yield.
+//!
+//! The socket is an XPUB with `ZMQ_XPUB_NODROP`: a full send queue blocks instead of
+//! silently dropping replies, and the subscription message it receives tells us when
+//! mongrel2 really listens (a PUB's first replies are otherwise lost, design note 1).
+
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::wsgi::response::ReplySink;
+
+/// Time we assume mongrel2 needs to write a KiB to a client (about 500 MB/s).
+const PACE_PER_KIB: Duration = Duration::from_micros(2);
+/// Waiting data is sent when it reaches this size, even before its time.
+const MAX_MERGED: usize = 1 << 20;
+/// How often the flusher reads (re)subscription messages when idle.
+const IDLE_TICK: Duration = Duration::from_millis(500);
+
+struct Pending {
+    prefix: Vec<u8>,
+    data: Vec<u8>,
+}
+
+struct State {
+    socket: zmq::Socket,
+    /// The connection last written to, and when it may be written to again.
+    paced: Vec<u8>,
+    next_send: Instant,
+    pending: Option<Pending>,
+    stopping: bool,
+}
+
+pub struct Outbox {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+/// Owns the flusher thread; dropping it flushes what waits and stops the thread.
+pub struct OutboxHandle {
+    pub outbox: Arc<Outbox>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+fn pace(bytes: usize) -> Duration {
+    PACE_PER_KIB * (bytes / 1024) as u32
+}
+
+impl State {
+    fn send_now(&mut self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
+        let mut msg = zmq::Message::with_size(prefix.len() + payload.len());
+        msg[..prefix.len()].copy_from_slice(prefix);
+        msg[prefix.len()..].copy_from_slice(payload);
+        self.socket.send(msg, 0).map_err(io::Error::from)?;
+        if self.paced != prefix {
+            self.paced.clear();
+            self.paced.extend_from_slice(prefix);
+        }
+        self.next_send = Instant::now() + pace(payload.len());
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.pending.take() {
+            Some(p) => self.send_now(&p.prefix, &p.data),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Outbox {
+    /// Connects to mongrel2's recv_spec and waits for its subscription, checking `give_up`
+    /// between waits (a worker told to stop while mongrel2 is down must not hang).
+    pub fn connect(
+        context: &zmq::Context,
+        spec: &str,
+        give_up: impl Fn() -> bool,
+    ) -> anyhow::Result<OutboxHandle> {
+        let socket = context.socket(zmq::XPUB)?;
+        set_nodrop(&socket)?;
+        socket.set_linger(5000)?;
+        socket
+            .connect(spec)
+            .map_err(|e| anyhow::anyhow!("cannot connect to {spec}: {e}"))?;
+        let since = Instant::now();
+        let mut warned = false;
+        loop {
+            anyhow::ensure!(
+                !give_up(),
+                "stopped before mongrel2 was reachable at {spec}"
+            );
+            if socket.poll(zmq::POLLIN, 250)? > 0 && socket.recv_bytes(0)?.first() == Some(&1) {
+                break;
+            }
+            if !warned && since.elapsed() > Duration::from_secs(2) {
+                tracing::warn!("waiting for mongrel2 to accept replies on {spec}");
+                warned = true;
+            }
+        }
+        let outbox = Arc::new(Outbox {
+            state: Mutex::new(State {
+                socket,
+                paced: Vec::new(),
+                next_send: Instant::now(),
+                pending: None,
+                stopping: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let flusher = {
+            let outbox = outbox.clone();
+            std::thread::Builder::new()
+                .name("wsgid-flusher".into())
+                .spawn(move || outbox.flush_loop())?
+        };
+        Ok(OutboxHandle {
+            outbox,
+            flusher: Some(flusher),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn flush_loop(&self) {
+        let mut state = self.lock();
+        loop {
+            let now = Instant::now();
+            let wait = match &state.pending {
+                _ if state.stopping => break,
+                Some(_) if now >= state.next_send => {
+                    if let Err(e) = state.flush() {
+                        tracing::error!("cannot send a reply to mongrel2: {e}");
+                    }
+                    continue;
+                }
+                Some(_) => state.next_send - now,
+                None => {
+                    // Idle: read (re)subscriptions so they do not pile up.
+                    while state.socket.recv_bytes(zmq::DONTWAIT).is_ok() {}
+                    IDLE_TICK
+                }
+            };
+            state = self
+                .wake
+                .wait_timeout(state, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if let Err(e) = state.flush() {
+            tracing::error!("cannot send a reply to mongrel2: {e}");
+        }
+    }
+}
+
+impl ReplySink for Outbox {
+    fn send(&self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
+        let mut state = self.lock();
+        // Another connection's waiting data goes first: nothing reorders within a connection.
+        if state.pending.as_ref().is_some_and(|p| p.prefix != prefix) {
+            state.flush()?;
+        }
+        if payload.is_empty() {
+            // A close: never merged (an empty body means "close"), after all waiting data.
+            state.flush()?;
+            return state.send_now(prefix, payload);
+        }
+        let due = state.paced != prefix || Instant::now() >= state.next_send;
+        if state.pending.is_none() && due {
+            return state.send_now(prefix, payload);
+        }
+        let pending = state.pending.get_or_insert_with(|| Pending {
+            prefix: prefix.to_vec(),
+            data: Vec::with_capacity(payload.len().max(64 * 1024)),
+        });
+        pending.data.extend_from_slice(payload);
+        if pending.data.len() >= MAX_MERGED {
+            // Bounded memory: wait out the pace, then send what has merged.
+            let wait = state.next_send.saturating_duration_since(Instant::now());
+            drop(state);
+            std::thread::sleep(wait);
+            return self.lock().flush();
+        }
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for OutboxHandle {
+    fn drop(&mut self) {
+        self.outbox.lock().stopping = true;
+        self.outbox.wake.notify_one();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+    }
+}
+
+impl OutboxHandle {
+    /// How long the socket may keep unsent replies when the worker exits.
+    pub fn set_linger(&self, linger: Duration) -> anyhow::Result<()> {
+        let ms = i32::try_from(linger.as_millis()).unwrap_or(i32::MAX);
+        Ok(self.outbox.lock().socket.set_linger(ms)?)
+    }
+}
+
+fn set_nodrop(socket: &zmq::Socket) -> anyhow::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `socket` is a live libzmq socket; the option value is a c_int of the size
+    // given, as ZMQ_XPUB_NODROP expects. The `zmq` crate does not wrap this option.
+    let rc = unsafe {
+        zmq_sys::zmq_setsockopt(
+            raw_socket(socket),
+            zmq_sys::ZMQ_XPUB_NODROP as libc::c_int,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>(),
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "cannot set ZMQ_XPUB_NODROP: {}",
+        io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+fn raw_socket(socket: &zmq::Socket) -> *mut libc::c_void {
+    let socket = (socket as *const zmq::Socket).cast_mut();
+    // SAFETY: `as_mut_ptr` only returns the handle; no other reference uses the socket now.
+    unsafe { (*socket).as_mut_ptr() }
+}
