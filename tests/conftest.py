@@ -184,7 +184,6 @@ def stack(tmp_path_factory):
         "limited": Handler("/limited", "tnetstring"),
     }
     m2 = Mongrel2(tmp / "m2", list(handlers.values()))
-    m2.start()
     servers = {
         "json": Wsgid(tmp / "json", handlers["json"], m2, APPS["testapp"], ["--wsgi-app", "testapp:application"]),
         "tnet": Wsgid(tmp / "tnet", handlers["tnet"], m2, APPS["testapp"], ["--wsgi-app", "testapp.application"]),
@@ -194,6 +193,7 @@ def stack(tmp_path_factory):
                          ["--wsgi-app", "testapp:application", "--max-body-size", str(1024 * 1024)], workers=1),
     }
     try:
+        m2.start()
         for server in servers.values():
             server.start()
         yield {"mongrel2": m2, **servers}
