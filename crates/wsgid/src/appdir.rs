@@ -69,3 +69,32 @@ pub fn pids(app_path: &Path, role: Role) -> Vec<u32> {
 pub fn alive(pid: u32) -> bool {
     i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
 }
+
+/// Where a worker notes the upload it is serving (`pid/worker/<pid>.upload`), so that the
+/// master can delete the temp file if the worker dies before it could.
+pub fn upload_marker(app_path: &Path, pid: u32) -> PathBuf {
+    app_path
+        .join(Role::Worker.dir())
+        .join(format!("{pid}.upload"))
+}
+
+/// Removes the temp file a dead worker was serving, if any.
+pub fn sweep_orphan_upload(app_path: &Path, pid: u32) {
+    let marker = upload_marker(app_path, pid);
+    let Ok(path) = std::fs::read(&marker) else {
+        return;
+    };
+    let path = PathBuf::from(std::ffi::OsString::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&path),
+    ));
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::warn!(
+            pid,
+            "removed the upload {} its dead worker left",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::error!("cannot remove orphan upload {}: {e}", path.display()),
+    }
+    let _ = std::fs::remove_file(marker);
+}

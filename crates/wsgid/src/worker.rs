@@ -121,6 +121,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             max_body_size: settings.max_body_size,
         },
         served: 0,
+        upload_marker: crate::appdir::upload_marker(&settings.app_path, std::process::id()),
     };
     let retire_after = settings.max_requests.unwrap_or(u64::MAX);
     loop {
@@ -176,6 +177,8 @@ struct Worker {
     outbox: Rc<dyn ReplySink>,
     policy: UploadPolicy,
     served: u64,
+    /// Names the upload in hand while the app runs (see `appdir::sweep_orphan_upload`).
+    upload_marker: std::path::PathBuf,
 }
 
 /// What one request needs after its message is parsed and dropped.
@@ -268,6 +271,12 @@ impl Worker {
         } = prepared;
         let body = match &upload {
             Some(upload) => {
+                if let Err(e) = std::fs::write(
+                    &self.upload_marker,
+                    upload.path.as_os_str().as_encoded_bytes(),
+                ) {
+                    tracing::warn!("cannot write {}: {e}", self.upload_marker.display());
+                }
                 let file = upload
                     .file
                     .try_clone()
@@ -282,6 +291,7 @@ impl Worker {
             if let Err(e) = upload.remove() {
                 tracing::error!("cannot remove upload {}: {e}", upload.path.display());
             }
+            let _ = std::fs::remove_file(&self.upload_marker);
         }
         self.served += 1;
         let w = writer.borrow();
