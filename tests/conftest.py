@@ -59,8 +59,9 @@ class Handler:
 class Mongrel2:
     """The real mongrel2, chrooted in `root` (which holds run/, logs/, tmp/)."""
 
-    def __init__(self, root, handlers, content_length=20480, extra_settings=None):
+    def __init__(self, root, handlers, content_length=20480, extra_settings=None, upload_template=UPLOAD_TEMPLATE):
         self.root = Path(root)
+        self.upload_template = upload_template
         self.handlers = handlers
         self.port = free_port()
         self.content_length = content_length
@@ -80,7 +81,7 @@ class Mongrel2:
         for d in ("run", "logs", "tmp"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         routes = ", ".join(f"'{h.route}': {h.config()}" for h in self.handlers)
-        settings = {"limits.content_length": self.content_length, "upload.temp_store": UPLOAD_TEMPLATE,
+        settings = {"limits.content_length": self.content_length, "upload.temp_store": self.upload_template,
                     "server.daemonize": 0, **self.extra_settings}
         (self.root / "main.conf").write_text(textwrap.dedent(f"""\
             main = Server(uuid="{self.server_uuid}", access_log="/logs/access.log",
@@ -112,13 +113,14 @@ class Mongrel2:
 class Wsgid:
     """A wsgid master (foreground, logging to a file) serving `handler`."""
 
-    def __init__(self, folder, handler, mongrel2, app_source, args=(), workers=2):
+    def __init__(self, folder, handler, mongrel2, app_source, args=(), workers=2, chroot_option=True):
         self.folder = Path(folder)
         self.handler = handler
         self.mongrel2 = mongrel2
         self.app_source = Path(app_source)
         self.args = list(args)
         self.workers = workers
+        self.chroot_option = chroot_option
         self.proc = None
 
     @property
@@ -133,8 +135,8 @@ class Wsgid:
     def command(self):
         return [str(WSGID), "--recv", self.handler.send_spec, "--send", self.handler.recv_spec,
                 "--app-path", str(self.folder), "--workers", str(self.workers), "--no-daemon", "--stdout",
-                "--virtualenv", str(VENV), "--mongrel2-chroot", str(self.mongrel2.root),
-                "--upload-temp-store", UPLOAD_TEMPLATE, *self.args]
+                "--virtualenv", str(VENV), "--upload-temp-store", self.mongrel2.upload_template,
+                *(["--mongrel2-chroot", str(self.mongrel2.root)] if self.chroot_option else []), *self.args]
 
     def start(self, wait_path="/"):
         self.folder.mkdir(parents=True, exist_ok=True)

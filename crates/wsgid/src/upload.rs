@@ -78,10 +78,17 @@ impl UploadPolicy {
     pub fn admit(&self, req: &Request<'_>, path: &[u8]) -> Result<(), Refusal> {
         self.check(req, path)?;
         self.resolve(path)?;
-        match (req.content_length(), self.max_body_size) {
-            (Some(declared), Some(limit)) if declared > limit => {
-                Err(Refusal::TooLarge { declared, limit })
-            }
+        self.check_size(req.content_length().unwrap_or(0))
+    }
+
+    /// `--max-body-size`, checked on the declared length at start and on the file at done
+    /// (a client can finish sending before the refusal at start reaches mongrel2).
+    pub fn check_size(&self, size: u64) -> Result<(), Refusal> {
+        match self.max_body_size {
+            Some(limit) if size > limit => Err(Refusal::TooLarge {
+                declared: size,
+                limit,
+            }),
             _ => Ok(()),
         }
     }
@@ -105,14 +112,6 @@ impl UploadPolicy {
             return Err(OpenError::Refused(Refusal::Forged(
                 "upload path is not a regular file",
             )));
-        }
-        if let (Some(limit), size) = (self.max_body_size, meta.len()) {
-            if size > limit {
-                return Err(OpenError::Refused(Refusal::TooLarge {
-                    declared: size,
-                    limit,
-                }));
-            }
         }
         Ok(UploadFile {
             file,

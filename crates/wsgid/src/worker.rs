@@ -351,7 +351,17 @@ impl Worker {
                 return Ok(None);
             }
             UploadMarker::Done(path) => match self.policy.open(req, path) {
-                Ok(file) => upload = Some(file),
+                Ok(file) => {
+                    if let Err(refusal) = self.policy.check_size(file.size) {
+                        // A complete upload is ours to delete, refused or not.
+                        if let Err(e) = file.remove() {
+                            tracing::error!("cannot remove upload {}: {e}", file.path.display());
+                        }
+                        self.refuse_upload(req, refusal)?;
+                        return Ok(None);
+                    }
+                    upload = Some(file)
+                }
                 Err(OpenError::Refused(refusal)) => {
                     self.refuse_upload(req, refusal)?;
                     return Ok(None);
@@ -415,14 +425,20 @@ impl Worker {
 
     fn refuse_upload(&self, req: &Request<'_>, refusal: Refusal) -> io::Result<()> {
         let (sender, conn_id) = (req.sender, req.conn_id);
+        let stage = match req.upload() {
+            UploadMarker::Start(_) => "start",
+            UploadMarker::Done(_) => "done",
+            _ => "headers",
+        };
         match refusal {
             Refusal::Forged(reason) => {
-                tracing::warn!(conn_id, "refused upload headers: {reason}");
+                tracing::warn!(conn_id, stage, "refused upload headers: {reason}");
                 self.refuse(sender, conn_id, "400 Bad Request", reason)
             }
             Refusal::TooLarge { declared, limit } => {
                 tracing::warn!(
                     conn_id,
+                    stage,
                     declared,
                     limit,
                     "refused upload larger than --max-body-size"

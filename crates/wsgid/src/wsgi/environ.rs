@@ -208,7 +208,7 @@ pub fn build<'py>(
         env.set_item(intern!(py, "CONTENT_LENGTH"), length.to_string())?;
     }
     if let Some(path) = body.upload_path {
-        env.set_item(intern!(py, "wsgid.upload_path"), path)?;
+        env.set_item(intern!(py, "wsgid.upload_path"), path.as_os_str())?;
     }
 
     for (name, value) in req.headers.iter() {
