@@ -113,7 +113,8 @@ class Mongrel2:
 class Wsgid:
     """A wsgid master (foreground, logging to a file) serving `handler`."""
 
-    def __init__(self, folder, handler, mongrel2, app_source, args=(), workers=2, chroot_option=True):
+    def __init__(self, folder, handler, mongrel2, app_source, args=(), workers=2, chroot_option=True,
+                 foreground=True, env=None, copy_app=False):
         self.folder = Path(folder)
         self.handler = handler
         self.mongrel2 = mongrel2
@@ -121,6 +122,9 @@ class Wsgid:
         self.args = list(args)
         self.workers = workers
         self.chroot_option = chroot_option
+        self.foreground = foreground
+        self.env = env
+        self.copy_app = copy_app
         self.proc = None
 
     @property
@@ -134,16 +138,20 @@ class Wsgid:
 
     def command(self):
         return [str(WSGID), "--recv", self.handler.send_spec, "--send", self.handler.recv_spec,
-                "--app-path", str(self.folder), "--workers", str(self.workers), "--no-daemon", "--stdout",
-                "--virtualenv", str(VENV), "--upload-temp-store", self.mongrel2.upload_template,
+                "--app-path", str(self.folder), "--workers", str(self.workers),
+                *(["--no-daemon", "--stdout"] if self.foreground else []),
+                *([] if self.env and "VIRTUAL_ENV" in self.env else ["--virtualenv", str(VENV)]), "--upload-temp-store", self.mongrel2.upload_template,
                 *(["--mongrel2-chroot", str(self.mongrel2.root)] if self.chroot_option else []), *self.args]
 
     def start(self, wait_path="/"):
         self.folder.mkdir(parents=True, exist_ok=True)
         app_link = self.folder / "app"
-        if not app_link.exists():
+        if self.copy_app and not app_link.exists():
+            shutil.copytree(self.app_source, app_link)
+        elif not app_link.exists():
             app_link.symlink_to(self.app_source)
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+        env = {**os.environ, **(self.env or {})}
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, env=env,
                                      stderr=open(self.log_path, "ab"), start_new_session=True)
         if wait_path is not None:
             wait_for(lambda: requests.get(self.url + wait_path, timeout=2).status_code < 500,
@@ -151,10 +159,16 @@ class Wsgid:
         return self
 
     def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """What this wsgid logged: its stderr, and logs/wsgid.log when not logging to stderr."""
+        parts = [p.read_text(errors="replace") for p in (self.log_path, self.folder / "logs" / "wsgid.log")
+                 if p.exists()]
+        return "".join(parts)
 
     def worker_pids(self):
         return sorted(int(p.stem) for p in (self.folder / "pid" / "worker").glob("*.pid"))
+
+    def master_pids(self):
+        return sorted(int(p.stem) for p in (self.folder / "pid" / "master").glob("*.pid"))
 
     def stop(self, sig=signal.SIGTERM, timeout=15):
         if self.proc and self.proc.poll() is None:

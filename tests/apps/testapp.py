@@ -139,6 +139,8 @@ def inner(environ, start_response):
     if path == "/sleep":
         time.sleep(float(environ["QUERY_STRING"] or 1))
         return text(start_response, "slept")
+    if path == "/envvar":
+        return text(start_response, os.environ.get(environ["QUERY_STRING"], "<unset>"))
     if path == "/version":
         return text(start_response, VERSION)
     return text(start_response, "not found: " + path, status="404 Not Found")

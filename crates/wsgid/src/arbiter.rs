@@ -23,21 +23,25 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::appdir::{self, Role};
+use crate::broker::BROKER_ENV;
 use crate::config::Settings;
-use crate::worker::{EXIT_APP_LOAD, READY_FD_ENV};
+use crate::worker::{Report, EXIT_APP_LOAD, REPORT_FD_ENV, REPORT_LEN};
 
 /// Environment variable carrying the settings (JSON) from master to worker.
 pub const SETTINGS_ENV: &str = "WSGID_SETTINGS";
 
 /// A worker that dies sooner than this after its start counts as a failed start.
-const FAILED_START: Duration = Duration::from_secs(5);
+const FAILED_START: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct WorkerState {
     generation: u64,
     started: Instant,
     ready: bool,
+    /// Asked to stop (reload, TTOU, shutdown): its exit is expected.
     retiring: bool,
+    /// Reached `--max-requests`: to be replaced, then stopped.
+    wants_retirement: bool,
 }
 
 #[derive(Default)]
@@ -61,6 +65,10 @@ pub struct Arbiter {
     stopping: Option<Instant>,
     ready_read: OwnedFd,
     ready_write: OwnedFd,
+    /// The broker process (see `broker`), and when it may be started again.
+    broker: Option<i32>,
+    broker_endpoint: String,
+    next_broker_spawn: Instant,
 }
 
 impl Arbiter {
@@ -78,6 +86,9 @@ impl Arbiter {
             stopping: None,
             ready_read,
             ready_write,
+            broker: None,
+            broker_endpoint: crate::broker::endpoint(std::process::id()),
+            next_broker_spawn: Instant::now(),
         })
     }
 
@@ -123,6 +134,7 @@ impl Arbiter {
             if flags.quit.swap(false, Ordering::Relaxed) {
                 tracing::info!("QUIT: stopping workers now");
                 self.signal_all(Signal::SIGQUIT);
+                self.signal_broker(Signal::SIGQUIT);
                 self.stopping = Some(Instant::now());
             }
             if flags.stop.swap(false, Ordering::Relaxed) && self.stopping.is_none() {
@@ -133,20 +145,26 @@ impl Arbiter {
             }
             if let Some(deadline) = self.stopping {
                 if self.workers.is_empty() {
-                    return Ok(());
+                    // The broker goes last: until then it may hold requests for workers.
+                    match self.broker {
+                        None => return Ok(()),
+                        Some(_) => self.signal_broker(Signal::SIGTERM),
+                    }
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!("graceful timeout over: killing the remaining workers");
                     self.signal_all(Signal::SIGKILL);
+                    self.signal_broker(Signal::SIGKILL);
                 }
             } else {
                 self.handle_requests(&flags);
-                if !self.settings.keep_alive && self.workers.is_empty() {
+                self.keep_broker();
+                self.maintain();
+                self.retire_replaced();
+                if self.workers.is_empty() && self.target == 0 {
                     tracing::info!("no workers left and keep-alive is off");
                     return Ok(());
                 }
-                self.maintain();
-                self.retire_old_generation();
             }
             self.wait(&wake_read)?;
         }
@@ -194,41 +212,48 @@ impl Arbiter {
         }
     }
 
-    fn current_count(&self) -> usize {
-        self.workers
-            .values()
-            .filter(|w| w.generation == self.generation && !w.retiring)
-            .count()
+    /// Workers that count towards the target: current generation, not on their way out.
+    fn is_current(&self, w: &WorkerState) -> bool {
+        w.generation == self.generation && !w.retiring && !w.wants_retirement
     }
 
-    /// After a reload, old workers stop only once the new generation is fully ready, so
-    /// some worker is connected to mongrel2 at every instant (design note 5).
-    fn retire_old_generation(&mut self) {
-        let ready_new = self
+    fn current_count(&self) -> usize {
+        self.workers.values().filter(|w| self.is_current(w)).count()
+    }
+
+    /// Workers of an old generation (after HUP) or past `--max-requests` stop only once
+    /// their replacements are ready, so some worker is connected to mongrel2 at every
+    /// instant (design note 5) and a reload drops nothing.
+    fn retire_replaced(&mut self) {
+        let ready = self
             .workers
             .values()
-            .filter(|w| w.generation == self.generation && w.ready && !w.retiring)
+            .filter(|w| self.is_current(w) && w.ready)
             .count();
-        if ready_new < self.target as usize {
+        if ready < self.target as usize {
             return;
         }
+        let generation = self.generation;
         for (&pid, state) in self.workers.iter_mut() {
-            if state.generation < self.generation && !state.retiring {
+            if (state.generation < generation || state.wants_retirement) && !state.retiring {
                 state.retiring = true;
-                tracing::info!(pid, "retiring worker of the previous generation");
+                tracing::info!(pid, "retiring a replaced worker");
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
         }
     }
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
+    /// Starts `wsgid ROLE` with the settings, the broker endpoint and the report pipe. Children
+    /// die with the master (parent-death signal).
+    fn spawn_child(&self, role: &str) -> anyhow::Result<u32> {
         let exe = std::env::current_exe().context("cannot find our own executable")?;
         let ready_fd = self.ready_write.as_raw_fd();
         let mut command = Command::new(exe);
         command
-            .arg("worker")
+            .arg(role)
             .env(SETTINGS_ENV, &self.settings_json)
-            .env(READY_FD_ENV, ready_fd.to_string())
+            .env(BROKER_ENV, &self.broker_endpoint)
+            .env(REPORT_FD_ENV, ready_fd.to_string())
             .envs(&self.settings.envs);
         // SAFETY: only async-signal-safe calls (prctl, fcntl) between fork and exec.
         unsafe {
@@ -239,10 +264,36 @@ impl Arbiter {
                 Ok(())
             });
         }
-        let child = command.spawn().context("cannot execute the worker")?;
-        let pid = child.id();
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot execute the {role}"))?;
         // Reaped through waitpid in `reap`, not through `Child`.
-        drop(child);
+        Ok(child.id())
+    }
+
+    /// Starts the broker when there is none (first start, or it died: at most once a second).
+    fn keep_broker(&mut self) {
+        if self.broker.is_some() || Instant::now() < self.next_broker_spawn {
+            return;
+        }
+        self.next_broker_spawn = Instant::now() + Duration::from_secs(1);
+        match self.spawn_child("broker") {
+            Ok(pid) => {
+                tracing::info!(pid, endpoint = %self.broker_endpoint, "broker started");
+                self.broker = Some(pid as i32);
+            }
+            Err(e) => tracing::error!("cannot start the broker: {e:#}"),
+        }
+    }
+
+    fn signal_broker(&self, signal: Signal) {
+        if let Some(pid) = self.broker {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let pid = self.spawn_child("worker")?;
         if let Err(e) = appdir::write_pid(&self.settings.app_path, Role::Worker, pid) {
             tracing::warn!("cannot write the worker pid file: {e}");
         }
@@ -254,6 +305,7 @@ impl Arbiter {
                 started: Instant::now(),
                 ready: false,
                 retiring: false,
+                wants_retirement: false,
             },
         );
         Ok(())
@@ -279,6 +331,17 @@ impl Arbiter {
                 Ok(status) => status,
             };
             let Some(pid) = status.pid() else { return };
+            if self.broker == Some(pid.as_raw()) {
+                self.broker = None;
+                if self.stopping.is_none() {
+                    tracing::error!(
+                        pid = pid.as_raw(),
+                        ?status,
+                        "the broker died; restarting it"
+                    );
+                }
+                continue;
+            }
             let Some(state) = self.workers.remove(&pid.as_raw()) else {
                 continue;
             };
@@ -294,6 +357,16 @@ impl Arbiter {
                 tracing::info!(pid = pid.as_raw(), ?code, ?signal, "worker exited");
                 continue;
             }
+            if !self.settings.keep_alive {
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    ?code,
+                    ?signal,
+                    "worker died; keep-alive is off, not replacing it"
+                );
+                self.target = self.target.saturating_sub(1);
+                continue;
+            }
             let lived = state.started.elapsed();
             tracing::warn!(
                 pid = pid.as_raw(),
@@ -302,7 +375,9 @@ impl Arbiter {
                 "worker died after {:.1}s",
                 lived.as_secs_f64()
             );
-            if code == Some(EXIT_APP_LOAD) || lived < FAILED_START {
+            // A worker that never got ready (or dies at once, again and again) is a failed
+            // start: back off. One that served and then died is replaced at once.
+            if code == Some(EXIT_APP_LOAD) || !state.ready || lived < FAILED_START {
                 self.backoff();
             } else {
                 self.failures = 0;
@@ -342,16 +417,26 @@ impl Arbiter {
         }
         let mut sink = [0u8; 256];
         while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
-        let mut reports = [0u8; 4 * 64];
+        let mut reports = [0u8; REPORT_LEN * 64];
         while let Ok(n) = nix::unistd::read(&self.ready_read, &mut reports) {
             if n == 0 {
                 break;
             }
-            for pid in reports[..n].chunks_exact(4) {
-                let pid = u32::from_le_bytes(pid.try_into().expect("4 bytes")) as i32;
-                if let Some(state) = self.workers.get_mut(&pid) {
-                    state.ready = true;
-                    self.failures = 0;
+            for report in reports[..n].chunks_exact(REPORT_LEN) {
+                let pid = u32::from_le_bytes(report[1..].try_into().expect("4 bytes")) as i32;
+                let Some(state) = self.workers.get_mut(&pid) else {
+                    continue;
+                };
+                match Report::from_byte(report[0]) {
+                    Some(Report::Ready) => {
+                        state.ready = true;
+                        self.failures = 0;
+                    }
+                    Some(Report::WantsRetirement) => {
+                        tracing::info!(pid, "worker reached --max-requests; replacing it");
+                        state.wants_retirement = true;
+                    }
+                    None => tracing::warn!(pid, "unknown report from a worker"),
                 }
             }
         }

@@ -53,6 +53,9 @@ pub enum Command {
     /// Internal: run one worker (started by the master, never by hand).
     #[command(hide = true)]
     Worker,
+    /// Internal: run the broker (started by the master, never by hand).
+    #[command(hide = true)]
+    Broker,
 }
 
 #[derive(Debug, Args)]

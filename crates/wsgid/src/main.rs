@@ -5,6 +5,7 @@
 
 mod appdir;
 mod arbiter;
+mod broker;
 mod cli;
 mod commands;
 mod config;
@@ -35,7 +36,13 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         None => return serve(&cli),
-        Some(Command::Worker) => return run_worker(),
+        Some(Command::Worker) => return run_child("worker", worker::run),
+        Some(Command::Broker) => {
+            return run_child("broker", |settings| {
+                let endpoint = std::env::var(broker::BROKER_ENV)?;
+                broker::run(&settings, &endpoint)
+            })
+        }
         Some(Command::Init) => commands::init(&app_path()),
         Some(Command::Config { no_debug }) => {
             commands::config(&app_path(), &cli.options, *no_debug)
@@ -106,29 +113,29 @@ fn serve(cli: &Cli) -> ExitCode {
     }
 }
 
-fn run_worker() -> ExitCode {
+/// A process the master started (`wsgid worker`, `wsgid broker`): settings come as JSON
+/// in the environment.
+fn run_child(role: &str, run: impl FnOnce(Settings) -> anyhow::Result<()>) -> ExitCode {
     let settings: Settings = match std::env::var(arbiter::SETTINGS_ENV)
         .map_err(anyhow::Error::from)
         .and_then(|json| Ok(serde_json::from_str(&json)?))
     {
         Ok(settings) => settings,
         Err(e) => {
-            eprintln!(
-                "wsgid worker: started without settings ({e}); workers are started by the master"
-            );
+            eprintln!("wsgid {role}: started without settings ({e}); it is started by the master");
             return ExitCode::from(EXIT_USAGE);
         }
     };
     if let Err(e) = logging::init(&settings.app_path, settings.stdout, settings.debug) {
-        eprintln!("wsgid worker: cannot open the log: {e}");
+        eprintln!("wsgid {role}: cannot open the log: {e}");
         return ExitCode::FAILURE;
     }
-    let span = tracing::info_span!("worker", pid = std::process::id());
+    let span = tracing::info_span!("child", role, pid = std::process::id());
     let _entered = span.enter();
-    match worker::run(settings) {
+    match run(settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("worker failed: {e:#}");
+            tracing::error!("{role} failed: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -19,6 +19,7 @@ use m2wire::{encode_prefix, parse_address, MessageKind, Request, UploadMarker};
 use pyo3::intern;
 use pyo3::prelude::*;
 
+use crate::broker::{BROKER_ENV, BYE, READY};
 use crate::config::Settings;
 use crate::outbox::Outbox;
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
@@ -31,12 +32,33 @@ use crate::wsgi::{call, loader};
 /// Exit code of a worker whose app cannot be loaded: the master backs off before retrying.
 pub const EXIT_APP_LOAD: i32 = 3;
 
-/// Environment variable naming the fd on which a ready worker reports its pid to the master.
-pub const READY_FD_ENV: &str = "WSGID_READY_FD";
+/// Environment variable naming the pipe on which a worker reports to the master.
+pub const REPORT_FD_ENV: &str = "WSGID_REPORT_FD";
 
-/// Queued requests per worker: low, so mongrel2's round robin passes a busy worker by
-/// instead of queueing fast requests behind a slow one (design note 3).
-const RECV_HWM: i32 = 16;
+/// One report on that pipe: a kind byte and the worker's pid (little endian); at 5 bytes,
+/// a write is atomic, so reports of many workers never interleave.
+pub const REPORT_LEN: usize = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Connected to mongrel2 and serving: a reload may now retire the worker it replaces.
+    Ready = b'r' as isize,
+    /// Served `--max-requests`: start a replacement, then stop this one.
+    WantsRetirement = b'x' as isize,
+}
+
+impl Report {
+    pub fn from_byte(byte: u8) -> Option<Report> {
+        match byte {
+            b'r' => Some(Report::Ready),
+            b'x' => Some(Report::WantsRetirement),
+            _ => None,
+        }
+    }
+}
+
+/// An idle worker repeats READY this often (ms), in case the broker restarted.
+const IDLE_READY_MS: i64 = 1000;
 
 /// The signals a worker reacts to, set from handlers, read by the loop.
 struct Signals {
@@ -103,12 +125,17 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let replies = Outbox::connect(&context, &settings.send, || {
         signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed)
     })?;
-    let requests = context.socket(zmq::PULL)?;
-    requests.set_rcvhwm(RECV_HWM)?;
-    requests
-        .connect(&settings.recv)
-        .with_context(|| format!("cannot connect to {}", settings.recv))?;
-    report_ready();
+    let endpoint = std::env::var(BROKER_ENV)
+        .context("no broker endpoint: workers are started by the master")?;
+    let broker = context.socket(zmq::DEALER)?;
+    broker.set_identity(&std::process::id().to_le_bytes())?;
+    broker.set_linger(0)?;
+    broker
+        .connect(&endpoint)
+        .with_context(|| format!("cannot connect to the broker at {endpoint}"))?;
+    broker.send(READY, 0)?;
+    let mut master = report_pipe();
+    report(&mut master, Report::Ready);
     tracing::info!(recv = %settings.recv, send = %settings.send, "worker ready");
 
     let mut worker = Worker {
@@ -124,50 +151,81 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         upload_marker: crate::appdir::upload_marker(&settings.app_path, std::process::id()),
     };
     let retire_after = settings.max_requests.unwrap_or(u64::MAX);
+    let mut retirement_asked = false;
     loop {
         if signals.quit.load(Ordering::Relaxed) {
             tracing::info!("quit: stopping now");
             return Ok(());
         }
-        if signals.stop.load(Ordering::Relaxed) || worker.served >= retire_after {
+        if signals.stop.load(Ordering::Relaxed) {
             break;
         }
+        if worker.served >= retire_after && !retirement_asked {
+            // The master starts a replacement, then stops us; alone, we stop ourselves.
+            if master.is_none() {
+                break;
+            }
+            report(&mut master, Report::WantsRetirement);
+            retirement_asked = true;
+        }
         let mut items = [
-            requests.as_poll_item(zmq::POLLIN),
+            broker.as_poll_item(zmq::POLLIN),
             zmq::PollItem::from_fd(signals.wake.as_raw_fd(), zmq::POLLIN),
         ];
-        match zmq::poll(&mut items, -1) {
-            Ok(_) => {}
-            Err(zmq::Error::EINTR) => continue,
+        match zmq::poll(&mut items, IDLE_READY_MS) {
+            // Idle: say READY again, so a restarted broker knows us.
+            Ok(0) => broker.send(READY, zmq::DONTWAIT)?,
+            Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
         if items[1].is_readable() {
             signals.drain();
         }
-        if items[0].is_readable() {
-            worker.serve_queued(&requests, 64)?;
+        while let Ok(msg) = broker.recv_msg(zmq::DONTWAIT) {
+            if !msg.is_empty() {
+                worker.serve(msg)?;
+                broker.send(READY, 0)?;
+            }
         }
     }
-    // Graceful stop: take no new requests, serve those libzmq already queued.
+    // Graceful stop: say BYE, serve what the broker had already sent, until its answer.
     tracing::info!(served = worker.served, "stopping gracefully");
-    let _ = requests.disconnect(&settings.recv);
-    worker.serve_queued(&requests, usize::MAX)?;
+    broker.send(BYE, 0)?;
+    let deadline = Instant::now() + Duration::from_secs(settings.graceful_timeout);
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as i64;
+        if left == 0 || broker.poll(zmq::POLLIN, left)? == 0 {
+            tracing::warn!("the broker did not answer BYE; stopping anyway");
+            break;
+        }
+        let msg = broker.recv_msg(0)?;
+        if msg.is_empty() {
+            break;
+        }
+        worker.serve(msg)?;
+    }
     replies.set_linger(Duration::from_secs(settings.graceful_timeout))?;
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
 }
 
-/// Tells the master this worker serves now (a reload retires old workers only after).
-fn report_ready() {
-    let Some(fd) = std::env::var(READY_FD_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    else {
-        return;
-    };
+/// The pipe to the master, when started by one.
+fn report_pipe() -> Option<std::fs::File> {
+    let fd = std::env::var(REPORT_FD_ENV).ok()?.parse::<i32>().ok()?;
     // SAFETY: the master passed this fd open for us, and nothing else in the worker uses it.
-    let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
-    let _ = pipe.write_all(&std::process::id().to_le_bytes());
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+fn report(pipe: &mut Option<std::fs::File>, kind: Report) {
+    if let Some(pipe) = pipe {
+        let mut msg = [kind as u8; REPORT_LEN];
+        msg[1..].copy_from_slice(&std::process::id().to_le_bytes());
+        if let Err(e) = pipe.write_all(&msg) {
+            tracing::warn!("cannot report to the master: {e}");
+        }
+    }
 }
 
 struct Worker {
@@ -191,19 +249,9 @@ struct Prepared<'py> {
 }
 
 impl Worker {
-    /// Serves up to `limit` messages already queued on the socket.
-    fn serve_queued(&mut self, requests: &zmq::Socket, limit: usize) -> anyhow::Result<()> {
-        Python::attach(|py| -> anyhow::Result<()> {
-            for _ in 0..limit {
-                match requests.recv_msg(zmq::DONTWAIT) {
-                    Ok(msg) => self.handle(py, msg)?,
-                    Err(zmq::Error::EAGAIN) => break,
-                    Err(zmq::Error::EINTR) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        })
+    /// Serves one message from mongrel2.
+    fn serve(&mut self, msg: zmq::Message) -> anyhow::Result<()> {
+        Python::attach(|py| self.handle(py, msg))
     }
 
     fn writer(
