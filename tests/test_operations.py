@@ -1,6 +1,7 @@
 """Issue 4: supervision, reload, app folder, subcommands, config, loaders, against the real
 mongrel2 and real wsgid processes."""
 import json
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -279,3 +280,54 @@ def test_no_loader_is_a_clear_error(make, tmp_path):
     server.start(wait_path=None)
     assert server.proc.wait(10) == 0  # no keep-alive: the master ends with its last worker
     assert "no WSGI app found: give --wsgi-app" in server.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot and dropping privileges need root")
+def test_chroot_and_privilege_drop(tmp_path):
+    """Started as root with --chroot: workers import the app inside the app folder and run
+    as its owner (uid/gid 4242 here, supplementary groups reset)."""
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="wsgid-chroot-"))
+    usr = folder / "usr"
+    mounted = False
+    handler = Handler("/", "tnetstring")
+    m2 = Mongrel2(tmp_path / "m2", [handler])
+    proc = None
+    try:
+        assert wsgid("init", "--app-path", str(folder)).returncode == 0
+        shutil.rmtree(folder / "app")
+        shutil.copytree(ROOT / "tests" / "apps", folder / "app")
+        for path in [folder, *folder.rglob("*")]:
+            os.chown(path, 4242, 4242)
+        os.chmod(folder, 0o755)
+        # What the embedded Python needs inside the chroot: the system's /usr, read-only.
+        usr.mkdir()
+        subprocess.run(["mount", "--bind", "-o", "ro", "/usr", str(usr)], check=True)
+        mounted = True
+        for name in ["lib", "lib64", "bin"]:
+            (folder / name).symlink_to(f"usr/{name}")
+        m2.start()
+        proc = subprocess.Popen([str(WSGID), "--app-path", str(folder), "--chroot", "--no-daemon", "--stdout",
+                                 "--wsgi-app", "testapp:application", "--recv", handler.send_spec,
+                                 "--send", handler.recv_spec], stderr=open(tmp_path / "wsgid.log", "wb"))
+        try:
+            wait_for(lambda: requests.get(f"{m2.url}/whereami", timeout=2).status_code == 200,
+                     what="the chrooted worker")
+        except TimeoutError:
+            print((tmp_path / "wsgid.log").read_text())
+            raise
+        info = requests.get(f"{m2.url}/whereami").json()
+        assert info["file"] == "/app/testapp.py" and info["cwd"] == "/"
+        assert (info["uid"], info["gid"], info["groups"]) == (4242, 4242, [4242])
+        log = (tmp_path / "wsgid.log").read_text()
+        assert "chrooted into the app folder" in log
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(10)
+        m2.stop()
+        if mounted:
+            subprocess.run(["umount", str(usr)], check=False)
+        if not os.path.ismount(usr):
+            shutil.rmtree(folder, ignore_errors=True)

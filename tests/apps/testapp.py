@@ -139,6 +139,9 @@ def inner(environ, start_response):
     if path == "/sleep":
         time.sleep(float(environ["QUERY_STRING"] or 1))
         return text(start_response, "slept")
+    if path == "/whereami":
+        return text(start_response, json.dumps({"file": __file__, "uid": os.getuid(), "gid": os.getgid(),
+                                                "groups": os.getgroups(), "cwd": os.getcwd()}))
     if path == "/envvar":
         return text(start_response, os.environ.get(environ["QUERY_STRING"], "<unset>"))
     if path == "/version":

@@ -78,15 +78,19 @@ pub fn upload_marker(app_path: &Path, pid: u32) -> PathBuf {
         .join(format!("{pid}.upload"))
 }
 
-/// Removes the temp file a dead worker was serving, if any.
-pub fn sweep_orphan_upload(app_path: &Path, pid: u32) {
+/// Removes the temp file a dead worker was serving, if any. A chrooted worker noted the
+/// path as seen from inside the app folder.
+pub fn sweep_orphan_upload(app_path: &Path, pid: u32, chrooted: bool) {
     let marker = upload_marker(app_path, pid);
     let Ok(path) = std::fs::read(&marker) else {
         return;
     };
-    let path = PathBuf::from(std::ffi::OsString::from(
-        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&path),
-    ));
+    let path = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&path));
+    let path = if chrooted {
+        app_path.join(path.strip_prefix("/").unwrap_or(path))
+    } else {
+        path.to_path_buf()
+    };
     match std::fs::remove_file(&path) {
         Ok(()) => tracing::warn!(
             pid,

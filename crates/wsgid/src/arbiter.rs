@@ -346,7 +346,11 @@ impl Arbiter {
                 continue;
             };
             appdir::remove_pid(&self.settings.app_path, Role::Worker, pid.as_raw() as u32);
-            appdir::sweep_orphan_upload(&self.settings.app_path, pid.as_raw() as u32);
+            appdir::sweep_orphan_upload(
+                &self.settings.app_path,
+                pid.as_raw() as u32,
+                self.settings.chroot,
+            );
             let (code, signal) = match status {
                 WaitStatus::Exited(_, code) => (Some(code), None),
                 WaitStatus::Signaled(_, sig, _) => (None, Some(sig)),

@@ -32,22 +32,58 @@ pub fn daemonize(log: Option<std::fs::File>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// When running as root, become the owner of the app folder (supplementary groups reset).
-pub fn drop_privileges(app_path: &Path) -> anyhow::Result<()> {
-    if !Uid::effective().is_root() {
+/// `--chroot`: a worker enters the app folder before importing the app. Paths that the
+/// worker uses are rewritten to their view from inside; the ones outside cannot be reached
+/// and are reported.
+pub fn enter_chroot(settings: &mut crate::config::Settings) -> anyhow::Result<()> {
+    let root = settings.app_path.clone();
+    nix::unistd::chroot(&root)
+        .with_context(|| format!("cannot chroot into {} (root only)", root.display()))?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    let inside = |path: &Path, what: &str| match path.strip_prefix(&root) {
+        Ok(rest) => Some(Path::new("/").join(rest)),
+        Err(_) => {
+            tracing::warn!(
+                "{what} {} is outside the chroot {}",
+                path.display(),
+                root.display()
+            );
+            None
+        }
+    };
+    if settings.mongrel2_chroot != Path::new("/") {
+        if let Some(path) = inside(&settings.mongrel2_chroot, "--mongrel2-chroot") {
+            settings.mongrel2_chroot = path;
+        }
+    }
+    if let Some(venv) = settings.virtualenv.take() {
+        settings.virtualenv = inside(&venv, "--virtualenv");
+    }
+    crate::logging::rebase(&root);
+    settings.app_path = "/".into();
+    tracing::info!(root = %root.display(), "chrooted into the app folder");
+    Ok(())
+}
+
+/// The owner of the app folder: who a wsgid started as root runs as.
+pub fn folder_owner(app_path: &Path) -> anyhow::Result<(Uid, Gid)> {
+    let meta = std::fs::metadata(app_path)
+        .with_context(|| format!("cannot stat {}", app_path.display()))?;
+    Ok((Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid())))
+}
+
+/// When running as root, become `owner` (the app folder's), supplementary groups reset.
+/// A root-owned folder keeps root; a process that is not root stays who it is.
+pub fn drop_privileges((uid, gid): (Uid, Gid)) -> anyhow::Result<()> {
+    if !Uid::effective().is_root() || uid.is_root() {
         return Ok(());
     }
-    let meta = std::fs::metadata(app_path)?;
-    if meta.uid() == 0 {
-        return Ok(());
-    }
-    let (uid, gid) = (Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid()));
     nix::unistd::setgroups(&[gid]).context("setgroups")?;
     nix::unistd::setgid(gid).context("setgid")?;
     nix::unistd::setuid(uid).context("setuid")?;
     tracing::info!(
-        uid = meta.uid(),
-        gid = meta.gid(),
+        uid = uid.as_raw(),
+        gid = gid.as_raw(),
         "dropped root privileges to the app folder's owner"
     );
     Ok(())

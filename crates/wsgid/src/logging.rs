@@ -13,7 +13,10 @@ pub const LOG_FILE: &str = "logs/wsgid.log";
 
 enum Target {
     Stderr,
-    File { path: PathBuf, file: Mutex<File> },
+    File {
+        path: Mutex<PathBuf>,
+        file: Mutex<File>,
+    },
 }
 
 static TARGET: OnceLock<Target> = OnceLock::new();
@@ -38,7 +41,7 @@ pub fn init(app_path: &Path, to_stderr: bool, debug: bool) -> io::Result<()> {
         let path = log_path(app_path);
         let file = open(&path)?;
         Target::File {
-            path,
+            path: Mutex::new(path),
             file: Mutex::new(file),
         }
     };
@@ -57,10 +60,20 @@ pub fn init(app_path: &Path, to_stderr: bool, debug: bool) -> io::Result<()> {
 /// Reopens the log file (after logrotate moved it away).
 pub fn reopen() -> io::Result<()> {
     if let Some(Target::File { path, file }) = TARGET.get() {
-        let fresh = open(path)?;
+        let fresh = open(&path.lock().unwrap_or_else(|e| e.into_inner()))?;
         *file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
     }
     Ok(())
+}
+
+/// After a chroot into `new_root`: the log file's path as seen from inside.
+pub fn rebase(new_root: &Path) {
+    if let Some(Target::File { path, .. }) = TARGET.get() {
+        let mut path = path.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(inside) = path.strip_prefix(new_root) {
+            *path = Path::new("/").join(inside);
+        }
+    }
 }
 
 /// The file descriptor a daemon's stdout/stderr should point at.

@@ -101,7 +101,13 @@ fn serve(cli: &Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let outcome = daemon::drop_privileges(&settings.app_path)
+    // With --chroot, workers need root to chroot; they drop privileges themselves after.
+    let dropped = if settings.chroot {
+        Ok(())
+    } else {
+        daemon::folder_owner(&settings.app_path).and_then(daemon::drop_privileges)
+    };
+    let outcome = dropped
         .and_then(|()| arbiter::Arbiter::new(settings))
         .and_then(arbiter::Arbiter::run);
     match outcome {

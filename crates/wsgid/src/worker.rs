@@ -105,8 +105,13 @@ impl Signals {
     }
 }
 
-pub fn run(settings: Settings) -> anyhow::Result<()> {
+pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     let signals = Signals::install().context("cannot install signal handlers")?;
+    let owner = crate::daemon::folder_owner(&settings.app_path)?;
+    if settings.chroot {
+        crate::daemon::enter_chroot(&mut settings)?;
+    }
+    crate::daemon::drop_privileges(owner)?;
     loader::init_python(settings.virtualenv.as_deref())?;
     let (app, template) = Python::attach(|py| -> anyhow::Result<_> {
         let app = match loader::load_app(py, &settings) {
