@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from conftest import WSGID
+from stack import WSGID
 from http_util import is_closed, raw_exchange, split_responses
 
 

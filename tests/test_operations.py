@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from conftest import APPS, ROOT, VENV, WSGID, Handler, Mongrel2, Wsgid, wait_for
+from stack import APPS, ROOT, VENV, WSGID, Handler, Mongrel2, Wsgid, wait_for
 
 
 @pytest.fixture

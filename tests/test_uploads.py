@@ -12,7 +12,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import APPS, Handler, Mongrel2, Wsgid, wait_for
+from stack import APPS, Handler, Mongrel2, Wsgid, wait_for
 from http_util import is_closed, raw_exchange
 
 MiB = 1024 * 1024

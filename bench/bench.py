@@ -1,0 +1,424 @@
+"""Side-by-side benchmark of wsgid and the WSGI servers people would otherwise pick.
+
+Every server serves bench/app.py with 2 workers where that applies. Servers run in
+alternation (A B C ... per round), workloads per server: hello world, a 64 KiB response and a
+1 MiB POST under `wrk -t2 -c64`, a 1 GiB upload with curl (elapsed time, peak RSS sampled
+every 50 ms), and idle RSS. CPU per request is user+sys of the server's processes over the run
+divided by the requests wrk completed. Medians over rounds, ratios of ours to each peer; the
+table goes to bench/results/ with the date, versions and commands. Run it with bench/run.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from stack import Handler, Mongrel2, Wsgid, free_port, wait_for  # noqa: E402
+
+BENCH_VENV = ROOT / ".venv-bench"
+RELEASE = ROOT / "target" / "release"
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --- processes -------------------------------------------------------------------------
+
+def children_of(roots):
+    """Every live process in the trees rooted at `roots`."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = set(), [r for r in roots if r in parents]
+    while frontier:
+        pid = frontier.pop()
+        tree.add(pid)
+        frontier.extend(p for p, parent in parents.items() if parent == pid and p not in tree)
+    return tree
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
+def rss_bytes(pid):
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except (OSError, IndexError):
+        return 0
+
+
+def cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# --- servers ---------------------------------------------------------------------------
+
+class Server:
+    """Something serving bench/app.py over HTTP at self.url."""
+    name = "?"
+    gateway_marker = None  # cmdline substring of the gateway's own processes, if separable
+
+    def __init__(self, tmp):
+        self.tmp = Path(tmp) / self.name
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.procs = []
+
+    def roots(self):
+        return [p.pid for p in self.procs]
+
+    def pids(self):
+        return children_of(self.roots())
+
+    def gateway_pids(self):
+        if not self.gateway_marker:
+            return self.pids()
+        return {p for p in self.pids() if self.gateway_marker in cmdline(p)}
+
+    def popen(self, args, **kw):
+        log = open(self.tmp / "server.log", "ab")
+        proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def wait_ready(self):
+        import requests
+        wait_for(lambda: requests.get(self.url + "/", timeout=2).status_code == 200, timeout=30,
+                 what=f"{self.name} to serve")
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        self.procs = []
+
+
+class BehindMongrel2(Server):
+    protocol = "tnetstring"
+
+    def start(self):
+        self.handler = Handler("/", self.protocol)
+        self.m2 = Mongrel2(self.tmp / "m2", [self.handler])
+        self.m2.start()
+        self.url = self.m2.url
+        self.start_handler()
+        self.wait_ready()
+
+    def roots(self):
+        return super().roots() + [self.m2.proc.pid]
+
+    def stop(self):
+        super().stop()
+        self.m2.stop()
+
+
+class Ours(BehindMongrel2):
+    gateway_marker = "wsgid"
+
+    def start_handler(self):
+        folder = self.tmp / "app-folder"
+        folder.mkdir(exist_ok=True)
+        link = folder / "app"
+        if not link.exists():
+            link.symlink_to(HERE)
+        self.popen([str(RELEASE / "wsgid"), "--app-path", str(folder), "--wsgi-app", "app:application",
+                    "--recv", self.handler.send_spec, "--send", self.handler.recv_spec, "--workers", "2",
+                    "--no-daemon", "--stdout", "--mongrel2-chroot", str(self.m2.root),
+                    "--upload-temp-store", self.m2.upload_template],
+                   env={**os.environ, "WSGID_LOG": "warn"})
+
+
+class OursTnet(Ours):
+    name = "wsgid (tnetstring)"
+
+
+class OursJson(Ours):
+    name = "wsgid (json)"
+    protocol = "json"
+
+
+class Pyzmq(BehindMongrel2):
+    name = "mongrel2 + pyzmq handler"
+    protocol = "json"
+    gateway_marker = "pyzmq_handler"
+
+    def start_handler(self):
+        for _ in range(2):
+            self.popen([str(BENCH_VENV / "bin" / "python"), str(HERE / "pyzmq_handler.py"),
+                        self.handler.send_spec, self.handler.recv_spec, str(self.m2.root)])
+
+
+class Direct(Server):
+    def start(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.popen(self.command(), cwd=HERE)
+        self.wait_ready()
+
+
+class Gunicorn(Direct):
+    name = "gunicorn (sync)"
+
+    def command(self):
+        return [str(BENCH_VENV / "bin" / "gunicorn"), "-w", "2", "-k", "sync", "-b", f"127.0.0.1:{self.port}",
+                "--access-logfile", "/dev/null", "app:application"]
+
+
+class Granian(Direct):
+    name = "Granian (WSGI)"
+
+    def command(self):
+        return [str(BENCH_VENV / "bin" / "granian"), "--interface", "wsgi", "--workers", "2", "--host", "127.0.0.1",
+                "--port", str(self.port), "--no-ws", "app:application"]
+
+
+class Uwsgi(Direct):
+    name = "uWSGI (--http11-socket)"
+
+    def command(self):
+        return [str(BENCH_VENV / "bin" / "uwsgi"), "--http11-socket", f"127.0.0.1:{self.port}", "--processes", "2",
+                "--wsgi-file", "app.py", "--disable-logging", "--master", "--die-on-term"]
+
+
+class Ceiling(Direct):
+    name = "tiny Rust server (ceiling)"
+
+    def command(self):
+        return [str(RELEASE / "ceiling"), str(self.port)]
+
+
+SERVERS = {"ours": OursTnet, "ours-json": OursJson, "pyzmq": Pyzmq, "gunicorn": Gunicorn,
+           "granian": Granian, "uwsgi": Uwsgi, "ceiling": Ceiling}
+
+
+# --- workloads -------------------------------------------------------------------------
+
+def run_wrk(server, path, seconds, script=None):
+    pids, gateway = server.pids(), server.gateway_pids()
+    cpu0, gw0 = cpu_seconds(pids), cpu_seconds(gateway)
+    args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"] + (["-s", str(script)] if script else []) + [server.url + path]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    pids |= server.pids()
+    cpu, gw = cpu_seconds(pids) - cpu0, cpu_seconds(gateway) - gw0
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)] if p99 else None
+    return {"rps": requests / seconds, "requests": requests, "p99_ms": p99_ms,
+            "cpu_us": cpu * 1e6 / max(requests, 1), "gateway_cpu_us": gw * 1e6 / max(requests, 1),
+            "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "command": " ".join(args)}
+
+
+def run_upload(server, big_file):
+    samples = {"total": 0, "gateway": 0, "worker": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            pids = server.pids()
+            rss = {p: rss_bytes(p) for p in pids}
+            samples["total"] = max(samples["total"], sum(rss.values()))
+            gateway = server.gateway_pids()
+            samples["gateway"] = max(samples["gateway"], sum(rss[p] for p in gateway if p in rss))
+            workers = [rss[p] for p in gateway if p in rss and "worker" in cmdline(p)]
+            samples["worker"] = max([samples["worker"], *workers])
+            time.sleep(0.05)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    started = time.time()
+    out = subprocess.run(["curl", "-sS", "-T", str(big_file), server.url + "/stream"], capture_output=True, text=True)
+    elapsed = time.time() - started
+    done.set()
+    thread.join()
+    ok = out.returncode == 0 and out.stdout.strip() == str(big_file.stat().st_size)
+    return {"seconds": elapsed, "peak_rss_mib": samples["total"] / 2**20, "gateway_peak_rss_mib": samples["gateway"] / 2**20,
+            "worker_peak_rss_mib": samples["worker"] / 2**20, "ok": ok}
+
+
+def idle_rss(server):
+    time.sleep(0.5)
+    return sum(rss_bytes(p) for p in server.pids()) / 2**20
+
+
+# --- report ----------------------------------------------------------------------------
+
+def versions():
+    def run(*args):
+        try:
+            return subprocess.run(args, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+    pip = subprocess.run([str(BENCH_VENV / "bin" / "pip"), "freeze"], capture_output=True, text=True).stdout
+    wanted = {"gunicorn", "granian", "uwsgi", "pyzmq"}
+    return {
+        "wsgid": run(str(RELEASE / "wsgid"), "-v"), "mongrel2-core": run("dpkg-query", "-W", "-f=${Version}", "mongrel2-core"),
+        "libzmq": run("dpkg-query", "-W", "-f=${Version}", "libzmq5"), "wrk": run("wrk", "--version").split(" [")[0],
+        "python": platform.python_version(), "rustc": run("rustc", "--version"), "cpus": str(os.cpu_count()),
+        **{line.split("==")[0]: line.split("==")[1] for line in pip.splitlines() if line.split("==")[0].lower() in wanted},
+    }
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, digits=0):
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def report(results, servers, args, stamp):
+    names = [SERVERS[s].name for s in servers]
+    med = {n: {} for n in names}
+    for name in names:
+        for key in ("hello", "64k", "post"):
+            runs = [r[name][key] for r in results if key in r.get(name, {})]
+            if runs:
+                med[name][key] = {f: median([run[f] for run in runs]) for f in ("rps", "p99_ms", "cpu_us", "gateway_cpu_us", "errors")}
+        ups = [r[name]["upload"] for r in results if "upload" in r.get(name, {})]
+        if ups:
+            med[name]["upload"] = {f: median([u[f] for u in ups]) for f in ("seconds", "peak_rss_mib", "gateway_peak_rss_mib", "worker_peak_rss_mib")}
+            med[name]["upload"]["ok"] = all(u["ok"] for u in ups)
+        idles = [r[name]["idle"] for r in results if "idle" in r.get(name, {})]
+        if idles:
+            med[name]["idle"] = median(idles)
+    ours = SERVERS["ours"].name
+    lines = [f"# Benchmark {stamp}", "", f"Command: `{' '.join(['bench/run', *sys.argv[1:]])}`; "
+             f"{args.rounds} rounds in alternation, wrk -t2 -c64 -d{args.seconds}s, medians.", ""]
+    lines += ["| server | hello req/s | p99 ms | CPU µs/req | gateway µs/req | 64 KiB req/s | CPU µs/req | POST 1 MiB req/s | CPU µs/req | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        m = med[name]
+        h, k, p = m.get("hello", {}), m.get("64k", {}), m.get("post", {})
+        gateway = fmt(h.get("gateway_cpu_us"), 1) if SERVERS_BY_NAME[name].gateway_marker else "–"
+        errors = sum(int(x.get("errors") or 0) for x in (h, k, p))
+        lines.append(f"| {name} | {fmt(h.get('rps'))} | {fmt(h.get('p99_ms'), 1)} | {fmt(h.get('cpu_us'), 1)} | {gateway} | "
+                     f"{fmt(k.get('rps'))} | {fmt(k.get('cpu_us'), 1)} | {fmt(p.get('rps'))} | {fmt(p.get('cpu_us'), 1)} | {errors} |")
+    lines += ["", "| server | idle RSS MiB | 1 GiB upload s | upload peak RSS MiB (all processes) | gateway worker peak RSS MiB |", "|---|---|---|---|---|"]
+    for name in names:
+        m = med[name]
+        u = m.get("upload", {})
+        worker = fmt(u.get("worker_peak_rss_mib"), 1) if SERVERS_BY_NAME[name].gateway_marker == "wsgid" else "–"
+        bad = "" if u.get("ok", True) else " (failed)"
+        lines.append(f"| {name} | {fmt(m.get('idle'), 1)} | {fmt(u.get('seconds'), 2)}{bad} | {fmt(u.get('peak_rss_mib'), 1)} | {worker} |")
+    if ours in names:
+        lines += ["", f"Ratios of {ours} to each peer (median of per-round ratios; req/s higher is better):", "",
+                  "| peer | hello | 64 KiB | POST 1 MiB |", "|---|---|---|---|"]
+        for name in names:
+            if name == ours:
+                continue
+            cells = []
+            for key in ("hello", "64k", "post"):
+                ratios = [r[ours][key]["rps"] / r[name][key]["rps"] for r in results
+                          if key in r.get(ours, {}) and key in r.get(name, {}) and r[name][key]["rps"]]
+                cells.append(f"{median(ratios):.2f}x" if ratios else "–")
+            lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
+              "Commands: " + "; ".join(sorted({run[key]["command"] for r in results for run in r.values() if isinstance(run, dict)
+                                              for key in ("hello", "64k", "post") if key in run}))[:2000]]
+    return "\n".join(lines) + "\n", med
+
+
+SERVERS_BY_NAME = {cls.name: cls for cls in SERVERS.values()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ", ".join(SERVERS))
+    parser.add_argument("--workloads", default="hello,64k,post,upload,idle")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--upload-mib", type=int, default=1024)
+    args = parser.parse_args()
+    servers = args.servers.split(",")
+    workloads = set(args.workloads.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="wsgid-bench-"))
+    big = tmp / "upload.bin"
+    if "upload" in workloads:
+        with open(big, "wb") as f:
+            block = os.urandom(2**20)
+            for _ in range(args.upload_mib):
+                f.write(block)
+    results = []
+    for round_no in range(args.rounds):
+        order = servers[round_no % len(servers):] + servers[:round_no % len(servers)]
+        round_results = {}
+        for key in order:
+            server = SERVERS[key](tmp / f"r{round_no}")
+            print(f"round {round_no + 1}/{args.rounds}: {server.name}", file=sys.stderr, flush=True)
+            try:
+                server.start()
+                subprocess.run(["wrk", "-t1", "-c4", "-d1s", server.url + "/"], capture_output=True)  # warm-up
+                r = {}
+                if "idle" in workloads:
+                    r["idle"] = idle_rss(server)
+                if "hello" in workloads:
+                    r["hello"] = run_wrk(server, "/", args.seconds)
+                if "64k" in workloads:
+                    r["64k"] = run_wrk(server, "/64k", args.seconds)
+                if "post" in workloads:
+                    r["post"] = run_wrk(server, "/post", args.seconds, HERE / "post.lua")
+                if "upload" in workloads:
+                    r["upload"] = run_upload(server, big)
+                round_results[server.name] = r
+            finally:
+                server.stop()
+        results.append(round_results)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    text, med = report(results, servers, args, stamp)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    previous = sorted(out.glob("*.json"))
+    (out / f"{stamp}.md").write_text(text)
+    (out / f"{stamp}.json").write_text(json.dumps({"args": vars(args), "rounds": results, "medians": med}, indent=1))
+    print(text)
+    if previous:
+        before = json.loads(previous[-1].read_text())["medians"]
+        ours = SERVERS["ours"].name
+        for key in ("hello", "64k", "post"):
+            old, new = before.get(ours, {}).get(key, {}).get("rps"), med.get(ours, {}).get(key, {}).get("rps")
+            if old and new:
+                print(f"{ours} {key}: {new:,.0f} req/s vs {old:,.0f} in {previous[-1].name} ({new / old:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

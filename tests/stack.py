@@ -1,0 +1,186 @@
+"""Real processes for tests and benchmarks: mongrel2 (Debian mongrel2-core) in a scratch
+chroot, and wsgid (target/debug/wsgid unless WSGID_BIN says otherwise) serving an app."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+WSGID = Path(os.environ.get("WSGID_BIN", ROOT / "target" / "debug" / "wsgid"))
+VENV = Path(sys.prefix)
+UPLOAD_TEMPLATE = "/tmp/upload.XXXXXX"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class Handler:
+    """One mongrel2 Handler entry: the route and the two ZeroMQ endpoints."""
+
+    def __init__(self, route, protocol="json"):
+        self.route = route
+        self.protocol = protocol
+        self.send_spec = f"tcp://127.0.0.1:{free_port()}"  # mongrel2 PUSHes here: wsgid --recv
+        self.recv_spec = f"tcp://127.0.0.1:{free_port()}"  # mongrel2 SUBs here: wsgid --send
+        self.ident = str(uuid.uuid4())
+
+    def config(self):
+        return (f"Handler(send_spec='{self.send_spec}', send_ident='{self.ident}', "
+                f"recv_spec='{self.recv_spec}', recv_ident='', protocol='{self.protocol}')")
+
+
+class Mongrel2:
+    """The real mongrel2, chrooted in `root` (which holds run/, logs/, tmp/)."""
+
+    def __init__(self, root, handlers, content_length=20480, extra_settings=None, upload_template=UPLOAD_TEMPLATE):
+        self.root = Path(root)
+        self.upload_template = upload_template
+        self.handlers = handlers
+        self.port = free_port()
+        self.content_length = content_length
+        self.extra_settings = extra_settings or {}
+        self.proc = None
+        self.server_uuid = str(uuid.uuid4())
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def upload_dir(self):
+        return self.root / "tmp"
+
+    def start(self):
+        for d in ("run", "logs", "tmp"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        routes = ", ".join(f"'{h.route}': {h.config()}" for h in self.handlers)
+        settings = {"limits.content_length": self.content_length, "upload.temp_store": self.upload_template,
+                    "server.daemonize": 0, **self.extra_settings}
+        (self.root / "main.conf").write_text(textwrap.dedent(f"""\
+            main = Server(uuid="{self.server_uuid}", access_log="/logs/access.log",
+                          error_log="/logs/error.log", chroot="./", pid_file="/run/mongrel2.pid",
+                          default_host="localhost", name="main", bind_addr="127.0.0.1", port={self.port},
+                          hosts=[Host(name="localhost", routes={{{routes}}})])
+            settings = {settings!r}
+            servers = [main]
+            """))
+        env = {**os.environ, "LOGNAME": os.environ.get("LOGNAME") or "root"}
+        subprocess.run(["m2sh", "load", "-config", "main.conf", "-db", "config.sqlite"],
+                       cwd=self.root, env=env, check=True, capture_output=True)
+        self.log = open(self.root / "mongrel2.out", "wb")
+        self.proc = subprocess.Popen(["mongrel2", "config.sqlite", self.server_uuid], cwd=self.root,
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close() or True,
+                 what="mongrel2 to listen")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Wsgid:
+    """A wsgid master (foreground, logging to a file) serving `handler`."""
+
+    def __init__(self, folder, handler, mongrel2, app_source, args=(), workers=2, chroot_option=True,
+                 foreground=True, env=None, copy_app=False):
+        self.folder = Path(folder)
+        self.handler = handler
+        self.mongrel2 = mongrel2
+        self.app_source = Path(app_source)
+        self.args = list(args)
+        self.workers = workers
+        self.chroot_option = chroot_option
+        self.foreground = foreground
+        self.env = env
+        self.copy_app = copy_app
+        self.proc = None
+
+    @property
+    def url(self):
+        route = self.handler.route.rstrip("/")
+        return self.mongrel2.url + route
+
+    @property
+    def log_path(self):
+        return self.folder / "wsgid.stderr"
+
+    def command(self):
+        return [str(WSGID), "--recv", self.handler.send_spec, "--send", self.handler.recv_spec,
+                "--app-path", str(self.folder), "--workers", str(self.workers),
+                *(["--no-daemon", "--stdout"] if self.foreground else []),
+                *([] if self.env and "VIRTUAL_ENV" in self.env else ["--virtualenv", str(VENV)]), "--upload-temp-store", self.mongrel2.upload_template,
+                *(["--mongrel2-chroot", str(self.mongrel2.root)] if self.chroot_option else []), *self.args]
+
+    def start(self, wait_path="/"):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        app_link = self.folder / "app"
+        if self.copy_app and not app_link.exists():
+            shutil.copytree(self.app_source, app_link)
+        elif not app_link.exists():
+            app_link.symlink_to(self.app_source)
+        env = {**os.environ, **(self.env or {})}
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, env=env,
+                                     stderr=open(self.log_path, "ab"), start_new_session=True)
+        if wait_path is not None:
+            wait_for(lambda: requests.get(self.url + wait_path, timeout=2).status_code < 500,
+                     what=f"wsgid at {self.url}{wait_path}")
+        return self
+
+    def log(self):
+        """What this wsgid logged: its stderr, and logs/wsgid.log when not logging to stderr."""
+        parts = [p.read_text(errors="replace") for p in (self.log_path, self.folder / "logs" / "wsgid.log")
+                 if p.exists()]
+        return "".join(parts)
+
+    def worker_pids(self):
+        return sorted(int(p.stem) for p in (self.folder / "pid" / "worker").glob("*.pid"))
+
+    def master_pids(self):
+        return sorted(int(p.stem) for p in (self.folder / "pid" / "master").glob("*.pid"))
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+
+APPS = {
+    "testapp": ROOT / "tests" / "apps",
+    "flask": ROOT / "examples" / "flask_app",
+    "django": ROOT / "examples" / "django_app",
+}
+
+
