@@ -43,7 +43,10 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             "/post" | "/stream" => length.to_string().into_bytes(),
             _ => b"Hello, World!".to_vec(),
         };
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n", body.len());
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
         out.write_all(&[head.as_bytes(), &body].concat())?;
     }
 }

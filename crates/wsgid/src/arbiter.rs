@@ -23,8 +23,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::appdir::{self, Role};
-use crate::broker::BROKER_ENV;
 use crate::config::Settings;
+use crate::link::LINK_ENV;
 use crate::worker::{Report, EXIT_APP_LOAD, REPORT_FD_ENV, REPORT_LEN};
 
 /// Environment variable carrying the settings (JSON) from master to worker.
@@ -87,7 +87,7 @@ impl Arbiter {
             ready_read,
             ready_write,
             broker: None,
-            broker_endpoint: crate::broker::endpoint(std::process::id()),
+            broker_endpoint: crate::link::name(std::process::id()),
             next_broker_spawn: Instant::now(),
         })
     }
@@ -252,7 +252,7 @@ impl Arbiter {
         command
             .arg(role)
             .env(SETTINGS_ENV, &self.settings_json)
-            .env(BROKER_ENV, &self.broker_endpoint)
+            .env(LINK_ENV, &self.broker_endpoint)
             .env(REPORT_FD_ENV, ready_fd.to_string())
             .envs(&self.settings.envs);
         // SAFETY: only async-signal-safe calls (prctl, fcntl) between fork and exec.
@@ -279,7 +279,7 @@ impl Arbiter {
         self.next_broker_spawn = Instant::now() + Duration::from_secs(1);
         match self.spawn_child("broker") {
             Ok(pid) => {
-                tracing::info!(pid, endpoint = %self.broker_endpoint, "broker started");
+                tracing::info!(pid, link = %self.broker_endpoint, "broker started");
                 self.broker = Some(pid as i32);
             }
             Err(e) => tracing::error!("cannot start the broker: {e:#}"),

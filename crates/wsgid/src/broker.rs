@@ -5,18 +5,15 @@
 //! peer that disconnects loses what was assigned to it and still in flight (design note 2).
 //! Workers connected to mongrel2 directly would therefore drop requests on every reload and
 //! queue fast requests behind slow ones (note 3). The broker stays connected while workers
-//! come and go, and gives a request only to a worker that asked for one:
-//!
-//! * worker → broker `READY`: idle, send me one request (repeated while idle, so a restarted
-//!   broker learns about it);
-//! * broker → worker: one mongrel2 message, verbatim;
-//! * worker → broker `BYE`: stopping; the broker answers with an empty frame, and nothing
-//!   follows it, so a stopping worker serves what it was given and loses nothing.
+//! come and go, and gives a request only to a worker that asked for one, over the `link`
+//! (READY, then one request; BYE, answered by ACK, after which nothing follows). So a
+//! stopping worker serves what it was given and loses nothing.
 //!
 //! Replies do not pass through here: workers publish them to mongrel2 themselves.
 
-use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,22 +21,17 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::Settings;
-
-/// Environment variable carrying the broker's endpoint to the broker and the workers.
-pub const BROKER_ENV: &str = "WSGID_BROKER";
-pub const READY: &[u8] = b"READY";
-pub const BYE: &[u8] = b"BYE";
+use crate::link;
 
 /// Requests the broker takes from mongrel2 ahead of need: few, so that with several
 /// wsgid instances (hosts) on one mongrel2, a busy one does not sit on requests.
 const RECV_HWM: i32 = 4;
 
-/// A private endpoint per master: Linux abstract socket, nothing on disk to clean up.
-pub fn endpoint(master_pid: u32) -> String {
-    format!("ipc://@wsgid-broker-{master_pid}")
+struct Worker {
+    stream: UnixStream,
 }
 
-pub fn run(settings: &Settings, endpoint: &str) -> anyhow::Result<()> {
+pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let (wake, notify) = UnixStream::pair()?;
     wake.set_nonblocking(true)?;
@@ -56,13 +48,10 @@ pub fn run(settings: &Settings, endpoint: &str) -> anyhow::Result<()> {
         Arc::new(AtomicBool::new(false)),
     )?;
 
+    let listener = link::listen(link_name)
+        .with_context(|| format!("cannot listen on the worker link @{link_name}"))?;
+    listener.set_nonblocking(true)?;
     let context = zmq::Context::new();
-    let workers = context.socket(zmq::ROUTER)?;
-    workers.set_router_mandatory(true)?;
-    workers.set_linger(0)?;
-    workers
-        .bind(endpoint)
-        .with_context(|| format!("cannot bind the broker endpoint {endpoint}"))?;
     let requests = context.socket(zmq::PULL)?;
     requests.set_rcvhwm(RECV_HWM)?;
     requests
@@ -70,42 +59,72 @@ pub fn run(settings: &Settings, endpoint: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot connect to {}", settings.recv))?;
     tracing::info!(recv = %settings.recv, "broker ready");
 
-    let mut idle: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut workers: HashMap<RawFd, Worker> = HashMap::new();
+    let mut idle: VecDeque<RawFd> = VecDeque::new();
     let mut held: Option<zmq::Message> = None;
     while !stop.load(Ordering::Relaxed) {
-        let take_requests = !idle.is_empty();
-        let mut items = [
-            workers.as_poll_item(zmq::POLLIN),
-            requests.as_poll_item(if take_requests {
-                zmq::POLLIN
-            } else {
+        let fds: Vec<RawFd> = workers.keys().copied().collect();
+        let mut items = vec![
+            requests.as_poll_item(if idle.is_empty() {
                 zmq::PollEvents::empty()
+            } else {
+                zmq::POLLIN
             }),
+            zmq::PollItem::from_fd(listener.as_raw_fd(), zmq::POLLIN),
             zmq::PollItem::from_fd(wake.as_raw_fd(), zmq::POLLIN),
         ];
+        items.extend(
+            fds.iter()
+                .map(|&fd| zmq::PollItem::from_fd(fd, zmq::POLLIN)),
+        );
         match zmq::poll(&mut items, -1) {
             Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
+        let readable: Vec<RawFd> = fds
+            .iter()
+            .zip(&items[3..])
+            .filter(|(_, item)| item.is_readable() || item.is_error())
+            .map(|(&fd, _)| fd)
+            .collect();
         if items[2].is_readable() {
             let mut sink = [0u8; 64];
-            while matches!(std::io::Read::read(&mut &wake, &mut sink), Ok(n) if n > 0) {}
+            while matches!((&wake).read(&mut sink), Ok(n) if n > 0) {}
         }
-        while let Ok(frames) = workers.recv_multipart(zmq::DONTWAIT) {
-            let [id, kind] = frames.as_slice() else {
-                tracing::warn!("malformed message from a worker");
-                continue;
-            };
-            if kind == READY {
-                if !idle.contains(id) {
-                    idle.push_back(id.clone());
-                }
-            } else if kind == BYE {
-                idle.retain(|w| w != id);
-                let _ = workers.send_multipart([id.as_slice(), b""], zmq::DONTWAIT);
+        if items[1].is_readable() {
+            while let Ok((stream, _)) = listener.accept() {
+                stream.set_nonblocking(false)?;
+                workers.insert(stream.as_raw_fd(), Worker { stream });
             }
         }
-        dispatch(&workers, &requests, &mut idle, &mut held)?;
+        drop(items);
+        for fd in readable {
+            let Some(worker) = workers.get_mut(&fd) else {
+                continue;
+            };
+            let mut frames = [0u8; 64];
+            let n = match (&worker.stream).read(&mut frames) {
+                Ok(0) | Err(_) => {
+                    // The worker is gone (exited or killed).
+                    workers.remove(&fd);
+                    idle.retain(|&w| w != fd);
+                    continue;
+                }
+                Ok(n) => n,
+            };
+            for &frame in &frames[..n] {
+                match frame {
+                    link::READY if !idle.contains(&fd) => idle.push_back(fd),
+                    link::READY => {}
+                    link::BYE => {
+                        idle.retain(|&w| w != fd);
+                        let _ = std::io::Write::write_all(&mut worker.stream, &[link::ACK]);
+                    }
+                    other => tracing::warn!("unknown frame {other:#x} from a worker"),
+                }
+            }
+        }
+        dispatch(&requests, &mut workers, &mut idle, &mut held)?;
     }
     tracing::info!(held = held.is_some(), "broker stopping");
     Ok(())
@@ -114,9 +133,9 @@ pub fn run(settings: &Settings, endpoint: &str) -> anyhow::Result<()> {
 /// Gives queued requests to idle workers, oldest idle first. A request a worker could not
 /// take (it died after saying READY) goes to the next one, or waits in `held`.
 fn dispatch(
-    workers: &zmq::Socket,
     requests: &zmq::Socket,
-    idle: &mut VecDeque<Vec<u8>>,
+    workers: &mut HashMap<RawFd, Worker>,
+    idle: &mut VecDeque<RawFd>,
     held: &mut Option<zmq::Message>,
 ) -> anyhow::Result<()> {
     while !idle.is_empty() {
@@ -128,20 +147,24 @@ fn dispatch(
                 Err(e) => return Err(e.into()),
             },
         };
-        let mut msg = Some(msg);
-        while let Some(id) = idle.pop_front() {
-            match workers.send(&id, zmq::SNDMORE | zmq::DONTWAIT) {
+        let mut delivered = false;
+        while let Some(fd) = idle.pop_front() {
+            let Some(worker) = workers.get_mut(&fd) else {
+                continue;
+            };
+            match link::send_request(&mut worker.stream, &msg) {
                 Ok(()) => {
-                    workers.send(msg.take().expect("one request"), zmq::DONTWAIT)?;
+                    delivered = true;
                     break;
                 }
                 // Gone since its READY (killed): try the next idle worker.
-                Err(zmq::Error::EHOSTUNREACH) | Err(zmq::Error::EAGAIN) => continue,
-                Err(e) => return Err(e.into()),
+                Err(_) => {
+                    workers.remove(&fd);
+                }
             }
         }
-        if msg.is_some() {
-            *held = msg;
+        if !delivered {
+            *held = Some(msg);
             return Ok(());
         }
     }

@@ -10,6 +10,7 @@ mod cli;
 mod commands;
 mod config;
 mod daemon;
+mod link;
 mod logging;
 mod outbox;
 mod upload;
@@ -39,8 +40,9 @@ fn main() -> ExitCode {
         Some(Command::Worker) => return run_child("worker", worker::run),
         Some(Command::Broker) => {
             return run_child("broker", |settings| {
-                let endpoint = std::env::var(broker::BROKER_ENV)?;
-                broker::run(&settings, &endpoint)
+                daemon::drop_privileges(daemon::folder_owner(&settings.app_path)?)?;
+                let link_name = std::env::var(link::LINK_ENV)?;
+                broker::run(&settings, &link_name)
             })
         }
         Some(Command::Init) => commands::init(&app_path()),

@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write as _};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,8 +19,8 @@ use m2wire::{encode_prefix, parse_address, MessageKind, Request, UploadMarker};
 use pyo3::intern;
 use pyo3::prelude::*;
 
-use crate::broker::{BROKER_ENV, BYE, READY};
 use crate::config::Settings;
+use crate::link::{self, FromBroker, LINK_ENV};
 use crate::outbox::Outbox;
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use crate::wsgi::environ::{self, BodyInfo, EnvironTemplate};
@@ -56,9 +56,6 @@ impl Report {
         }
     }
 }
-
-/// An idle worker repeats READY this often (ms), in case the broker restarted.
-const IDLE_READY_MS: i64 = 1000;
 
 /// The signals a worker reacts to, set from handlers, read by the loop.
 struct Signals {
@@ -130,15 +127,9 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     let replies = Outbox::connect(&context, &settings.send, || {
         signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed)
     })?;
-    let endpoint = std::env::var(BROKER_ENV)
-        .context("no broker endpoint: workers are started by the master")?;
-    let broker = context.socket(zmq::DEALER)?;
-    broker.set_identity(&std::process::id().to_le_bytes())?;
-    broker.set_linger(0)?;
-    broker
-        .connect(&endpoint)
-        .with_context(|| format!("cannot connect to the broker at {endpoint}"))?;
-    broker.send(READY, 0)?;
+    let link_name =
+        std::env::var(LINK_ENV).context("no broker link: workers are started by the master")?;
+    let mut broker = BrokerLink::connect(&link_name, &signals)?;
     let mut master = report_pipe();
     report(&mut master, Report::Ready);
     tracing::info!(recv = %settings.recv, send = %settings.send, "worker ready");
@@ -173,47 +164,109 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
             report(&mut master, Report::WantsRetirement);
             retirement_asked = true;
         }
-        let mut items = [
-            broker.as_poll_item(zmq::POLLIN),
-            zmq::PollItem::from_fd(signals.wake.as_raw_fd(), zmq::POLLIN),
-        ];
-        match zmq::poll(&mut items, IDLE_READY_MS) {
-            // Idle: say READY again, so a restarted broker knows us.
-            Ok(0) => broker.send(READY, zmq::DONTWAIT)?,
-            Ok(_) | Err(zmq::Error::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        if items[1].is_readable() {
-            signals.drain();
-        }
-        while let Ok(msg) = broker.recv_msg(zmq::DONTWAIT) {
-            if !msg.is_empty() {
+        match broker.next(&signals)? {
+            Some(msg) => {
                 worker.serve(msg)?;
-                broker.send(READY, 0)?;
+                broker.ready()?;
             }
+            None => signals.drain(),
         }
     }
-    // Graceful stop: say BYE, serve what the broker had already sent, until its answer.
+    // Graceful stop: say BYE, serve what the broker had already sent, until its ACK.
     tracing::info!(served = worker.served, "stopping gracefully");
-    broker.send(BYE, 0)?;
-    let deadline = Instant::now() + Duration::from_secs(settings.graceful_timeout);
-    loop {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i64;
-        if left == 0 || broker.poll(zmq::POLLIN, left)? == 0 {
-            tracing::warn!("the broker did not answer BYE; stopping anyway");
-            break;
-        }
-        let msg = broker.recv_msg(0)?;
-        if msg.is_empty() {
-            break;
-        }
-        worker.serve(msg)?;
-    }
+    broker.bye(Duration::from_secs(settings.graceful_timeout), |msg| {
+        worker.serve(msg)
+    })?;
     replies.set_linger(Duration::from_secs(settings.graceful_timeout))?;
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
+}
+
+/// The worker's end of the link to the broker (see `link`).
+struct BrokerLink {
+    name: String,
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl BrokerLink {
+    /// Connects (retrying while the broker starts) and says READY.
+    fn connect(name: &str, signals: &Signals) -> anyhow::Result<BrokerLink> {
+        let since = Instant::now();
+        loop {
+            match link::connect(name) {
+                Ok(stream) => {
+                    let mut this = BrokerLink {
+                        name: name.to_string(),
+                        stream,
+                    };
+                    this.ready()?;
+                    return Ok(this);
+                }
+                Err(e) if since.elapsed() > Duration::from_secs(30) => {
+                    return Err(e).context("cannot reach the broker")
+                }
+                Err(_) => {
+                    anyhow::ensure!(
+                        !signals.stop.load(Ordering::Relaxed),
+                        "stopped before the broker was up"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn ready(&mut self) -> std::io::Result<()> {
+        self.stream.write_all(&[link::READY])
+    }
+
+    /// The next request, or `None` when a signal woke us. A broker that went away (it is
+    /// restarted by the master) is reconnected to.
+    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<Vec<u8>>> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [
+            PollFd::new(self.stream.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let readable = fds[0].revents().is_some_and(|r| !r.is_empty());
+        if !readable {
+            return Ok(None);
+        }
+        match link::read_frame(&mut self.stream) {
+            Ok(Some(FromBroker::Request(msg))) => Ok(Some(msg)),
+            Ok(Some(FromBroker::Ack)) => Ok(None),
+            Ok(None) | Err(_) => {
+                tracing::warn!("lost the broker; reconnecting");
+                *self = BrokerLink::connect(&self.name, signals)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Says BYE and serves what the broker had already sent, until its ACK.
+    fn bye(
+        &mut self,
+        timeout: Duration,
+        mut serve: impl FnMut(Vec<u8>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.stream.write_all(&[link::BYE])?;
+        self.stream.set_read_timeout(Some(timeout))?;
+        loop {
+            match link::read_frame(&mut self.stream) {
+                Ok(Some(FromBroker::Request(msg))) => serve(msg)?,
+                Ok(Some(FromBroker::Ack)) | Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!("no answer to BYE from the broker ({e}); stopping anyway");
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 /// The pipe to the master, when started by one.
@@ -255,7 +308,7 @@ struct Prepared<'py> {
 
 impl Worker {
     /// Serves one message from mongrel2.
-    fn serve(&mut self, msg: zmq::Message) -> anyhow::Result<()> {
+    fn serve(&mut self, msg: Vec<u8>) -> anyhow::Result<()> {
         Python::attach(|py| self.handle(py, msg))
     }
 
@@ -300,7 +353,7 @@ impl Worker {
         self.outbox.send(&prefix, b"")
     }
 
-    fn handle(&mut self, py: Python<'_>, msg: zmq::Message) -> anyhow::Result<()> {
+    fn handle(&mut self, py: Python<'_>, msg: Vec<u8>) -> anyhow::Result<()> {
         let started = Instant::now();
         let prepared = match Request::parse(&msg) {
             Err(e) => {

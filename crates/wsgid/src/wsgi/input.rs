@@ -18,7 +18,7 @@ const FILE_BUFFER: usize = 64 * 1024;
 
 pub enum Body {
     Memory {
-        data: zmq::Message,
+        data: Vec<u8>,
         end: usize,
         pos: usize,
     },
@@ -33,7 +33,7 @@ pub enum Body {
 
 impl Body {
     /// The inline body: bytes `start..end` of the mongrel2 message (kept, not copied).
-    pub fn inline(data: zmq::Message, start: usize, end: usize) -> Body {
+    pub fn inline(data: Vec<u8>, start: usize, end: usize) -> Body {
         Body::Memory {
             data,
             end,
