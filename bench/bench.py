@@ -353,8 +353,13 @@ def report(results, servers, args, stamp):
                 cells.append(f"{median(ratios):.2f}x" if ratios else "–")
             lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
-              "Commands: " + "; ".join(sorted({run[key]["command"] for r in results for run in r.values() if isinstance(run, dict)
-                                              for key in ("hello", "64k", "post") if key in run}))[:2000]]
+              "Load commands (PORT is each server's): " + "; ".join(sorted({
+                  "`" + re.sub(r"http://127\.0\.0\.1:\d+", "http://127.0.0.1:PORT", run[key]["command"]) + "`"
+                  for r in results for run in r.values() if isinstance(run, dict)
+                  for key in ("hello", "64k", "post") if key in run})),
+              "1 GiB upload: `curl -sS -T FILE http://127.0.0.1:PORT/stream`, RSS of every server process "
+              "sampled every 50 ms. wsgid runs with WSGID_LOG=warn (no access log), gunicorn with "
+              "--access-logfile /dev/null, uWSGI with --disable-logging."]
     return "\n".join(lines) + "\n", med
 
 

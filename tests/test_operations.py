@@ -331,3 +331,19 @@ def test_chroot_and_privilege_drop(tmp_path):
             subprocess.run(["umount", str(usr)], check=False)
         if not os.path.ismount(usr):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_master_killed_leaves_no_live_looking_pid_files(make):
+    """SIGKILL of the master: workers die with it (parent-death signal) and remove their pid
+    files; the master's own stale file is shown as dead and swept by the next start."""
+    server = make(workers=2)
+    workers = server.worker_pids()
+    [master] = server.master_pids()
+    os.kill(master, signal.SIGKILL)
+    server.proc.wait()  # reap it (a daemon's parent, init, does this)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), what="the workers to exit")
+    wait_for(lambda: server.worker_pids() == [], what="worker pid files to go")
+    status = wsgid("status", "--app-path", str(server.folder)).stdout
+    assert status.startswith("Status: Stopped") and f"{master}(dead)" in status
+    server.start(wait_path="/hello")
+    assert master not in server.master_pids()

@@ -102,3 +102,20 @@ pub fn sweep_orphan_upload(app_path: &Path, pid: u32, chrooted: bool) {
     }
     let _ = std::fs::remove_file(marker);
 }
+
+/// Removes pid files of processes that no longer exist (a master killed with SIGKILL could
+/// not remove its own), and the uploads such dead workers left. Live ones, perhaps of another
+/// wsgid sharing the folder, are kept.
+pub fn sweep_stale(app_path: &Path, chrooted: bool) {
+    for role in [Role::Master, Role::Worker] {
+        for pid in pids(app_path, role) {
+            if !alive(pid) {
+                tracing::info!(pid, "removing the stale pid file of a dead process");
+                remove_pid(app_path, role, pid);
+                if role == Role::Worker {
+                    sweep_orphan_upload(app_path, pid, chrooted);
+                }
+            }
+        }
+    }
+}

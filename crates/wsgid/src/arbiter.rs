@@ -95,6 +95,7 @@ impl Arbiter {
     pub fn run(mut self) -> anyhow::Result<()> {
         let app_path = self.settings.app_path.clone();
         let pid = std::process::id();
+        appdir::sweep_stale(&app_path, self.settings.chroot);
         appdir::write_pid(&app_path, Role::Master, pid)
             .context("cannot write the master pid file")?;
         let result = self.supervise();

@@ -151,6 +151,11 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     loop {
         if signals.quit.load(Ordering::Relaxed) {
             tracing::info!("quit: stopping now");
+            crate::appdir::remove_pid(
+                &settings.app_path,
+                crate::appdir::Role::Worker,
+                std::process::id(),
+            );
             return Ok(());
         }
         if signals.stop.load(Ordering::Relaxed) {
@@ -179,6 +184,12 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     })?;
     replies.set_linger(Duration::from_secs(settings.graceful_timeout))?;
     tracing::info!(served = worker.served, "worker stopped");
+    // The master removes it too when it reaps us; this covers a master that died first.
+    crate::appdir::remove_pid(
+        &settings.app_path,
+        crate::appdir::Role::Worker,
+        std::process::id(),
+    );
     Ok(())
 }
 
@@ -186,6 +197,8 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
 struct BrokerLink {
     name: String,
     stream: std::os::unix::net::UnixStream,
+    /// Reads whole frames with one system call where they fit.
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
 }
 
 impl BrokerLink {
@@ -195,9 +208,11 @@ impl BrokerLink {
         loop {
             match link::connect(name) {
                 Ok(stream) => {
+                    let reader = std::io::BufReader::with_capacity(64 * 1024, stream.try_clone()?);
                     let mut this = BrokerLink {
                         name: name.to_string(),
                         stream,
+                        reader,
                     };
                     this.ready()?;
                     return Ok(this);
@@ -225,6 +240,9 @@ impl BrokerLink {
     fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<Vec<u8>>> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
+        if !self.reader.buffer().is_empty() {
+            return self.read(signals);
+        }
         let mut fds = [
             PollFd::new(self.stream.as_fd(), PollFlags::POLLIN),
             PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
@@ -237,7 +255,11 @@ impl BrokerLink {
         if !readable {
             return Ok(None);
         }
-        match link::read_frame(&mut self.stream) {
+        self.read(signals)
+    }
+
+    fn read(&mut self, signals: &Signals) -> anyhow::Result<Option<Vec<u8>>> {
+        match link::read_frame(&mut self.reader) {
             Ok(Some(FromBroker::Request(msg))) => Ok(Some(msg)),
             Ok(Some(FromBroker::Ack)) => Ok(None),
             Ok(None) | Err(_) => {
@@ -257,7 +279,7 @@ impl BrokerLink {
         self.stream.write_all(&[link::BYE])?;
         self.stream.set_read_timeout(Some(timeout))?;
         loop {
-            match link::read_frame(&mut self.stream) {
+            match link::read_frame(&mut self.reader) {
                 Ok(Some(FromBroker::Request(msg))) => serve(msg)?,
                 Ok(Some(FromBroker::Ack)) | Ok(None) => return Ok(()),
                 Err(e) => {
