@@ -66,6 +66,22 @@ pub fn pids(app_path: &Path, role: Role) -> Vec<u32> {
     pids
 }
 
+/// Removes a worker's own pid file when the worker ends, however it ends (the master
+/// removes it too when it reaps the worker; this covers a master that died first).
+pub struct OwnPidFile(PathBuf);
+
+impl OwnPidFile {
+    pub fn worker(app_path: &Path) -> OwnPidFile {
+        OwnPidFile(pid_file(app_path, Role::Worker, std::process::id()))
+    }
+}
+
+impl Drop for OwnPidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub fn alive(pid: u32) -> bool {
     i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
 }

@@ -109,6 +109,7 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         crate::daemon::enter_chroot(&mut settings)?;
     }
     crate::daemon::drop_privileges(owner)?;
+    let _pid_file = crate::appdir::OwnPidFile::worker(&settings.app_path);
     loader::init_python(settings.virtualenv.as_deref())?;
     let (app, template) = Python::attach(|py| -> anyhow::Result<_> {
         let app = match loader::load_app(py, &settings) {
@@ -151,11 +152,6 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     loop {
         if signals.quit.load(Ordering::Relaxed) {
             tracing::info!("quit: stopping now");
-            crate::appdir::remove_pid(
-                &settings.app_path,
-                crate::appdir::Role::Worker,
-                std::process::id(),
-            );
             return Ok(());
         }
         if signals.stop.load(Ordering::Relaxed) {
@@ -184,12 +180,6 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     })?;
     replies.set_linger(Duration::from_secs(settings.graceful_timeout))?;
     tracing::info!(served = worker.served, "worker stopped");
-    // The master removes it too when it reaps us; this covers a master that died first.
-    crate::appdir::remove_pid(
-        &settings.app_path,
-        crate::appdir::Role::Worker,
-        std::process::id(),
-    );
     Ok(())
 }
 
