@@ -100,8 +100,8 @@ def test_streaming_reaches_client_progressively(server):
         for line in r.iter_lines():
             arrivals.append(time.time() - started)
     assert len(arrivals) == 3
-    # The first chunk arrives long before the generator has finished sleeping.
-    assert arrivals[0] < 0.35 and arrivals[2] - arrivals[0] > 0.6
+    # Each chunk arrives when yielded (0.4 s apart), not all at the end.
+    assert arrivals[2] - arrivals[0] > 0.6
 
 
 def test_small_response_is_one_message_with_length(server):
