@@ -347,3 +347,34 @@ def test_master_killed_leaves_no_live_looking_pid_files(make):
     assert status.startswith("Status: Stopped") and f"{master}(dead)" in status
     server.start(wait_path="/hello")
     assert master not in server.master_pids()
+
+
+def test_killed_broker_is_replaced_and_workers_reconnect(make):
+    server = make(workers=2)
+    load = Load(server.url + "/hello", timeout=3)
+    try:
+        time.sleep(0.5)
+        [broker] = [p for p in children(server.proc.pid) if "broker" in cmdline(p)]
+        os.kill(broker, signal.SIGKILL)
+        wait_for(lambda: [p for p in children(server.proc.pid) if "broker" in cmdline(p) and p != broker],
+                 what="a new broker")
+        ok_before = load.ok
+        wait_for(lambda: load.ok > ok_before + 50, timeout=15, what="requests to succeed again")
+    finally:
+        load.stop()
+    assert len(load.failed) <= 8  # at most what the dead broker held
+    assert "the broker died; restarting it" in server.log()
+    assert "lost the broker; reconnecting" in server.log()
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
