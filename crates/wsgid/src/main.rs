@@ -16,6 +16,7 @@ mod outbox;
 mod upload;
 mod worker;
 mod wsgi;
+mod zmtp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -8,9 +8,9 @@
 //! A flusher thread sends waiting data when its time comes, so a chunk the app yields and
 //! then sleeps on still reaches the client at once, not at the next yield.
 //!
-//! The socket is an XPUB with `ZMQ_XPUB_NODROP`: a full send queue blocks instead of
-//! silently dropping replies, and the subscription message it receives tells us when
-//! mongrel2 really listens (a PUB's first replies are otherwise lost, design note 1).
+//! Replies go out through `zmtp::Publisher`: a full socket blocks instead of silently
+//! dropping replies, and it returns only once mongrel2 has subscribed (a PUB's first replies
+//! are otherwise lost, design note 1).
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,13 +18,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::wsgi::response::ReplySink;
+use crate::zmtp::Publisher;
 
 /// Time we assume mongrel2 needs to write a KiB to a client (about 500 MB/s).
 const PACE_PER_KIB: Duration = Duration::from_micros(2);
 /// Waiting data is sent when it reaches this size, even before its time.
 const MAX_MERGED: usize = 1 << 20;
-/// How often the flusher reads (re)subscription messages when idle.
-const IDLE_TICK: Duration = Duration::from_millis(500);
+/// How long the flusher sleeps when nothing waits.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 struct Pending {
     prefix: Vec<u8>,
@@ -32,7 +33,7 @@ struct Pending {
 }
 
 struct State {
-    socket: zmq::Socket,
+    publisher: Publisher,
     /// The connection last written to, and when it may be written to again.
     paced: Vec<u8>,
     next_send: Instant,
@@ -57,10 +58,7 @@ fn pace(bytes: usize) -> Duration {
 
 impl State {
     fn send_now(&mut self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
-        let mut msg = zmq::Message::with_size(prefix.len() + payload.len());
-        msg[..prefix.len()].copy_from_slice(prefix);
-        msg[prefix.len()..].copy_from_slice(payload);
-        self.socket.send(msg, 0).map_err(io::Error::from)?;
+        self.publisher.send(prefix, payload)?;
         if self.paced != prefix {
             self.paced.clear();
             self.paced.extend_from_slice(prefix);
@@ -79,36 +77,12 @@ impl State {
 
 impl Outbox {
     /// Connects to mongrel2's recv_spec and waits for its subscription, checking `give_up`
-    /// between waits (a worker told to stop while mongrel2 is down must not hang).
-    pub fn connect(
-        context: &zmq::Context,
-        spec: &str,
-        give_up: impl Fn() -> bool,
-    ) -> anyhow::Result<OutboxHandle> {
-        let socket = context.socket(zmq::XPUB)?;
-        set_nodrop(&socket)?;
-        socket.set_linger(5000)?;
-        socket
-            .connect(spec)
-            .map_err(|e| anyhow::anyhow!("cannot connect to {spec}: {e}"))?;
-        let since = Instant::now();
-        let mut warned = false;
-        loop {
-            anyhow::ensure!(
-                !give_up(),
-                "stopped before mongrel2 was reachable at {spec}"
-            );
-            if socket.poll(zmq::POLLIN, 250)? > 0 && socket.recv_bytes(0)?.first() == Some(&1) {
-                break;
-            }
-            if !warned && since.elapsed() > Duration::from_secs(2) {
-                tracing::warn!("waiting for mongrel2 to accept replies on {spec}");
-                warned = true;
-            }
-        }
+    /// between tries (a worker told to stop while mongrel2 is down must not hang).
+    pub fn connect(spec: &str, give_up: impl Fn() -> bool) -> anyhow::Result<OutboxHandle> {
+        let publisher = Publisher::connect(spec, give_up)?;
         let outbox = Arc::new(Outbox {
             state: Mutex::new(State {
-                socket,
+                publisher,
                 paced: Vec::new(),
                 next_send: Instant::now(),
                 pending: None,
@@ -145,11 +119,7 @@ impl Outbox {
                     continue;
                 }
                 Some(_) => state.next_send - now,
-                None => {
-                    // Idle: read (re)subscriptions so they do not pile up.
-                    while state.socket.recv_bytes(zmq::DONTWAIT).is_ok() {}
-                    IDLE_TICK
-                }
+                None => IDLE_TICK,
             };
             state = self
                 .wake
@@ -205,38 +175,4 @@ impl Drop for OutboxHandle {
             let _ = flusher.join();
         }
     }
-}
-
-impl OutboxHandle {
-    /// How long the socket may keep unsent replies when the worker exits.
-    pub fn set_linger(&self, linger: Duration) -> anyhow::Result<()> {
-        let ms = i32::try_from(linger.as_millis()).unwrap_or(i32::MAX);
-        Ok(self.outbox.lock().socket.set_linger(ms)?)
-    }
-}
-
-fn set_nodrop(socket: &zmq::Socket) -> anyhow::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `socket` is a live libzmq socket; the option value is a c_int of the size
-    // given, as ZMQ_XPUB_NODROP expects. The `zmq` crate does not wrap this option.
-    let rc = unsafe {
-        zmq_sys::zmq_setsockopt(
-            raw_socket(socket),
-            zmq_sys::ZMQ_XPUB_NODROP as libc::c_int,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>(),
-        )
-    };
-    anyhow::ensure!(
-        rc == 0,
-        "cannot set ZMQ_XPUB_NODROP: {}",
-        io::Error::last_os_error()
-    );
-    Ok(())
-}
-
-fn raw_socket(socket: &zmq::Socket) -> *mut libc::c_void {
-    let socket = (socket as *const zmq::Socket).cast_mut();
-    // SAFETY: `as_mut_ptr` only returns the handle; no other reference uses the socket now.
-    unsafe { (*socket).as_mut_ptr() }
 }

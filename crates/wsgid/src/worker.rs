@@ -124,8 +124,7 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         Ok((app, EnvironTemplate::new(py, errors, wrapper)?))
     })?;
 
-    let context = zmq::Context::new();
-    let replies = Outbox::connect(&context, &settings.send, || {
+    let replies = Outbox::connect(&settings.send, || {
         signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed)
     })?;
     let link_name =
@@ -178,7 +177,6 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     broker.bye(Duration::from_secs(settings.graceful_timeout), |msg| {
         worker.serve(msg)
     })?;
-    replies.set_linger(Duration::from_secs(settings.graceful_timeout))?;
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
 }
