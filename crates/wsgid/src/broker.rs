@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,10 +22,8 @@ use anyhow::Context;
 
 use crate::config::Settings;
 use crate::link;
-
-/// Requests the broker takes from mongrel2 ahead of need: few, so that with several
-/// wsgid instances (hosts) on one mongrel2, a busy one does not sit on requests.
-const RECV_HWM: i32 = 4;
+use crate::zmtp::Puller;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 struct Worker {
     stream: UnixStream,
@@ -51,53 +49,62 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
     let listener = link::listen(link_name)
         .with_context(|| format!("cannot listen on the worker link @{link_name}"))?;
     listener.set_nonblocking(true)?;
-    let context = zmq::Context::new();
-    let requests = context.socket(zmq::PULL)?;
-    requests.set_rcvhwm(RECV_HWM)?;
-    requests
-        .connect(&settings.recv)
-        .with_context(|| format!("cannot connect to {}", settings.recv))?;
+    let give_up = || stop.load(Ordering::Relaxed);
+    let mut requests = Puller::connect(&settings.recv, give_up)?;
     tracing::info!(recv = %settings.recv, "broker ready");
 
     let mut workers: HashMap<RawFd, Worker> = HashMap::new();
     let mut idle: VecDeque<RawFd> = VecDeque::new();
-    let mut held: Option<zmq::Message> = None;
+    let mut held: Option<Vec<u8>> = None;
     while !stop.load(Ordering::Relaxed) {
+        // Requests already read (and idle workers for them) need no waiting.
+        let ready_now = !idle.is_empty() && (held.is_some() || requests.buffered());
         let fds: Vec<RawFd> = workers.keys().copied().collect();
-        let mut items = vec![
-            requests.as_poll_item(if idle.is_empty() {
-                zmq::PollEvents::empty()
+        let (pull_ready, accept, woken, readable) = {
+            let pull_events = if idle.is_empty() {
+                PollFlags::empty()
             } else {
-                zmq::POLLIN
-            }),
-            zmq::PollItem::from_fd(listener.as_raw_fd(), zmq::POLLIN),
-            zmq::PollItem::from_fd(wake.as_raw_fd(), zmq::POLLIN),
-        ];
-        items.extend(
-            fds.iter()
-                .map(|&fd| zmq::PollItem::from_fd(fd, zmq::POLLIN)),
-        );
-        match zmq::poll(&mut items, -1) {
-            Ok(_) | Err(zmq::Error::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let readable: Vec<RawFd> = fds
-            .iter()
-            .zip(&items[3..])
-            .filter(|(_, item)| item.is_readable() || item.is_error())
-            .map(|(&fd, _)| fd)
-            .collect();
-        if items[2].is_readable() {
+                PollFlags::POLLIN
+            };
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|&fd| unsafe_borrow(fd)).collect();
+            let mut polled = vec![
+                PollFd::new(requests.as_fd(), pull_events),
+                PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+            ];
+            polled.extend(
+                borrowed
+                    .iter()
+                    .map(|fd| PollFd::new(*fd, PollFlags::POLLIN)),
+            );
+            let timeout = if ready_now {
+                PollTimeout::ZERO
+            } else {
+                PollTimeout::NONE
+            };
+            match poll(&mut polled, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let hit = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+            let readable: Vec<RawFd> = fds
+                .iter()
+                .zip(&polled[3..])
+                .filter(|(_, p)| hit(p))
+                .map(|(fd, _)| *fd)
+                .collect();
+            (hit(&polled[0]), hit(&polled[1]), hit(&polled[2]), readable)
+        };
+        if woken {
             let mut sink = [0u8; 64];
             while matches!((&wake).read(&mut sink), Ok(n) if n > 0) {}
         }
-        if items[1].is_readable() {
+        if accept {
             while let Ok((stream, _)) = listener.accept() {
                 stream.set_nonblocking(false)?;
                 workers.insert(stream.as_raw_fd(), Worker { stream });
             }
         }
-        drop(items);
         for fd in readable {
             let Some(worker) = workers.get_mut(&fd) else {
                 continue;
@@ -124,49 +131,56 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
                 }
             }
         }
-        dispatch(&requests, &mut workers, &mut idle, &mut held)?;
+        // Take requests while workers are idle: what poll saw arrive, then what is buffered.
+        let mut may_read = pull_ready;
+        while !idle.is_empty() {
+            let msg = match held.take() {
+                Some(msg) => msg,
+                None if may_read || requests.buffered() => {
+                    may_read = false;
+                    match requests.recv()? {
+                        Some(msg) => msg,
+                        None => {
+                            tracing::warn!("mongrel2 closed the request connection; reconnecting");
+                            requests = Puller::connect(&settings.recv, give_up)?;
+                            break;
+                        }
+                    }
+                }
+                None => break,
+            };
+            if let Some(undelivered) = dispatch(msg, &mut workers, &mut idle) {
+                held = Some(undelivered);
+                break;
+            }
+        }
     }
     tracing::info!(held = held.is_some(), "broker stopping");
     Ok(())
 }
 
-/// Gives queued requests to idle workers, oldest idle first. A request a worker could not
-/// take (it died after saying READY) goes to the next one, or waits in `held`.
+/// Gives a request to the oldest idle worker; one that died since its READY is dropped
+/// and the next one tried. Returns the request if no worker could take it.
 fn dispatch(
-    requests: &zmq::Socket,
+    msg: Vec<u8>,
     workers: &mut HashMap<RawFd, Worker>,
     idle: &mut VecDeque<RawFd>,
-    held: &mut Option<zmq::Message>,
-) -> anyhow::Result<()> {
-    while !idle.is_empty() {
-        let msg = match held.take() {
-            Some(msg) => msg,
-            None => match requests.recv_msg(zmq::DONTWAIT) {
-                Ok(msg) => msg,
-                Err(zmq::Error::EAGAIN) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            },
+) -> Option<Vec<u8>> {
+    while let Some(fd) = idle.pop_front() {
+        let Some(worker) = workers.get_mut(&fd) else {
+            continue;
         };
-        let mut delivered = false;
-        while let Some(fd) = idle.pop_front() {
-            let Some(worker) = workers.get_mut(&fd) else {
-                continue;
-            };
-            match link::send_request(&mut worker.stream, &msg) {
-                Ok(()) => {
-                    delivered = true;
-                    break;
-                }
-                // Gone since its READY (killed): try the next idle worker.
-                Err(_) => {
-                    workers.remove(&fd);
-                }
-            }
+        if link::send_request(&mut worker.stream, &msg).is_ok() {
+            return None;
         }
-        if !delivered {
-            *held = Some(msg);
-            return Ok(());
-        }
+        workers.remove(&fd);
     }
-    Ok(())
+    Some(msg)
+}
+
+/// A worker's socket for one poll call; the map that owns it outlives the call.
+fn unsafe_borrow(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: the fd belongs to a `Worker` in the broker's map, which is not modified
+    // while the borrowed fds are in use (they are dropped before the map changes).
+    unsafe { BorrowedFd::borrow_raw(fd) }
 }

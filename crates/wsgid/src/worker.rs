@@ -1,9 +1,10 @@
 //! A worker: one embedded Python, one app, one request at a time.
 //!
 //! Startup order matters (design notes 1, 7): Python and the app first, then the reply
-//! socket, and only once mongrel2's subscription has reached it the request socket, so no
-//! reply can be published into the void. Stopping gracefully disconnects the request socket
-//! first and serves what libzmq had already queued, so no accepted request is dropped.
+//! socket, and only once mongrel2's subscription has reached it the link to the broker, so
+//! no reply can be published into the void. Requests come from the broker one at a time;
+//! stopping gracefully says BYE and serves what the broker had already sent, so no accepted
+//! request is dropped.
 
 use std::cell::RefCell;
 use std::io::{self, Write as _};

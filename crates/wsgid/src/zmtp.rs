@@ -1,13 +1,13 @@
-//! A ZeroMQ PUB peer written directly on a socket (ZMTP 3.0, NULL mechanism), for the
-//! reply path only.
+//! The two ZeroMQ peers wsgid needs, written directly on a socket (ZMTP 3.0, NULL
+//! mechanism): a PUB connected to mongrel2's SUB (replies) and a PULL connected to its PUSH
+//! (requests).
 //!
 //! Why not libzmq here: measured with perf, a third of a worker's CPU per hello request went
-//! to libzmq's I/O thread waking up to forward each reply. A PUB that connects to one SUB
-//! (mongrel2's `recv_spec`) and only ever sends single-frame messages is a small protocol:
-//! a 64-byte greeting each way, one READY command each way, then length-prefixed frames.
-//! The worker writes each reply straight to the socket; a full socket blocks the writer,
-//! which is the back-pressure libzmq's `XPUB_NODROP` gave. Requests still come through
-//! libzmq (the broker's PULL).
+//! to libzmq's I/O thread waking up to forward each reply, and the broker paid the same to
+//! receive each request. Connecting to one peer and exchanging single-frame messages is a
+//! small protocol: a 64-byte greeting each way, one READY command each way, then
+//! length-prefixed frames. Each process now reads and writes its socket itself; a full
+//! socket blocks the writer, which is the back-pressure libzmq's `XPUB_NODROP` gave.
 //!
 //! We announce ZMTP 3.0, so a libzmq SUB sends its subscriptions as messages (`\x01` +
 //! prefix); the first one tells us mongrel2 listens (a reply before it would be dropped).
@@ -58,21 +58,21 @@ pub fn push_frame(out: &mut Vec<u8>, flags: u8, body_len: usize) {
     }
 }
 
-/// Our READY command: `Socket-Type: PUB`.
-pub fn ready_command() -> Vec<u8> {
+/// Our READY command: `Socket-Type: <socket_type>`.
+pub fn ready_command(socket_type: &[u8]) -> Vec<u8> {
     let mut body = b"\x05READY".to_vec();
     body.push(11);
     body.extend_from_slice(b"Socket-Type");
-    body.extend_from_slice(&3u32.to_be_bytes());
-    body.extend_from_slice(b"PUB");
+    body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
+    body.extend_from_slice(socket_type);
     let mut out = Vec::with_capacity(body.len() + 2);
     push_frame(&mut out, FLAG_COMMAND, body.len());
     out.extend_from_slice(&body);
     out
 }
 
-/// Reads one frame: `(flags, body)`.
-fn read_frame(stream: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+/// Reads one frame: `(flags, body)`, refusing bodies over `max` bytes.
+fn read_frame(stream: &mut impl Read, max: u64) -> io::Result<(u8, Vec<u8>)> {
     let mut flags = [0u8; 1];
     stream.read_exact(&mut flags)?;
     let len = if flags[0] & FLAG_LONG != 0 {
@@ -84,10 +84,10 @@ fn read_frame(stream: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
         stream.read_exact(&mut len)?;
         u64::from(len[0])
     };
-    if len > 1 << 20 {
-        return Err(io::Error::other(
-            "ZMTP frame from the SUB peer is too large",
-        ));
+    if len > max {
+        return Err(io::Error::other(format!(
+            "ZMTP frame of {len} bytes: over {max}"
+        )));
     }
     let mut body = vec![0u8; len as usize];
     stream.read_exact(&mut body)?;
@@ -151,6 +151,31 @@ impl Write for Stream {
     }
 }
 
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+/// Connects and completes the handshake as a `socket_type` peer.
+fn open(spec: &str, socket_type: &[u8]) -> io::Result<Stream> {
+    let mut stream = Stream::connect(spec)?;
+    stream.write_all(&greeting())?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut peer = [0u8; 64];
+    stream.read_exact(&mut peer)?;
+    check_greeting(&peer)?;
+    stream.write_all(&ready_command(socket_type))?;
+    let (flags, body) = read_frame(&mut stream, 1 << 16)?;
+    if flags & FLAG_COMMAND == 0 || !body.starts_with(b"\x05READY") {
+        return Err(io::Error::other("ZMTP: expected READY from the peer"));
+    }
+    Ok(stream)
+}
+
 /// A connected, subscribed PUB.
 pub struct Publisher {
     spec: String,
@@ -189,20 +214,10 @@ impl Publisher {
 
     fn handshake(&mut self) -> io::Result<()> {
         self.stream = None;
-        let mut stream = Stream::connect(&self.spec)?;
-        stream.write_all(&greeting())?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut peer = [0u8; 64];
-        stream.read_exact(&mut peer)?;
-        check_greeting(&peer)?;
-        stream.write_all(&ready_command())?;
-        let (flags, body) = read_frame(&mut stream)?;
-        if flags & FLAG_COMMAND == 0 || !body.starts_with(b"\x05READY") {
-            return Err(io::Error::other("ZMTP: expected READY from the SUB peer"));
-        }
+        let mut stream = open(&self.spec, b"PUB")?;
         // A subscription (a message starting with 1) means mongrel2 now listens to us.
         loop {
-            let (flags, body) = read_frame(&mut stream)?;
+            let (flags, body) = read_frame(&mut stream, 1 << 16)?;
             if flags & FLAG_COMMAND == 0 && body.first() == Some(&1) {
                 break;
             }
@@ -261,6 +276,77 @@ impl Publisher {
     }
 }
 
+/// A connected PULL: reads mongrel2's requests, one message per frame.
+pub struct Puller {
+    reader: io::BufReader<Stream>,
+}
+
+/// Largest request message accepted (mongrel2 spools bodies over `limits.content_length`
+/// to files, so messages stay small unless that limit is raised very far).
+const MAX_REQUEST: u64 = 1 << 30;
+
+impl Puller {
+    /// Connects to `spec`, retrying until it answers or `give_up()` says stop.
+    pub fn connect(spec: &str, give_up: impl Fn() -> bool) -> anyhow::Result<Puller> {
+        let since = Instant::now();
+        let mut warned = false;
+        loop {
+            anyhow::ensure!(
+                !give_up(),
+                "stopped before mongrel2 was reachable at {spec}"
+            );
+            match open(spec, b"PULL") {
+                Ok(stream) => {
+                    stream.set_read_timeout(None)?;
+                    return Ok(Puller {
+                        reader: io::BufReader::with_capacity(256 * 1024, stream),
+                    });
+                }
+                Err(e) => {
+                    if !warned && since.elapsed() > Duration::from_secs(2) {
+                        tracing::warn!("waiting for mongrel2 to send requests on {spec}: {e}");
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Whether a message (or part of one) is already read and waiting.
+    pub fn buffered(&self) -> bool {
+        !self.reader.buffer().is_empty()
+    }
+
+    /// The next message (blocks until it is complete); `None` when mongrel2 closed.
+    pub fn recv(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut message: Option<Vec<u8>> = None;
+        loop {
+            let (flags, body) = match read_frame(&mut self.reader, MAX_REQUEST) {
+                Ok(frame) => frame,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if flags & FLAG_COMMAND != 0 {
+                continue; // e.g. a PING from a peer with heartbeats: nothing to do
+            }
+            match message.as_mut() {
+                Some(parts) => parts.extend_from_slice(&body),
+                None => message = Some(body),
+            }
+            if flags & 0x01 == 0 {
+                return Ok(message);
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Puller {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.reader.get_ref().as_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,7 +360,9 @@ mod tests {
         push_frame(&mut out, 0, 300);
         assert_eq!(out, [FLAG_LONG, 0, 0, 0, 0, 0, 0, 1, 44]);
         let mut input: &[u8] = &[0, 2, 1, b'a'];
-        assert_eq!(read_frame(&mut input).unwrap(), (0, vec![1, b'a']));
+        assert_eq!(read_frame(&mut input, 10).unwrap(), (0, vec![1, b'a']));
+        let mut input: &[u8] = &[0, 20];
+        assert!(read_frame(&mut input, 10).is_err());
     }
 
     #[test]
@@ -284,7 +372,7 @@ mod tests {
         let mut other = g;
         other[12..16].copy_from_slice(b"PLAI");
         assert!(check_greeting(&other).is_err());
-        let ready = ready_command();
+        let ready = ready_command(b"PUB");
         assert_eq!(&ready[..2], &[FLAG_COMMAND, 25]);
         assert!(ready.ends_with(b"Socket-Type\x00\x00\x00\x03PUB"));
     }
@@ -318,5 +406,23 @@ mod tests {
         assert!(got.starts_with(b"uuid 1:7, xxx"));
         assert!(!sub.get_rcvmore().unwrap());
         publisher.join().unwrap();
+    }
+
+    /// Against the real libzmq: a PUSH bound as mongrel2 binds it delivers to our PULL.
+    #[test]
+    fn pulls_from_a_libzmq_push() {
+        let context = zmq::Context::new();
+        let push = context.socket(zmq::PUSH).unwrap();
+        push.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = push.get_last_endpoint().unwrap().unwrap();
+        let mut puller = Puller::connect(&endpoint, || false).unwrap();
+        let big = vec![b'y'; 300_000];
+        push.send(&b"u 1 /p 2:{},0:,"[..], 0).unwrap();
+        push.send(&big, 0).unwrap();
+        assert_eq!(puller.recv().unwrap().unwrap(), b"u 1 /p 2:{},0:,");
+        assert_eq!(puller.recv().unwrap().unwrap(), big);
+        drop(push);
+        drop(context);
+        assert_eq!(puller.recv().unwrap(), None);
     }
 }
