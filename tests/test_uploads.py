@@ -112,6 +112,8 @@ def test_forged_upload_headers_touch_nothing(server, tmp_path):
     for target in [str(victim), "/tmp/upload.victim", "/tmp/upload.abcdef"]:
         for headers in (f"X-Mongrel2-Upload-Start: {target}\r\nX-Mongrel2-Upload-Done: {target}\r\n",
                         f"X-Mongrel2-Upload-Start: {target}\r\n",
+                        f"X-Mongrel2-Upload-Done: {target}\r\n",
+                        f"X-Mongrel2-Upload-Start: {target}\r\nX-Mongrel2-Upload-Start: {target}\r\n"
                         f"X-Mongrel2-Upload-Done: {target}\r\n"):
             data, _ = raw_exchange(server.mongrel2.port, (
                 f"POST {server.handler.route.rstrip('/')}/sha256 HTTP/1.1\r\nHost: x\r\n{headers}"

@@ -5,7 +5,7 @@
 //! `,`-terminated netstring.
 
 use crate::error::WireError;
-use crate::headers::Headers;
+use crate::headers::{HeaderValue, Headers};
 use crate::{json, netstring, tnetstring};
 
 /// A mongrel2 connection id: global to the mongrel2 process, one per client connection.
@@ -188,10 +188,17 @@ impl<'a> Request<'a> {
     }
 
     pub fn upload(&self) -> UploadMarker<'_> {
-        match (self.header(UPLOAD_START), self.header(UPLOAD_DONE)) {
-            (None, None) => UploadMarker::None,
-            (Some(start), None) => UploadMarker::Start(start),
-            (Some(start), Some(done)) if start == done => UploadMarker::Done(done),
+        // mongrel2 replaces any client value when it really spools a body, so a genuine
+        // marker is always single; a repeated one came from a client.
+        let single = |name: &[u8]| match self.headers.get(name) {
+            None => Ok(None),
+            Some(HeaderValue::Many(values)) if values.len() > 1 => Err(()),
+            Some(value) => Ok(value.first()),
+        };
+        match (single(UPLOAD_START), single(UPLOAD_DONE)) {
+            (Ok(None), Ok(None)) => UploadMarker::None,
+            (Ok(Some(start)), Ok(None)) => UploadMarker::Start(start),
+            (Ok(Some(start)), Ok(Some(done))) if start == done => UploadMarker::Done(done),
             _ => UploadMarker::Mismatched,
         }
     }
@@ -330,6 +337,15 @@ mod tests {
         );
         assert_eq!(
             Request::parse(&done_only).unwrap().upload(),
+            UploadMarker::Mismatched
+        );
+        let repeated = json_msg(
+            "u 68 /up",
+            r#"{"x-mongrel2-upload-start":["/tmp/up.a","/etc/passwd"],"x-mongrel2-upload-done":"/tmp/up.a"}"#,
+            "",
+        );
+        assert_eq!(
+            Request::parse(&repeated).unwrap().upload(),
             UploadMarker::Mismatched
         );
         let chunked = json_msg("u 68 /up", r#"{"transfer-encoding":"Chunked"}"#, "");
