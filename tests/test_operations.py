@@ -378,3 +378,18 @@ def cmdline(pid):
             return f.read().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_mongrel2_restart_is_survived(make):
+    """mongrel2 restarts (same config): the broker's PULL and the workers' PUB reconnect."""
+    server = make(workers=2)
+    assert requests.get(server.url + "/hello").status_code == 200
+    server.mongrel2.stop()
+    server.mongrel2.start()
+    wait_for(lambda: requests.get(server.url + "/hello", timeout=2).text == "Hello, World!",
+             timeout=20, what="service after the mongrel2 restart")
+    for _ in range(20):
+        assert requests.get(server.url + "/hello", timeout=5).status_code == 200
+    log = server.log()
+    assert "mongrel2 closed the request connection; reconnecting" in log
+    assert "reply connection to mongrel2 lost; reconnecting" in log

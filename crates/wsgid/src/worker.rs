@@ -314,7 +314,8 @@ struct Prepared<'py> {
     writer: Rc<RefCell<ResponseWriter>>,
     upload: Option<UploadFile>,
     body_range: (usize, usize),
-    access: String,
+    /// The access-log line's request part, when the access log is on.
+    access: Option<String>,
 }
 
 impl Worker {
@@ -411,14 +412,16 @@ impl Worker {
             let _ = std::fs::remove_file(&self.upload_marker);
         }
         self.served += 1;
-        let w = writer.borrow();
-        tracing::info!(
-            target: "wsgid::access",
-            "{access} {} {} {:.1}ms",
-            w.status_code,
-            w.body_bytes,
-            started.elapsed().as_secs_f64() * 1000.0
-        );
+        if let Some(access) = access {
+            let w = writer.borrow();
+            tracing::info!(
+                target: "wsgid::access",
+                "{access} {} {} {:.1}ms",
+                w.status_code,
+                w.body_bytes,
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+        }
         result.context("cannot send the response to mongrel2")
     }
 
@@ -524,13 +527,16 @@ impl Worker {
         let environ = environ::build(py, &self.template, req, py.None().into_bound(py), &info)?;
         let msg_start = req.sender.as_ptr() as usize;
         let body_start = req.body.as_ptr() as usize - msg_start;
-        let access = format!(
-            "{} \"{} {} {}\"",
-            String::from_utf8_lossy(req.header(b"REMOTE_ADDR").unwrap_or(b"-")),
-            String::from_utf8_lossy(req.header(b"METHOD").unwrap_or(b"-")),
-            String::from_utf8_lossy(req.header(b"URI").unwrap_or(req.path)),
-            String::from_utf8_lossy(req.header(b"VERSION").unwrap_or(b"-")),
-        );
+        // Only built when the access log is on (WSGID_LOG=warn turns it off).
+        let access = tracing::enabled!(target: "wsgid::access", tracing::Level::INFO).then(|| {
+            format!(
+                "{} \"{} {} {}\"",
+                String::from_utf8_lossy(req.header(b"REMOTE_ADDR").unwrap_or(b"-")),
+                String::from_utf8_lossy(req.header(b"METHOD").unwrap_or(b"-")),
+                String::from_utf8_lossy(req.header(b"URI").unwrap_or(req.path)),
+                String::from_utf8_lossy(req.header(b"VERSION").unwrap_or(b"-")),
+            )
+        });
         Ok(Some(Prepared {
             environ,
             writer,

@@ -174,7 +174,13 @@ pub struct Publisher {
     spec: String,
     stream: Option<Stream>,
     frame: Vec<u8>,
+    /// When the connection was last checked; checked again only after `RECHECK`.
+    checked: Instant,
 }
+
+/// How often `send` checks that mongrel2 is still there. A restarted mongrel2 comes back
+/// (and our broker reconnects to it) far slower than this.
+const RECHECK: Duration = Duration::from_millis(10);
 
 impl Publisher {
     /// Connects to `spec` and completes the handshake; returns once the SUB peer has
@@ -184,6 +190,7 @@ impl Publisher {
             spec: spec.to_string(),
             stream: None,
             frame: Vec::with_capacity(64 * 1024),
+            checked: Instant::now(),
         };
         let since = Instant::now();
         let mut warned = false;
@@ -223,9 +230,12 @@ impl Publisher {
     /// Publishes `prefix + payload` as one single-frame message. A connection that mongrel2
     /// closed (it restarted) is re-established first; a reply that cannot be sent is an error.
     pub fn send(&mut self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
-        if !self.alive() {
-            tracing::warn!(spec = %self.spec, "reply connection to mongrel2 lost; reconnecting");
-            self.handshake()?;
+        if self.stream.is_none() || self.checked.elapsed() >= RECHECK {
+            self.checked = Instant::now();
+            if !self.alive() {
+                tracing::warn!(spec = %self.spec, "reply connection to mongrel2 lost; reconnecting");
+                self.handshake()?;
+            }
         }
         self.frame.clear();
         push_frame(&mut self.frame, 0, prefix.len() + payload.len());
