@@ -121,6 +121,17 @@ def test_write_callable(server):
     assert requests.get(server.url + "/write").content == b"written-returned"
 
 
+def test_streamed_head_keeps_the_connection(server):
+    """HEAD on a streamed body: no body bytes, and no empty message (mongrel2 would close)."""
+    prefix = server.handler.route.rstrip("/")
+    data, sock = raw_exchange(server.mongrel2.port,
+                              f"HEAD {prefix}/big?size=262144 HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                              expect=(b"\r\n\r\n", 1), until_close=False)
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"\r\n\r\n")
+    assert sock is not None and not is_closed(sock, 0.5)
+    sock.close()
+
+
 def test_head_has_no_body(server):
     data, sock = raw_exchange(server.mongrel2.port,
                               f"HEAD {server.handler.route.rstrip('/')}/hello HTTP/1.1\r\nHost: localhost\r\n\r\n".encode(),
@@ -174,7 +185,8 @@ def test_app_connection_close_header_closes(server):
     assert sock is None and data.endswith(b"bye")
 
 
-@pytest.mark.parametrize("path", ["/error", "/bad-header", "/bad-status", "/twice", "/not-bytes", "/no-start"])
+@pytest.mark.parametrize("path", ["/error", "/bad-header", "/bad-status", "/twice", "/not-bytes", "/no-start",
+                                  "/no-start-iter"])
 def test_app_errors_answer_500_and_worker_lives(server, path):
     r = requests.get(server.url + path)
     assert r.status_code == 500

@@ -212,7 +212,8 @@ def test_orphan_upload_removed_when_worker_killed(stack, files):
         wait_for(lambda: list(folder.glob("*.upload")), timeout=10, what="the worker to take the upload")
         marker = next(folder.glob("*.upload"))
         pid = int(marker.stem)
-        upload = marker.read_text()
+        # The marker holds the path as mongrel2 named it, inside its chroot.
+        upload = str(m2.root / marker.read_text().lstrip("/"))
         assert os.path.exists(upload)
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not os.path.exists(upload), timeout=10, what="the master to sweep the orphan")

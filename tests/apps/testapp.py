@@ -124,6 +124,8 @@ def inner(environ, start_response):
         return ["a str"]
     if path == "/no-start":
         return [b"forgot start_response"]
+    if path == "/no-start-iter":
+        return iter([b"body before start_response"])
     if path == "/file":
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](open(__file__, "rb"))

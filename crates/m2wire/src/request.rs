@@ -203,15 +203,21 @@ impl<'a> Request<'a> {
         }
     }
 
-    /// Whether the request says it carries a body: `content-length` > 0 or a chunked
-    /// transfer-encoding. A genuine temp-file upload always does.
+    /// Whether the request says it carries a body the way mongrel2 reads it: a
+    /// `content-length` in 1..=i32::MAX (mongrel2 parses it into a C `int`; anything larger
+    /// is 0 or negative to it), or, without one, `transfer-encoding: chunked`. A genuine
+    /// temp-file upload always does.
     pub fn declares_body(&self) -> bool {
-        let chunked = self
-            .headers
-            .get(b"transfer-encoding")
-            .and_then(|v| v.first())
-            .is_some_and(|v| v.to_ascii_lowercase().windows(7).any(|w| w == b"chunked"));
-        chunked || self.content_length().is_some_and(|n| n > 0)
+        match self.header(b"content-length") {
+            Some(_) => self
+                .content_length()
+                .is_some_and(|n| n > 0 && n <= i32::MAX as u64),
+            None => self
+                .headers
+                .get(b"transfer-encoding")
+                .and_then(|v| v.first())
+                .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"chunked")),
+        }
     }
 
     /// The declared `content-length`, if present and a number.

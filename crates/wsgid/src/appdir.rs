@@ -5,6 +5,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::kill;
+
+use crate::upload::UploadPolicy;
 use nix::unistd::Pid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,18 +96,24 @@ pub fn upload_marker(app_path: &Path, pid: u32) -> PathBuf {
         .join(format!("{pid}.upload"))
 }
 
-/// Removes the temp file a dead worker was serving, if any. A chrooted worker noted the
-/// path as seen from inside the app folder.
-pub fn sweep_orphan_upload(app_path: &Path, pid: u32, chrooted: bool) {
+/// Removes the temp file a dead worker was serving, if any. The marker holds the path as
+/// mongrel2 named it; it is located again through `policy` (template, mongrel2's chroot, no
+/// `..`), so a marker written by app code can name nothing but a mongrel2 temp file.
+pub fn sweep_orphan_upload(app_path: &Path, pid: u32, policy: &UploadPolicy) {
     let marker = upload_marker(app_path, pid);
-    let Ok(path) = std::fs::read(&marker) else {
+    let Ok(named) = std::fs::read(&marker) else {
         return;
     };
-    let path = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&path));
-    let path = if chrooted {
-        app_path.join(path.strip_prefix("/").unwrap_or(path))
-    } else {
-        path.to_path_buf()
+    let _ = std::fs::remove_file(&marker);
+    let path = match policy.locate(&named) {
+        Ok(path) => path,
+        Err(refusal) => {
+            tracing::warn!(
+                pid,
+                "ignored the upload marker of a dead worker: {refusal:?}"
+            );
+            return;
+        }
     };
     match std::fs::remove_file(&path) {
         Ok(()) => tracing::warn!(
@@ -116,20 +124,19 @@ pub fn sweep_orphan_upload(app_path: &Path, pid: u32, chrooted: bool) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => tracing::error!("cannot remove orphan upload {}: {e}", path.display()),
     }
-    let _ = std::fs::remove_file(marker);
 }
 
 /// Removes pid files of processes that no longer exist (a master killed with SIGKILL could
 /// not remove its own), and the uploads such dead workers left. Live ones, perhaps of another
 /// wsgid sharing the folder, are kept.
-pub fn sweep_stale(app_path: &Path, chrooted: bool) {
+pub fn sweep_stale(app_path: &Path, policy: &UploadPolicy) {
     for role in [Role::Master, Role::Worker] {
         for pid in pids(app_path, role) {
             if !alive(pid) {
                 tracing::info!(pid, "removing the stale pid file of a dead process");
                 remove_pid(app_path, role, pid);
                 if role == Role::Worker {
-                    sweep_orphan_upload(app_path, pid, chrooted);
+                    sweep_orphan_upload(app_path, pid, policy);
                 }
             }
         }

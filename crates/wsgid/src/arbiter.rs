@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 use crate::appdir::{self, Role};
 use crate::config::Settings;
 use crate::link::LINK_ENV;
+use crate::upload::UploadPolicy;
 use crate::worker::{Report, EXIT_APP_LOAD, REPORT_FD_ENV, REPORT_LEN};
 
 /// Environment variable carrying the settings (JSON) from master to worker.
@@ -95,7 +96,7 @@ impl Arbiter {
     pub fn run(mut self) -> anyhow::Result<()> {
         let app_path = self.settings.app_path.clone();
         let pid = std::process::id();
-        appdir::sweep_stale(&app_path, self.settings.chroot);
+        appdir::sweep_stale(&app_path, &UploadPolicy::from_settings(&self.settings));
         appdir::write_pid(&app_path, Role::Master, pid)
             .context("cannot write the master pid file")?;
         let result = self.supervise();
@@ -350,7 +351,7 @@ impl Arbiter {
             appdir::sweep_orphan_upload(
                 &self.settings.app_path,
                 pid.as_raw() as u32,
-                self.settings.chroot,
+                &UploadPolicy::from_settings(&self.settings),
             );
             let (code, signal) = match status {
                 WaitStatus::Exited(_, code) => (Some(code), None),

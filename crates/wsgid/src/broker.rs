@@ -101,6 +101,10 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
         }
         if accept {
             while let Ok((stream, _)) = listener.accept() {
+                if let Err(e) = link::check_peer(&stream) {
+                    tracing::warn!("refused a connection to the worker link: {e}");
+                    continue;
+                }
                 stream.set_nonblocking(false)?;
                 workers.insert(stream.as_raw_fd(), Worker { stream });
             }

@@ -88,3 +88,11 @@ pub fn drop_privileges((uid, gid): (Uid, Gid)) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Changing credentials clears the parent-death signal: a child that dropped privileges
+/// asks for it again, and leaves at once if the master is already gone.
+pub fn rearm_parent_death(master: nix::unistd::Pid) -> anyhow::Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+    anyhow::ensure!(nix::unistd::getppid() == master, "the master is gone");
+    Ok(())
+}

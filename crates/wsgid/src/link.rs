@@ -32,8 +32,27 @@ pub fn listen(name: &str) -> io::Result<UnixListener> {
     UnixListener::bind_addr(&address(name)?)
 }
 
+/// Connects to the broker; refuses a listener run by another user (an abstract socket
+/// name can be taken by anyone on the host).
 pub fn connect(name: &str) -> io::Result<UnixStream> {
-    UnixStream::connect_addr(&address(name)?)
+    let stream = UnixStream::connect_addr(&address(name)?)?;
+    check_peer(&stream)?;
+    Ok(stream)
+}
+
+/// The peer of a link runs as us: the broker accepts only our workers, a worker talks only
+/// to our broker. Other local users cannot read requests or feed forged ones.
+pub fn check_peer(stream: &UnixStream) -> io::Result<()> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let peer = getsockopt(stream, PeerCredentials).map_err(io::Error::from)?;
+    let us = nix::unistd::geteuid().as_raw();
+    if peer.uid() != us {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("link peer runs as uid {}, not {us}", peer.uid()),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes a request frame with one `write` (a copy of the message costs less than a

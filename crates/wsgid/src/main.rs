@@ -41,7 +41,9 @@ fn main() -> ExitCode {
         Some(Command::Worker) => return run_child("worker", worker::run),
         Some(Command::Broker) => {
             return run_child("broker", |settings| {
+                let master = nix::unistd::getppid();
                 daemon::drop_privileges(daemon::folder_owner(&settings.app_path)?)?;
+                daemon::rearm_parent_death(master)?;
                 let link_name = std::env::var(link::LINK_ENV)?;
                 broker::run(&settings, &link_name)
             })

@@ -45,6 +45,9 @@ pub enum OpenError {
 #[derive(Debug)]
 pub struct UploadFile {
     pub file: File,
+    /// The path as mongrel2 named it (chroot-relative).
+    pub named: Vec<u8>,
+    /// The path on this host.
     pub path: PathBuf,
     pub size: u64,
     dev: u64,
@@ -52,6 +55,24 @@ pub struct UploadFile {
 }
 
 impl UploadPolicy {
+    pub fn from_settings(settings: &crate::config::Settings) -> UploadPolicy {
+        UploadPolicy {
+            chroot: settings.mongrel2_chroot.clone(),
+            template: settings.upload_temp_store.clone(),
+            max_body_size: settings.max_body_size,
+        }
+    }
+
+    /// Where a path mongrel2 named lives here, if it can be one of its temp files.
+    pub fn locate(&self, path: &[u8]) -> Result<PathBuf, Refusal> {
+        match &self.template {
+            Some(template) if matches_template(path, template.as_bytes()) => self.resolve(path),
+            _ => Err(Refusal::Forged(
+                "not a path of mongrel2's upload.temp_store",
+            )),
+        }
+    }
+
     /// Structural checks shared by both messages.
     fn check(&self, req: &Request<'_>, path: &[u8]) -> Result<(), Refusal> {
         if !req.body.is_empty() {
@@ -64,20 +85,19 @@ impl UploadPolicy {
                 "upload headers on a request that declares no body",
             ));
         }
-        if let Some(template) = &self.template {
-            if !matches_template(path, template.as_bytes()) {
-                return Err(Refusal::Forged(
-                    "upload path does not match upload.temp_store",
-                ));
-            }
+        // Without mongrel2's template there is no telling its files from others a client
+        // names: uploads are then refused, never trusted.
+        if self.template.is_none() {
+            return Err(Refusal::Forged(
+                "uploads need --upload-temp-store (mongrel2's upload.temp_store)",
+            ));
         }
-        Ok(())
+        self.locate(path).map(drop)
     }
 
     /// The upload-start message: accept (send nothing) or refuse.
     pub fn admit(&self, req: &Request<'_>, path: &[u8]) -> Result<(), Refusal> {
         self.check(req, path)?;
-        self.resolve(path)?;
         self.check_size(req.content_length().unwrap_or(0))
     }
 
@@ -115,6 +135,7 @@ impl UploadPolicy {
         }
         Ok(UploadFile {
             file,
+            named: path.to_vec(),
             path: host_path,
             size: meta.len(),
             dev: meta.dev(),
@@ -206,7 +227,7 @@ mod tests {
     fn refuses_forged_uploads() {
         let policy = UploadPolicy {
             chroot: "/srv/m2".into(),
-            template: None,
+            template: Some("/tmp/upload.XXXXXX".into()),
             max_body_size: None,
         };
         let inline = request(
@@ -238,19 +259,45 @@ mod tests {
             policy.resolve(b"/tmp/upload.abc").unwrap(),
             PathBuf::from("/srv/m2/tmp/upload.abc")
         );
+        assert!(policy.admit(&req, b"/tmp/upload.abc123").is_ok());
+        let untemplated = UploadPolicy {
+            template: None,
+            ..policy.clone()
+        };
+        assert!(matches!(
+            untemplated.admit(&req, b"/tmp/upload.abc123"),
+            Err(Refusal::Forged(_))
+        ));
+        // mongrel2 reads Content-Length into a C int: an overflowing one is 0 to it, so the
+        // (empty) body came inline and the markers are the client's.
+        for headers in [
+            r#"{"content-length":"4294967296"}"#,
+            r#"{"content-length":"0","transfer-encoding":"chunked"}"#,
+            r#"{"transfer-encoding":"gzip, notchunked"}"#,
+        ] {
+            let msg = request(headers, "");
+            let req = Request::parse(&msg).unwrap();
+            assert!(
+                matches!(
+                    policy.admit(&req, b"/tmp/upload.abc123"),
+                    Err(Refusal::Forged(_))
+                ),
+                "{headers}"
+            );
+        }
     }
 
     #[test]
     fn refuses_oversized_uploads_at_start() {
         let policy = UploadPolicy {
             chroot: "/".into(),
-            template: None,
+            template: Some("/tmp/x.XXXXXX".into()),
             max_body_size: Some(1000),
         };
         let msg = request(r#"{"content-length":"5000"}"#, "");
         let req = Request::parse(&msg).unwrap();
         assert_eq!(
-            policy.admit(&req, b"/tmp/x"),
+            policy.admit(&req, b"/tmp/x.abc123"),
             Err(Refusal::TooLarge {
                 declared: 5000,
                 limit: 1000

@@ -109,7 +109,9 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     if settings.chroot {
         crate::daemon::enter_chroot(&mut settings)?;
     }
+    let master = nix::unistd::getppid();
     crate::daemon::drop_privileges(owner)?;
+    crate::daemon::rearm_parent_death(master)?;
     let _pid_file = crate::appdir::OwnPidFile::worker(&settings.app_path);
     loader::init_python(settings.virtualenv.as_deref())?;
     let (app, template) = Python::attach(|py| -> anyhow::Result<_> {
@@ -139,11 +141,7 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         app,
         template,
         outbox: Rc::new(replies.outbox.clone()),
-        policy: UploadPolicy {
-            chroot: settings.mongrel2_chroot.clone(),
-            template: settings.upload_temp_store.clone(),
-            max_body_size: settings.max_body_size,
-        },
+        policy: UploadPolicy::from_settings(&settings),
         served: 0,
         upload_marker: crate::appdir::upload_marker(&settings.app_path, std::process::id()),
     };
@@ -389,10 +387,7 @@ impl Worker {
         } = prepared;
         let body = match &upload {
             Some(upload) => {
-                if let Err(e) = std::fs::write(
-                    &self.upload_marker,
-                    upload.path.as_os_str().as_encoded_bytes(),
-                ) {
+                if let Err(e) = std::fs::write(&self.upload_marker, &upload.named) {
                     tracing::warn!("cannot write {}: {e}", self.upload_marker.display());
                 }
                 let file = upload

@@ -195,15 +195,24 @@ fn send_result(result: &Bound<'_, PyAny>, writer: &SharedWriter) -> Result<(), F
     }
     for chunk in result.try_iter()? {
         let chunk = chunk?;
-        writer.borrow_mut().write(body_bytes(&chunk)?.as_bytes())?;
+        let bytes = body_bytes(&chunk)?;
+        let mut w = writer.borrow_mut();
+        if !w.started() && !bytes.as_bytes().is_empty() {
+            return Err(not_started());
+        }
+        w.write(bytes.as_bytes())?;
     }
     let mut w = writer.borrow_mut();
     if !w.started() {
-        return Err(Failure::App(PyRuntimeError::new_err(
-            "the application returned without calling start_response",
-        )));
+        return Err(not_started());
     }
     Ok(w.finish()?)
+}
+
+fn not_started() -> Failure {
+    Failure::App(PyRuntimeError::new_err(
+        "the application produced a body without calling start_response first",
+    ))
 }
 
 /// The concatenated body of a small list or tuple of bytes; `None` when it must stream.
@@ -224,9 +233,7 @@ fn small_body<'py>(
 fn finish_whole(writer: &SharedWriter, body: &[u8]) -> Result<(), Failure> {
     let mut w = writer.borrow_mut();
     if !w.started() {
-        return Err(Failure::App(PyRuntimeError::new_err(
-            "the application returned without calling start_response",
-        )));
+        return Err(not_started());
     }
     Ok(w.write_all_and_finish(body)?)
 }

@@ -187,6 +187,11 @@ impl ResponseWriter {
             self.encode_head(None)?;
         }
         self.encode_chunk(chunk);
+        // Nothing to send (HEAD, 204/304, a Content-Length already met): an empty payload
+        // would tell mongrel2 to close the connection.
+        if self.buf.is_empty() {
+            return Ok(());
+        }
         self.flush_buf()
     }
 
@@ -519,6 +524,18 @@ mod tests {
         ok_head(&mut w);
         w.write_all_and_finish(b"ab").unwrap();
         assert_eq!(texts(&rec).len(), 2);
+    }
+
+    #[test]
+    fn streamed_head_sends_no_empty_message() {
+        let (rec, mut w) = writer(RequestFacts::new(b"HTTP/1.1", None, b"HEAD"));
+        ok_head(&mut w);
+        for _ in 0..3 {
+            w.write(b"chunk").unwrap();
+        }
+        w.finish().unwrap();
+        let msgs = texts(&rec);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
     }
 
     #[test]
