@@ -158,6 +158,17 @@ def test_keep_alive_and_pipelining(stack):
     sock.close()
 
 
+def test_pipelined_slow_then_fast_stay_in_order(server):
+    """Two workers: the fast request must not overtake the slow one on the same connection
+    (the broker holds a connection's next request until its previous one is answered)."""
+    prefix = server.handler.route.rstrip("/")
+    reqs = (f"GET {prefix}/sleep?0.3 HTTP/1.1\r\nHost: x\r\n\r\n"
+            f"GET {prefix}/hello HTTP/1.1\r\nHost: x\r\n\r\n").encode()
+    data, sock = raw_exchange(server.mongrel2.port, reqs, expect=(b"HTTP/1.1 200 OK", 2), until_close=False)
+    assert [body for _, body in split_responses(data)] == [b"slept", b"Hello, World!"]
+    sock.close()
+
+
 def test_connection_close_request_is_closed(server):
     data, sock = raw_exchange(server.mongrel2.port,
                               f"GET {server.handler.route.rstrip('/')}/hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())

@@ -70,6 +70,8 @@ pub struct Arbiter {
     broker: Option<i32>,
     broker_endpoint: String,
     next_broker_spawn: Instant,
+    /// Stopping: the workers have been told to stop (after the broker exited).
+    workers_stopped: bool,
 }
 
 impl Arbiter {
@@ -90,6 +92,7 @@ impl Arbiter {
             broker: None,
             broker_endpoint: crate::link::name(std::process::id()),
             next_broker_spawn: Instant::now(),
+            workers_stopped: false,
         })
     }
 
@@ -134,27 +137,31 @@ impl Arbiter {
         loop {
             self.reap();
             if flags.quit.swap(false, Ordering::Relaxed) {
-                tracing::info!("QUIT: stopping workers now");
+                tracing::info!("QUIT: stopping now");
                 self.signal_all(Signal::SIGQUIT);
                 self.signal_broker(Signal::SIGQUIT);
-                self.stopping = Some(Instant::now());
+                self.workers_stopped = true;
+                // A moment to exit cleanly (pid files, flushed replies), then KILL.
+                self.stopping = Some(Instant::now() + Duration::from_secs(1));
             }
             if flags.stop.swap(false, Ordering::Relaxed) && self.stopping.is_none() {
+                // The broker first: it stops taking requests from mongrel2 and hands the
+                // ones already sent to the workers, which are still running.
                 tracing::info!("stopping gracefully");
-                self.signal_all(Signal::SIGTERM);
+                self.signal_broker(Signal::SIGTERM);
                 self.stopping =
                     Some(Instant::now() + Duration::from_secs(self.settings.graceful_timeout));
             }
             if let Some(deadline) = self.stopping {
-                if self.workers.is_empty() {
-                    // The broker goes last: until then it may hold requests for workers.
-                    match self.broker {
-                        None => return Ok(()),
-                        Some(_) => self.signal_broker(Signal::SIGTERM),
-                    }
+                if self.broker.is_none() && !self.workers_stopped {
+                    self.signal_all(Signal::SIGTERM);
+                    self.workers_stopped = true;
+                }
+                if self.broker.is_none() && self.workers.is_empty() {
+                    return Ok(());
                 }
                 if Instant::now() >= deadline {
-                    tracing::warn!("graceful timeout over: killing the remaining workers");
+                    tracing::warn!("graceful timeout over: killing what is left");
                     self.signal_all(Signal::SIGKILL);
                     self.signal_broker(Signal::SIGKILL);
                 }

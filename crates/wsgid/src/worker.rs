@@ -249,9 +249,15 @@ impl BrokerLink {
         match link::read_frame(&mut self.reader) {
             Ok(Some(FromBroker::Request(msg))) => Ok(Some(msg)),
             Ok(Some(FromBroker::Ack)) => Ok(None),
+            Ok(None) | Err(_) if signals.stop.load(Ordering::Relaxed) => Ok(None),
             Ok(None) | Err(_) => {
                 tracing::warn!("lost the broker; reconnecting");
-                *self = BrokerLink::connect(&self.name, signals)?;
+                match BrokerLink::connect(&self.name, signals) {
+                    Ok(fresh) => *self = fresh,
+                    // Stopping (the broker goes first): nothing to reconnect to.
+                    Err(_) if signals.stop.load(Ordering::Relaxed) => {}
+                    Err(e) => return Err(e),
+                }
                 Ok(None)
             }
         }
@@ -263,7 +269,9 @@ impl BrokerLink {
         timeout: Duration,
         mut serve: impl FnMut(Vec<u8>) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        self.stream.write_all(&[link::BYE])?;
+        if self.stream.write_all(&[link::BYE]).is_err() {
+            return Ok(()); // the broker has already gone: nothing was sent to us
+        }
         self.stream.set_read_timeout(Some(timeout))?;
         loop {
             match link::read_frame(&mut self.reader) {

@@ -316,6 +316,14 @@ impl Puller {
         }
     }
 
+    /// Half-closes the connection: mongrel2 sees the end of our stream, stops sending to us
+    /// and closes its side; what it had already sent can still be read.
+    pub fn shutdown_write(&self) {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = self.reader.get_ref().as_fd().as_raw_fd();
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+    }
+
     /// Whether a message (or part of one) is already read and waiting.
     pub fn buffered(&self) -> bool {
         !self.reader.buffer().is_empty()
