@@ -63,6 +63,8 @@ pub fn pids(app_path: &Path, role: Role) -> Vec<u32> {
             let name = e.file_name().into_string().ok()?;
             name.strip_suffix(".pid")?.parse().ok()
         })
+        // 0 or a pid past i32 would signal a whole process group, or everything.
+        .filter(|&pid: &u32| pid > 0 && i32::try_from(pid).is_ok())
         .collect();
     pids.sort_unstable();
     pids

@@ -509,9 +509,10 @@ impl Worker {
             }
         }
 
+        let connection = req.headers.get(b"connection").map(|v| v.joined(b","));
         let facts = RequestFacts::new(
             req.header(b"VERSION").unwrap_or(b"HTTP/1.1"),
-            req.header(b"connection"),
+            connection.as_deref(),
             req.header(b"METHOD").unwrap_or(b"GET"),
         );
         let Some(writer) = self.writer(sender, conn_id, facts) else {

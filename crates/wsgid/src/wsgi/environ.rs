@@ -111,8 +111,18 @@ pub fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// SERVER_NAME and SERVER_PORT from a Host header (`name`, `name:port`, `[v6]:port`).
+/// SERVER_NAME and SERVER_PORT from a Host header (`name`, `name:port`, `[v6]:port`); a
+/// port that is not a number is the client's nonsense, replaced by the scheme's port.
 pub fn server_name_port<'a>(host: &'a [u8], default_port: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+    let (name, port) = split_host(host, default_port);
+    if port.iter().all(u8::is_ascii_digit) {
+        (name, port)
+    } else {
+        (name, default_port)
+    }
+}
+
+fn split_host<'a>(host: &'a [u8], default_port: &'a [u8]) -> (&'a [u8], &'a [u8]) {
     if host.first() == Some(&b'[') {
         if let Some(end) = host.iter().position(|&b| b == b']') {
             let port = host[end + 1..].strip_prefix(b":").filter(|p| !p.is_empty());
