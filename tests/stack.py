@@ -40,16 +40,17 @@ def wait_for(predicate, timeout=20.0, what="condition"):
 class Handler:
     """One mongrel2 Handler entry: the route and the two ZeroMQ endpoints."""
 
-    def __init__(self, route, protocol="json"):
+    def __init__(self, route, protocol="json", recv_ident=""):
         self.route = route
         self.protocol = protocol
+        self.recv_ident = recv_ident
         self.send_spec = f"tcp://127.0.0.1:{free_port()}"  # mongrel2 PUSHes here: wsgid --recv
         self.recv_spec = f"tcp://127.0.0.1:{free_port()}"  # mongrel2 SUBs here: wsgid --send
         self.ident = str(uuid.uuid4())
 
     def config(self):
         return (f"Handler(send_spec='{self.send_spec}', send_ident='{self.ident}', "
-                f"recv_spec='{self.recv_spec}', recv_ident='', protocol='{self.protocol}')")
+                f"recv_spec='{self.recv_spec}', recv_ident='{self.recv_ident}', protocol='{self.protocol}')")
 
 
 class Mongrel2:

@@ -393,3 +393,20 @@ def test_mongrel2_restart_is_survived(make):
     log = server.log()
     assert "mongrel2 closed the request connection; reconnecting" in log
     assert "reply connection to mongrel2 lost; reconnecting" in log
+
+
+def test_unanswerable_recv_ident_is_reported(tmp_path):
+    """mongrel2 drops replies that do not start with its recv_ident: say so in the log."""
+    handler = Handler("/", "tnetstring", recv_ident="only-this-prefix")
+    m2 = Mongrel2(tmp_path / "m2", [handler])
+    server = Wsgid(tmp_path / "app", handler, m2, APPS["testapp"], ["--wsgi-app", "testapp:application"], workers=1)
+    try:
+        m2.start()
+        server.start(wait_path=None)
+        with pytest.raises(requests.RequestException):
+            requests.get(server.url + "/hello", timeout=3)
+        wait_for(lambda: "mongrel2 drops replies that do not start with its recv_ident" in server.log(),
+                 what="the recv_ident error in the log")
+    finally:
+        server.stop()
+        m2.stop()

@@ -73,6 +73,18 @@ impl State {
             None => Ok(()),
         }
     }
+
+    /// Flushes from the flusher thread, where no caller can see an error: a response that
+    /// lost a piece is closed, so its client does not wait for the rest.
+    fn flush_or_close(&mut self) {
+        let prefix = self.pending.as_ref().map(|p| p.prefix.clone());
+        if let Err(e) = self.flush() {
+            tracing::error!("cannot send a reply to mongrel2: {e}; closing that connection");
+            if let Some(prefix) = prefix {
+                let _ = self.send_now(&prefix, b"");
+            }
+        }
+    }
 }
 
 impl Outbox {
@@ -113,9 +125,7 @@ impl Outbox {
             let wait = match &state.pending {
                 _ if state.stopping => break,
                 Some(_) if now >= state.next_send => {
-                    if let Err(e) = state.flush() {
-                        tracing::error!("cannot send a reply to mongrel2: {e}");
-                    }
+                    state.flush_or_close();
                     continue;
                 }
                 Some(_) => state.next_send - now,
@@ -127,9 +137,7 @@ impl Outbox {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        if let Err(e) = state.flush() {
-            tracing::error!("cannot send a reply to mongrel2: {e}");
-        }
+        state.flush_or_close();
     }
 }
 

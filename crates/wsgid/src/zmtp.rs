@@ -176,6 +176,10 @@ pub struct Publisher {
     frame: Vec<u8>,
     /// When the connection was last checked; checked again only after `RECHECK`.
     checked: Instant,
+    /// What mongrel2 subscribed to (its `recv_ident`): replies not starting with it are
+    /// silently dropped by mongrel2, so we say so once.
+    subscription: Vec<u8>,
+    warned_prefix: bool,
 }
 
 /// How often `send` checks that mongrel2 is still there. A restarted mongrel2 comes back
@@ -191,6 +195,8 @@ impl Publisher {
             stream: None,
             frame: Vec::with_capacity(64 * 1024),
             checked: Instant::now(),
+            subscription: Vec::new(),
+            warned_prefix: false,
         };
         let since = Instant::now();
         let mut warned = false;
@@ -219,11 +225,13 @@ impl Publisher {
         loop {
             let (flags, body) = read_frame(&mut stream, 1 << 16)?;
             if flags & FLAG_COMMAND == 0 && body.first() == Some(&1) {
+                self.subscription = body[1..].to_vec();
                 break;
             }
         }
         stream.set_read_timeout(None)?;
         self.stream = Some(stream);
+        self.warned_prefix = false;
         Ok(())
     }
 
@@ -236,6 +244,14 @@ impl Publisher {
                 tracing::warn!(spec = %self.spec, "reply connection to mongrel2 lost; reconnecting");
                 self.handshake()?;
             }
+        }
+        if !prefix.starts_with(&self.subscription) && !self.warned_prefix {
+            self.warned_prefix = true;
+            tracing::error!(
+                subscribed = %String::from_utf8_lossy(&self.subscription),
+                "mongrel2 drops replies that do not start with its recv_ident; set the \
+                 handler's recv_ident to '' or to a prefix of its send_ident"
+            );
         }
         self.frame.clear();
         push_frame(&mut self.frame, 0, prefix.len() + payload.len());
