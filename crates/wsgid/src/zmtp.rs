@@ -169,6 +169,34 @@ fn open(spec: &str, socket_type: &[u8]) -> io::Result<Stream> {
     Ok(stream)
 }
 
+/// Tries `attempt` every 100 ms until it succeeds (mongrel2 may start after us), warning
+/// once after 2 s, until `give_up()` says stop.
+fn retry<T>(
+    spec: &str,
+    what: &str,
+    give_up: impl Fn() -> bool,
+    mut attempt: impl FnMut() -> io::Result<T>,
+) -> anyhow::Result<T> {
+    let since = Instant::now();
+    let mut warned = false;
+    loop {
+        anyhow::ensure!(
+            !give_up(),
+            "stopped before mongrel2 was reachable at {spec}"
+        );
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(e) => {
+                if !warned && since.elapsed() > Duration::from_secs(2) {
+                    tracing::warn!("waiting for mongrel2 to {what} on {spec}: {e}");
+                    warned = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// A connected, subscribed PUB.
 pub struct Publisher {
     spec: String,
@@ -198,24 +226,8 @@ impl Publisher {
             subscription: Vec::new(),
             warned_prefix: false,
         };
-        let since = Instant::now();
-        let mut warned = false;
-        loop {
-            anyhow::ensure!(
-                !give_up(),
-                "stopped before mongrel2 was reachable at {spec}"
-            );
-            match publisher.handshake() {
-                Ok(()) => return Ok(publisher),
-                Err(e) => {
-                    if !warned && since.elapsed() > Duration::from_secs(2) {
-                        tracing::warn!("waiting for mongrel2 to accept replies on {spec}: {e}");
-                        warned = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
+        retry(spec, "accept replies", give_up, || publisher.handshake())?;
+        Ok(publisher)
     }
 
     fn handshake(&mut self) -> io::Result<()> {
@@ -307,29 +319,14 @@ const MAX_REQUEST: u64 = 1 << 30;
 impl Puller {
     /// Connects to `spec`, retrying until it answers or `give_up()` says stop.
     pub fn connect(spec: &str, give_up: impl Fn() -> bool) -> anyhow::Result<Puller> {
-        let since = Instant::now();
-        let mut warned = false;
-        loop {
-            anyhow::ensure!(
-                !give_up(),
-                "stopped before mongrel2 was reachable at {spec}"
-            );
-            match open(spec, b"PULL") {
-                Ok(stream) => {
-                    stream.set_read_timeout(None)?;
-                    return Ok(Puller {
-                        reader: io::BufReader::with_capacity(256 * 1024, stream),
-                    });
-                }
-                Err(e) => {
-                    if !warned && since.elapsed() > Duration::from_secs(2) {
-                        tracing::warn!("waiting for mongrel2 to send requests on {spec}: {e}");
-                        warned = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
+        let stream = retry(spec, "send requests", give_up, || {
+            let stream = open(spec, b"PULL")?;
+            stream.set_read_timeout(None)?;
+            Ok(stream)
+        })?;
+        Ok(Puller {
+            reader: io::BufReader::with_capacity(256 * 1024, stream),
+        })
     }
 
     /// Half-closes the connection: mongrel2 sees the end of our stream, stops sending to us
