@@ -410,3 +410,11 @@ def test_unanswerable_recv_ident_is_reported(tmp_path):
     finally:
         server.stop()
         m2.stop()
+
+
+def test_max_body_size_applies_to_inline_bodies(make):
+    server = make(workers=1, args=("--wsgi-app", "testapp:application", "--max-body-size", "1000"))
+    r = requests.post(server.url + "/echo", data=b"x" * 5000)
+    assert r.status_code == 413
+    assert requests.post(server.url + "/echo", data=b"y" * 900).content == b"y" * 900
+    assert 'stage="inline body"' in server.log()

@@ -141,14 +141,15 @@ impl Dispatch {
 
 pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
+    let quit = Arc::new(AtomicBool::new(false));
     let (wake, notify) = UnixStream::pair()?;
     wake.set_nonblocking(true)?;
-    for sig in [
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGQUIT,
+    for (sig, flag) in [
+        (signal_hook::consts::SIGTERM, &stop),
+        (signal_hook::consts::SIGINT, &stop),
+        (signal_hook::consts::SIGQUIT, &quit),
     ] {
-        signal_hook::flag::register(sig, stop.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
         signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
     }
     signal_hook::flag::register(
@@ -159,7 +160,7 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
     let listener = link::listen(link_name)
         .with_context(|| format!("cannot listen on the worker link @{link_name}"))?;
     listener.set_nonblocking(true)?;
-    let give_up = || stop.load(Ordering::Relaxed);
+    let give_up = || stop.load(Ordering::Relaxed) || quit.load(Ordering::Relaxed);
     let mut requests = Puller::connect(&settings.recv, give_up)?;
     tracing::info!(recv = %settings.recv, "broker ready");
 
@@ -169,6 +170,10 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
     let mut draining: Option<Instant> = None;
     let mut closed = false;
     loop {
+        if quit.load(Ordering::Relaxed) {
+            tracing::info!("quit: stopping now");
+            break;
+        }
         if stop.load(Ordering::Relaxed) && draining.is_none() {
             tracing::info!("stopping: no new requests from mongrel2, serving those sent");
             requests.shutdown_write();

@@ -461,6 +461,11 @@ impl Worker {
                 return Ok(None);
             }
         }
+        // Inline bodies are at most mongrel2's limits.content_length; the limit still holds.
+        if let Err(refusal) = self.policy.check_size(req.body.len() as u64) {
+            self.refuse_upload(req, refusal)?;
+            return Ok(None);
+        }
         let mut upload = None;
         match req.upload() {
             UploadMarker::None => {}
@@ -555,7 +560,8 @@ impl Worker {
         let stage = match req.upload() {
             UploadMarker::Start(_) => "start",
             UploadMarker::Done(_) => "done",
-            _ => "headers",
+            UploadMarker::None => "inline body",
+            UploadMarker::Mismatched => "headers",
         };
         match refusal {
             Refusal::Forged(reason) => {
