@@ -23,35 +23,28 @@ pub fn config(app_path: &Path, options: &Options, no_debug: bool) -> anyhow::Res
         cfg.insert(key.to_string(), value);
     };
     let o = options;
-    if let Some(v) = &o.recv {
-        set("recv", json!(v))
-    }
-    if let Some(v) = &o.send {
-        set("send", json!(v))
-    }
-    if let Some(v) = &o.wsgi_app {
-        set("wsgi_app", json!(v))
-    }
-    if let Some(v) = o.workers {
-        set("workers", json!(v))
-    }
-    if let Some(v) = &o.mongrel2_chroot {
-        set("mongrel2_chroot", json!(v))
-    }
-    if let Some(v) = &o.upload_temp_store {
-        set("upload_temp_store", json!(v))
-    }
-    if let Some(v) = o.max_body_size {
-        set("max_body_size", json!(v))
-    }
-    if let Some(v) = &o.virtualenv {
-        set("virtualenv", json!(v))
-    }
-    if let Some(v) = o.graceful_timeout {
-        set("graceful_timeout", json!(v))
-    }
-    if let Some(v) = o.max_requests {
-        set("max_requests", json!(v))
+    let given = [
+        ("recv", o.recv.as_ref().map(|v| json!(v))),
+        ("send", o.send.as_ref().map(|v| json!(v))),
+        ("wsgi_app", o.wsgi_app.as_ref().map(|v| json!(v))),
+        ("workers", o.workers.map(|v| json!(v))),
+        (
+            "mongrel2_chroot",
+            o.mongrel2_chroot.as_ref().map(|v| json!(v)),
+        ),
+        (
+            "upload_temp_store",
+            o.upload_temp_store.as_ref().map(|v| json!(v)),
+        ),
+        ("max_body_size", o.max_body_size.map(|v| json!(v))),
+        ("virtualenv", o.virtualenv.as_ref().map(|v| json!(v))),
+        ("graceful_timeout", o.graceful_timeout.map(|v| json!(v))),
+        ("max_requests", o.max_requests.map(|v| json!(v))),
+    ];
+    for (key, value) in given {
+        if let Some(value) = value {
+            set(key, value);
+        }
     }
     for (given, key) in [
         (o.debug, "debug"),
