@@ -1,5 +1,6 @@
 """Issue 4: supervision, reload, app folder, subcommands, config, loaders, against the real
 mongrel2 and real wsgid processes."""
+import hashlib
 import json
 from pathlib import Path
 import os
@@ -19,9 +20,9 @@ def make(tmp_path):
     """Starts a mongrel2 with one tnetstring handler and a wsgid for it; stops both after."""
     started = []
 
-    def make(app="testapp", args=("--wsgi-app", "testapp:application"), start=True, **kw):
+    def make(app="testapp", args=("--wsgi-app", "testapp:application"), start=True, content_length=20480, **kw):
         handler = Handler("/", "tnetstring")
-        m2 = Mongrel2(tmp_path / f"m2-{len(started)}", [handler])
+        m2 = Mongrel2(tmp_path / f"m2-{len(started)}", [handler], content_length=content_length)
         m2.start()
         source = APPS.get(app, ROOT / "tests" / app)
         server = Wsgid(tmp_path / f"app-{len(started)}", handler, m2, source, list(args), **kw)
@@ -418,3 +419,37 @@ def test_max_body_size_applies_to_inline_bodies(make):
     assert r.status_code == 413
     assert requests.post(server.url + "/echo", data=b"y" * 900).content == b"y" * 900
     assert 'stage="inline body"' in server.log()
+
+
+def test_term_serves_every_queued_request(make):
+    """A burst waits in the broker's queue when TERM comes: the broker stops first, and the
+    workers serve everything it had queued before they exit."""
+    server = make(workers=2)
+    results = []
+
+    def slow():
+        try:
+            results.append(requests.get(server.url + "/sleep?0.2", timeout=20).text)
+        except requests.RequestException as e:
+            results.append(repr(e))
+    threads = [threading.Thread(target=slow) for _ in range(24)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # all sent; two in service, the rest queued
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join()
+    assert server.proc.wait(20) == 0
+    assert results == ["slept"] * 24
+
+
+def test_large_inline_bodies_pass_the_queue(make):
+    """mongrel2 sends bodies under limits.content_length inline; those over the queue's
+    datagram size travel through a memfd."""
+    server = make(workers=2, content_length=4 * 1024 * 1024)
+    for size in (1000, 64 * 1024, 3 * 1024 * 1024):
+        body = os.urandom(size)
+        r = requests.post(server.url + "/sha256", data=body, timeout=10)
+        assert r.status_code == 200
+        assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
+        assert r.json()["upload_path"] is None  # inline, not spooled

@@ -1,18 +1,17 @@
 //! The broker: the one process of a wsgid instance that pulls requests from mongrel2, and
-//! hands each to an idle worker.
+//! puts them in the queue that idle workers take from (see `link`).
 //!
 //! mongrel2's PUSH assigns a request to a connected peer before that peer reads it, and a
 //! peer that disconnects loses what was assigned to it and still in flight (design note 2).
 //! Workers connected to mongrel2 directly would therefore drop requests on every reload and
 //! queue fast requests behind slow ones (note 3). The broker stays connected while workers
-//! come and go, and gives a request only to a worker that asked for one, over the `link`
-//! (READY, then one request; BYE, answered by ACK, after which nothing follows). So a
-//! stopping worker serves what it was given and loses nothing.
+//! come and go; a request waits in the shared queue until a worker is free to take it, and a
+//! stopping worker takes no more, so it loses nothing.
 //!
 //! Replies do not pass through here: workers publish them to mongrel2 themselves.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{Read, Write};
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,120 +21,145 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::config::Settings;
-use crate::link;
+use crate::link::{self, BrokerChannels, Record};
 use crate::zmtp::Puller;
 use m2wire::{parse_address, ConnId};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-struct Worker {
-    stream: UnixStream,
-    /// The connection whose request this worker is serving.
-    serving: Option<ConnId>,
-}
-
-/// Most messages held back (behind a connection in service) before reading pauses.
+/// Most messages held back (behind a connection in service, or by a full queue) before
+/// reading from mongrel2 pauses.
 const MAX_WAITING: usize = 256;
 
+/// A queued request that belongs to a connection, until a worker has done it.
+struct InFlight {
+    conn: ConnId,
+    /// The worker that took it, once its record has been read.
+    taker: Option<i32>,
+}
+
 /// Workers, and requests on their way to them.
-#[derive(Default)]
 struct Dispatch {
-    workers: HashMap<RawFd, Worker>,
-    idle: VecDeque<RawFd>,
-    /// Connections being served: their next messages wait, so that the responses to
-    /// pipelined requests go out in order even with several workers.
-    busy: HashSet<ConnId>,
-    /// Messages read from mongrel2 and not given to a worker yet, oldest first.
+    channels: BrokerChannels,
+    /// The workers' link streams (silent: their end means the worker is gone), with pids.
+    workers: HashMap<RawFd, (UnixStream, i32)>,
+    /// Messages read from mongrel2 and not queued yet, oldest first.
     waiting: VecDeque<Vec<u8>>,
+    /// The last `enqueue` found the queue full.
+    queue_full: bool,
+    next_seq: u64,
+    in_flight: HashMap<u64, InFlight>,
+    /// Requests in flight per connection: its next messages wait, so that the responses to
+    /// pipelined requests go out in order even with several workers.
+    busy: HashMap<ConnId, u32>,
 }
 
 impl Dispatch {
-    fn accept(&mut self, stream: UnixStream) {
-        self.workers.insert(
-            stream.as_raw_fd(),
-            Worker {
-                stream,
-                serving: None,
-            },
-        );
+    fn new() -> std::io::Result<Dispatch> {
+        Ok(Dispatch {
+            channels: BrokerChannels::new()?,
+            workers: HashMap::new(),
+            waiting: VecDeque::new(),
+            queue_full: false,
+            next_seq: 1,
+            in_flight: HashMap::new(),
+            busy: HashMap::new(),
+        })
     }
 
-    /// Frees the connection a worker was serving (it answered READY, or died).
-    fn release(&mut self, fd: RawFd) {
-        if let Some(conn) = self.workers.get_mut(&fd).and_then(|w| w.serving.take()) {
-            self.busy.remove(&conn);
+    fn accept(&mut self, stream: UnixStream) {
+        let pid = match link::check_peer(&stream) {
+            Ok(pid) => pid,
+            Err(e) => return tracing::warn!("refused a connection to the worker link: {e}"),
+        };
+        match self.channels.welcome(&stream) {
+            Ok(()) => {
+                self.workers.insert(stream.as_raw_fd(), (stream, pid));
+            }
+            Err(e) => tracing::warn!(pid, "cannot hand the queue to a worker: {e}"),
         }
     }
 
+    /// A worker's stream ended: it exited or was killed. What it took and did not finish
+    /// will never be answered; its connections are freed.
     fn remove(&mut self, fd: RawFd) {
-        self.release(fd);
-        self.workers.remove(&fd);
-        self.idle.retain(|&w| w != fd);
-    }
-
-    /// Reads what a worker wrote: READY, BYE; end of stream when it is gone.
-    fn read_worker(&mut self, fd: RawFd) {
-        let Some(worker) = self.workers.get_mut(&fd) else {
+        // Its last records came before its end: read them first.
+        self.read_records();
+        let Some((_, pid)) = self.workers.remove(&fd) else {
             return;
         };
-        let mut frames = [0u8; 64];
-        let n = match (&worker.stream).read(&mut frames) {
-            Ok(n) if n > 0 => n,
-            _ => return self.remove(fd), // exited or killed
-        };
-        for &frame in &frames[..n] {
-            match frame {
-                link::READY => {
-                    self.release(fd);
-                    if !self.idle.contains(&fd) {
-                        self.idle.push_back(fd);
-                    }
+        let lost: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.taker == Some(pid))
+            .map(|(&seq, _)| seq)
+            .collect();
+        if !lost.is_empty() {
+            tracing::warn!(pid, requests = lost.len(), "a worker died while serving");
+        }
+        for seq in lost {
+            self.finish(seq);
+        }
+    }
+
+    fn finish(&mut self, seq: u64) {
+        if let Some(done) = self.in_flight.remove(&seq) {
+            if let Some(count) = self.busy.get_mut(&done.conn) {
+                *count -= 1;
+                if *count == 0 {
+                    self.busy.remove(&done.conn);
                 }
-                link::BYE => {
-                    self.idle.retain(|&w| w != fd);
-                    if let Some(worker) = self.workers.get_mut(&fd) {
-                        let _ = worker.stream.write_all(&[link::ACK]);
-                    }
-                }
-                other => tracing::warn!("unknown frame {other:#x} from a worker"),
             }
         }
     }
 
-    /// Hands waiting messages to idle workers, oldest first, passing over those for a
-    /// connection still in service.
+    fn read_records(&mut self) {
+        let records = match self.channels.records() {
+            Ok(records) => records,
+            Err(e) => return tracing::error!("cannot read the workers' records: {e}"),
+        };
+        for record in records {
+            match record {
+                Record::Took { pid, seq } => {
+                    if let Some(f) = self.in_flight.get_mut(&seq) {
+                        f.taker = Some(pid);
+                    }
+                }
+                Record::Done { seq, .. } => self.finish(seq),
+            }
+        }
+    }
+
+    /// Queues waiting messages, oldest first, passing over those for a connection still
+    /// in service.
     fn dispatch(&mut self) {
         let mut i = 0;
-        while i < self.waiting.len() && !self.idle.is_empty() {
+        while i < self.waiting.len() {
             let conn = parse_address(&self.waiting[i]).map(|(_, conn)| conn);
-            if conn.is_some_and(|c| self.busy.contains(&c)) {
+            if conn.is_some_and(|c| self.busy.contains_key(&c)) {
                 i += 1;
                 continue;
             }
-            let msg = self.waiting.remove(i).expect("index checked");
-            if let Some(undelivered) = self.give(msg, conn) {
-                self.waiting.insert(i, undelivered);
-                return;
-            }
-        }
-    }
-
-    /// Gives a message to the oldest idle worker; one that died since its READY is dropped
-    /// and the next one tried. Returns the message if no worker could take it.
-    fn give(&mut self, msg: Vec<u8>, conn: Option<ConnId>) -> Option<Vec<u8>> {
-        while let Some(fd) = self.idle.pop_front() {
-            let Some(worker) = self.workers.get_mut(&fd) else {
-                continue;
-            };
-            if link::send_request(&mut worker.stream, &msg).is_ok() {
-                worker.serving = conn;
-                if let Some(conn) = conn {
-                    self.busy.insert(conn);
+            let seq = self.next_seq;
+            match self.channels.enqueue(seq, &self.waiting[i]) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.queue_full = true;
+                    return;
                 }
-                return None;
+                Err(e) => {
+                    tracing::error!("cannot queue a request, dropped: {e}");
+                    self.waiting.remove(i);
+                    continue;
+                }
             }
-            self.remove(fd);
+            self.next_seq += 1;
+            self.waiting.remove(i);
+            if let Some(conn) = conn {
+                *self.busy.entry(conn).or_default() += 1;
+                self.in_flight.insert(seq, InFlight { conn, taker: None });
+            }
         }
-        Some(msg)
+        self.queue_full = false;
     }
 }
 
@@ -164,9 +188,10 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
     let mut requests = Puller::connect(&settings.recv, give_up)?;
     tracing::info!(recv = %settings.recv, "broker ready");
 
-    let mut d = Dispatch::default();
+    let mut d = Dispatch::new().context("cannot create the request queue")?;
     // Stopping: the request connection is half-closed, so mongrel2 stops sending to us and
-    // closes its side; what it had sent is still read and served, then the broker exits.
+    // closes its side; what it had sent is still read and queued, then the broker exits (the
+    // queue outlives it: the workers serve what is in it before they stop).
     let mut draining: Option<Instant> = None;
     let mut closed = false;
     loop {
@@ -175,7 +200,7 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
             break;
         }
         if stop.load(Ordering::Relaxed) && draining.is_none() {
-            tracing::info!("stopping: no new requests from mongrel2, serving those sent");
+            tracing::info!("stopping: no new requests from mongrel2, queueing those sent");
             requests.shutdown_write();
             draining = Some(Instant::now() + Duration::from_secs(settings.graceful_timeout));
         }
@@ -184,21 +209,25 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
                 break;
             }
         }
-        let want = !closed && !d.idle.is_empty() && d.waiting.len() < MAX_WAITING;
+        let want = !closed && d.waiting.len() < MAX_WAITING;
+        // Held-back messages wait for a worker's record that their connection is free.
+        let held_back = !d.waiting.is_empty() && !d.queue_full;
         let fds: Vec<RawFd> = d.workers.keys().copied().collect();
-        let (pull_ready, accept, woken, readable) = {
+        let (pull_ready, accept, woken, ended) = {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|&fd| unsafe_borrow(fd)).collect();
+            let when = |on: bool, flags: PollFlags| if on { flags } else { PollFlags::empty() };
             let mut polled = vec![
-                PollFd::new(
-                    requests.as_fd(),
-                    if want {
-                        PollFlags::POLLIN
-                    } else {
-                        PollFlags::empty()
-                    },
-                ),
+                PollFd::new(requests.as_fd(), when(want, PollFlags::POLLIN)),
                 PollFd::new(listener.as_fd(), PollFlags::POLLIN),
                 PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+                PollFd::new(
+                    d.channels.queue_fd().as_fd(),
+                    when(d.queue_full, PollFlags::POLLOUT),
+                ),
+                PollFd::new(
+                    d.channels.records_fd().as_fd(),
+                    when(held_back, PollFlags::POLLIN),
+                ),
             ];
             polled.extend(
                 borrowed
@@ -217,13 +246,13 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
                 Err(e) => return Err(e.into()),
             }
             let hit = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
-            let readable: Vec<RawFd> = fds
+            let ended: Vec<RawFd> = fds
                 .iter()
-                .zip(&polled[3..])
+                .zip(&polled[5..])
                 .filter(|(_, p)| hit(p))
                 .map(|(fd, _)| *fd)
                 .collect();
-            (hit(&polled[0]), hit(&polled[1]), hit(&polled[2]), readable)
+            (hit(&polled[0]), hit(&polled[1]), hit(&polled[2]), ended)
         };
         if woken {
             let mut sink = [0u8; 64];
@@ -231,16 +260,14 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
         }
         if accept {
             while let Ok((stream, _)) = listener.accept() {
-                if let Err(e) = link::check_peer(&stream) {
-                    tracing::warn!("refused a connection to the worker link: {e}");
-                    continue;
-                }
                 stream.set_nonblocking(false)?;
                 d.accept(stream);
             }
         }
-        for fd in readable {
-            d.read_worker(fd);
+        // Records cost the workers no wake-up of ours: they are read whenever we are awake.
+        d.read_records();
+        for fd in ended {
+            d.remove(fd);
         }
         // Read what poll saw arrive, then whatever is already buffered.
         let mut may_read = want && pull_ready;
@@ -261,11 +288,11 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
         }
         d.dispatch();
     }
-    tracing::info!(unserved = d.waiting.len(), "broker stopped");
+    tracing::info!(unqueued = d.waiting.len(), "broker stopped");
     Ok(())
 }
 
-/// A worker's socket for one poll call; the map that owns it outlives the call.
+/// A worker's stream for one poll call; the map that owns it outlives the call.
 fn unsafe_borrow(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: the fd belongs to a `Worker` in the broker's map, which is not modified
     // while the borrowed fds are in use (they are dropped before the map changes).

@@ -2,9 +2,8 @@
 //!
 //! Startup order matters (design notes 1, 7): Python and the app first, then the reply
 //! socket, and only once mongrel2's subscription has reached it the link to the broker, so
-//! no reply can be published into the void. Requests come from the broker one at a time;
-//! stopping gracefully says BYE and serves what the broker had already sent, so no accepted
-//! request is dropped.
+//! no reply can be published into the void. Requests are taken from the broker's shared
+//! queue one at a time, only when idle; a worker that stops takes no more (see `link`).
 
 use std::cell::RefCell;
 use std::io::{self, Write as _};
@@ -21,7 +20,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::config::Settings;
-use crate::link::{self, FromBroker, LINK_ENV};
+use crate::link::{Taken, WorkerChannels, LINK_ENV};
 use crate::outbox::Outbox;
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use crate::wsgi::environ::{self, BodyInfo, EnvironTemplate};
@@ -164,18 +163,15 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
             retirement_asked = true;
         }
         match broker.next(&signals)? {
-            Some(msg) => {
+            Some((seq, msg)) => {
                 worker.serve(msg)?;
-                broker.ready()?;
+                broker.channels.done(seq);
             }
             None => signals.drain(),
         }
     }
-    // Graceful stop: say BYE, serve what the broker had already sent, until its ACK.
     tracing::info!(served = worker.served, "stopping gracefully");
-    broker.bye(Duration::from_secs(settings.graceful_timeout), |msg| {
-        worker.serve(msg)
-    })?;
+    broker.stop(|msg| worker.serve(msg))?;
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
 }
@@ -183,26 +179,20 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
 /// The worker's end of the link to the broker (see `link`).
 struct BrokerLink {
     name: String,
-    stream: std::os::unix::net::UnixStream,
-    /// Reads whole frames with one system call where they fit.
-    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    channels: WorkerChannels,
 }
 
 impl BrokerLink {
-    /// Connects (retrying while the broker starts) and says READY.
+    /// Connects, retrying while the broker starts.
     fn connect(name: &str, signals: &Signals) -> anyhow::Result<BrokerLink> {
         let since = Instant::now();
         loop {
-            match link::connect(name) {
-                Ok(stream) => {
-                    let reader = std::io::BufReader::with_capacity(64 * 1024, stream.try_clone()?);
-                    let mut this = BrokerLink {
+            match WorkerChannels::join(name) {
+                Ok(channels) => {
+                    return Ok(BrokerLink {
                         name: name.to_string(),
-                        stream,
-                        reader,
-                    };
-                    this.ready()?;
-                    return Ok(this);
+                        channels,
+                    })
                 }
                 Err(e) if since.elapsed() > Duration::from_secs(30) => {
                     return Err(e).context("cannot reach the broker")
@@ -218,71 +208,63 @@ impl BrokerLink {
         }
     }
 
-    fn ready(&mut self) -> std::io::Result<()> {
-        self.stream.write_all(&[link::READY])
-    }
-
-    /// The next request, or `None` when a signal woke us. A broker that went away (it is
-    /// restarted by the master) is reconnected to.
-    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<Vec<u8>>> {
+    /// The next request, or `None` when a signal woke us. Under load the request is
+    /// already queued and is taken without sleeping. When the broker has gone (it is
+    /// restarted by the master) and its queue is empty, the new broker is joined.
+    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<(u64, Vec<u8>)>> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
-        if !self.reader.buffer().is_empty() {
-            return self.read(signals);
-        }
-        let mut fds = [
-            PollFd::new(self.stream.as_fd(), PollFlags::POLLIN),
-            PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let readable = fds[0].revents().is_some_and(|r| !r.is_empty());
-        if !readable {
-            return Ok(None);
-        }
-        self.read(signals)
-    }
-
-    fn read(&mut self, signals: &Signals) -> anyhow::Result<Option<Vec<u8>>> {
-        match link::read_frame(&mut self.reader) {
-            Ok(Some(FromBroker::Request(msg))) => Ok(Some(msg)),
-            Ok(Some(FromBroker::Ack)) => Ok(None),
-            Ok(None) | Err(_) if signals.stop.load(Ordering::Relaxed) => Ok(None),
-            Ok(None) | Err(_) => {
-                tracing::warn!("lost the broker; reconnecting");
-                match BrokerLink::connect(&self.name, signals) {
-                    Ok(fresh) => *self = fresh,
-                    // Stopping (the broker goes first): nothing to reconnect to.
-                    Err(_) if signals.stop.load(Ordering::Relaxed) => {}
-                    Err(e) => return Err(e),
-                }
-                Ok(None)
-            }
-        }
-    }
-
-    /// Says BYE and serves what the broker had already sent, until its ACK.
-    fn bye(
-        &mut self,
-        timeout: Duration,
-        mut serve: impl FnMut(Vec<u8>) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        if self.stream.write_all(&[link::BYE]).is_err() {
-            return Ok(()); // the broker has already gone: nothing was sent to us
-        }
-        self.stream.set_read_timeout(Some(timeout))?;
         loop {
-            match link::read_frame(&mut self.reader) {
-                Ok(Some(FromBroker::Request(msg))) => serve(msg)?,
-                Ok(Some(FromBroker::Ack)) | Ok(None) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!("no answer to BYE from the broker ({e}); stopping anyway");
-                    return Ok(());
+            match self.channels.take()? {
+                Taken::Request { seq, msg } => return Ok(Some((seq, msg))),
+                Taken::Closed => {
+                    if !signals.stop.load(Ordering::Relaxed) {
+                        tracing::warn!("lost the broker; reconnecting");
+                        match BrokerLink::connect(&self.name, signals) {
+                            Ok(fresh) => *self = fresh,
+                            // Stopping (the broker goes first): nothing to reconnect to.
+                            Err(_) if signals.stop.load(Ordering::Relaxed) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    return Ok(None);
                 }
+                Taken::Empty => {}
+            }
+            // Idle: the broker learns what we did before we sleep.
+            self.channels.flush_records()?;
+            let records = if self.channels.has_pending_records() {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::empty()
+            };
+            let mut fds = [
+                PollFd::new(self.channels.queue_fd().as_fd(), PollFlags::POLLIN),
+                PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.channels.records_fd().as_fd(), records),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                return Ok(None);
             }
         }
+    }
+
+    /// Stops gracefully. Nothing was assigned to us ahead of time, so while the broker runs
+    /// there is nothing to finish: other workers take what is queued. When the broker has
+    /// gone (the whole instance stops, the broker first), the workers serve what it queued.
+    fn stop(&mut self, mut serve: impl FnMut(Vec<u8>) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        if self.channels.broker_gone() {
+            while let Taken::Request { seq, msg } = self.channels.take()? {
+                serve(msg)?;
+                self.channels.done(seq);
+            }
+        }
+        self.channels.flush_records()?;
+        Ok(())
     }
 }
 
