@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::config::Settings;
-use crate::link::{self, BrokerChannels, Record};
+use crate::link::{self, BrokerChannels};
+use crate::records::{self, Record};
 use crate::zmtp::Puller;
 use m2wire::{parse_address, ConnId};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -33,15 +34,22 @@ const MAX_WAITING: usize = 256;
 /// A queued request that belongs to a connection, until a worker has done it.
 struct InFlight {
     conn: ConnId,
-    /// The worker that took it, once its record has been read.
-    taker: Option<i32>,
+    /// The ring of the worker that took it, once its record has been read.
+    taker: Option<usize>,
+}
+
+struct Worker {
+    stream: UnixStream,
+    pid: i32,
+    ring: usize,
 }
 
 /// Workers, and requests on their way to them.
 struct Dispatch {
     channels: BrokerChannels,
-    /// The workers' link streams (silent: their end means the worker is gone), with pids.
-    workers: HashMap<RawFd, (UnixStream, i32)>,
+    /// The workers' link streams (silent: their end means the worker is gone), with their
+    /// pids and rings.
+    workers: HashMap<RawFd, Worker>,
     /// Messages read from mongrel2 and not queued yet, oldest first.
     waiting: VecDeque<Vec<u8>>,
     /// The last `enqueue` found the queue full.
@@ -71,26 +79,33 @@ impl Dispatch {
             Ok(pid) => pid,
             Err(e) => return tracing::warn!("refused a connection to the worker link: {e}"),
         };
-        match self.channels.welcome(&stream) {
+        let Some(ring) = self.channels.rings.allocate() else {
+            return tracing::error!(pid, "refused a worker: {} is the most", records::SLOTS);
+        };
+        match self.channels.welcome(&stream, ring) {
             Ok(()) => {
-                self.workers.insert(stream.as_raw_fd(), (stream, pid));
+                let worker = Worker { stream, pid, ring };
+                self.workers.insert(worker.stream.as_raw_fd(), worker);
             }
-            Err(e) => tracing::warn!(pid, "cannot hand the queue to a worker: {e}"),
+            Err(e) => {
+                tracing::warn!(pid, "cannot hand the queue to a worker: {e}");
+                self.channels.rings.release(ring);
+            }
         }
     }
 
     /// A worker's stream ended: it exited or was killed. What it took and did not finish
     /// will never be answered; its connections are freed.
     fn remove(&mut self, fd: RawFd) {
-        // Its last records came before its end: read them first.
-        self.read_records();
-        let Some((_, pid)) = self.workers.remove(&fd) else {
+        let Some(Worker { pid, ring, .. }) = self.workers.remove(&fd) else {
             return;
         };
+        self.read_ring(ring);
+        self.channels.rings.release(ring);
         let lost: Vec<u64> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.taker == Some(pid))
+            .filter(|(_, f)| f.taker == Some(ring))
             .map(|(&seq, _)| seq)
             .collect();
         if !lost.is_empty() {
@@ -112,21 +127,30 @@ impl Dispatch {
         }
     }
 
-    fn read_records(&mut self) {
-        let records = match self.channels.records() {
-            Ok(records) => records,
-            Err(e) => return tracing::error!("cannot read the workers' records: {e}"),
-        };
-        for record in records {
-            match record {
-                Record::Took { pid, seq } => {
+    /// Reads every worker's records; returns whether there were any.
+    fn read_records(&mut self) -> bool {
+        let rings: Vec<usize> = self.workers.values().map(|w| w.ring).collect();
+        let mut any = false;
+        for ring in rings {
+            any |= self.read_ring(ring);
+        }
+        any
+    }
+
+    fn read_ring(&mut self, ring: usize) -> bool {
+        let mut records = Vec::new();
+        self.channels.rings.read(ring, &mut |r| records.push(r));
+        for record in &records {
+            match *record {
+                Record::Took(seq) => {
                     if let Some(f) = self.in_flight.get_mut(&seq) {
-                        f.taker = Some(pid);
+                        f.taker = Some(ring);
                     }
                 }
-                Record::Done { seq, .. } => self.finish(seq),
+                Record::Done(seq) => self.finish(seq),
             }
         }
+        !records.is_empty()
     }
 
     /// Queues waiting messages, oldest first, passing over those for a connection still
@@ -210,8 +234,14 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
             }
         }
         let want = !closed && d.waiting.len() < MAX_WAITING;
-        // Held-back messages wait for a worker's record that their connection is free.
+        // Held-back messages wait for a worker's record that their connection is free: the
+        // workers ring the doorbell while we sleep. Records written before they saw the
+        // flag are read now.
         let held_back = !d.waiting.is_empty() && !d.queue_full;
+        if d.channels.rings.want_wake(held_back) && d.read_records() {
+            d.dispatch();
+            continue;
+        }
         let fds: Vec<RawFd> = d.workers.keys().copied().collect();
         let (pull_ready, accept, woken, ended) = {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|&fd| unsafe_borrow(fd)).collect();
@@ -225,7 +255,7 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
                     when(d.queue_full, PollFlags::POLLOUT),
                 ),
                 PollFd::new(
-                    d.channels.records_fd().as_fd(),
+                    d.channels.doorbell_fd().as_fd(),
                     when(held_back, PollFlags::POLLIN),
                 ),
             ];
@@ -265,6 +295,9 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
             }
         }
         // Records cost the workers no wake-up of ours: they are read whenever we are awake.
+        if held_back {
+            d.channels.quiet_doorbell();
+        }
         d.read_records();
         for fd in ended {
             d.remove(fd);

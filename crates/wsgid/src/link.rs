@@ -6,14 +6,13 @@
 //! taking: nothing was assigned to it ahead of time, so nothing is lost (note 2). Under load a
 //! worker finds its next request already queued and takes it without sleeping or asking.
 //!
-//! Workers write what they *took* and what they have *done* on a second shared pair, the
-//! record channel. The broker reads it whenever it wakes anyway; it needs the records only to
-//! keep the pipelined requests of one connection in order and to free those of a worker that
-//! died, so they cost no wake-up.
+//! Workers note what they *took* and what they have *done* in a ring of memory shared with
+//! the broker (`records`), and ring a *doorbell* (a second shared pair) only when the broker
+//! waits for a record.
 //!
 //! A worker connects to the broker's abstract Unix stream socket, and the broker answers with
-//! one byte carrying the worker's ends of both pairs (`SCM_RIGHTS`). The stream then stays
-//! silent; its end tells either side that the other is gone.
+//! its ring's number, carrying the queue, the doorbell and the rings' file (`SCM_RIGHTS`).
+//! The stream then stays silent; its end tells either side that the other is gone.
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Seek, Write};
@@ -22,6 +21,8 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 
 use nix::errno::Errno;
+
+use crate::records::{Record, Ring, Rings, Written};
 use nix::sys::socket::{
     recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned,
     MsgFlags, SockFlag, SockType,
@@ -40,13 +41,6 @@ const INLINE_MAX: usize = 64 * 1024;
 const INLINE: u8 = b'm';
 const IN_FILE: u8 = b'f';
 const QUEUE_HEADER: usize = 9;
-
-/// A record: kind, the worker's pid (u32 LE), the request's sequence number (u64 LE).
-const TOOK: u8 = b't';
-const DONE: u8 = b'd';
-const RECORD_LEN: usize = 13;
-/// Records sent in one datagram at most.
-const RECORDS_PER_DATAGRAM: usize = 256;
 
 /// The link's name for a master: abstract, so nothing on disk to clean up or to reach
 /// from inside a chroot.
@@ -99,33 +93,27 @@ fn send_datagram(fd: &OwnedFd, parts: &[IoSlice<'_>], fds: &[RawFd]) -> io::Resu
     }
 }
 
-/// The broker's side: both pairs, whole. It keeps the workers' ends open too, so requests in
-/// the queue outlive any worker and wait for the next one.
+/// The broker's side: the queue and the doorbell, both ends of each, and the rings. It keeps
+/// the workers' ends open too, so requests in the queue outlive any worker and wait for the
+/// next one.
 pub struct BrokerChannels {
     queue: OwnedFd,
     queue_for_workers: OwnedFd,
-    records: OwnedFd,
-    records_for_workers: OwnedFd,
-    buf: Vec<u8>,
-}
-
-/// What a worker recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Record {
-    Took { pid: i32, seq: u64 },
-    Done { pid: i32, seq: u64 },
+    doorbell: OwnedFd,
+    doorbell_for_workers: OwnedFd,
+    pub rings: Rings,
 }
 
 impl BrokerChannels {
     pub fn new() -> io::Result<BrokerChannels> {
         let (queue, queue_for_workers) = seqpacket_pair()?;
-        let (records, records_for_workers) = seqpacket_pair()?;
+        let (doorbell, doorbell_for_workers) = seqpacket_pair()?;
         Ok(BrokerChannels {
             queue,
             queue_for_workers,
-            records,
-            records_for_workers,
-            buf: vec![0; RECORD_LEN * RECORDS_PER_DATAGRAM],
+            doorbell,
+            doorbell_for_workers,
+            rings: Rings::new()?,
         })
     }
 
@@ -134,21 +122,32 @@ impl BrokerChannels {
         &self.queue
     }
 
-    /// The records' reading end, to poll while a held-back request waits for one.
-    pub fn records_fd(&self) -> &OwnedFd {
-        &self.records
+    /// The doorbell, to poll while waiting for a record.
+    pub fn doorbell_fd(&self) -> &OwnedFd {
+        &self.doorbell
     }
 
-    /// Greets a new worker with its ends of both pairs.
-    pub fn welcome(&self, stream: &UnixStream) -> io::Result<()> {
+    /// Silences the doorbell (the broker is awake and reads every ring).
+    pub fn quiet_doorbell(&self) {
+        let mut sink = [0u8; 16];
+        while recv(self.doorbell.as_raw_fd(), &mut sink, MsgFlags::MSG_DONTWAIT)
+            .is_ok_and(|n| n > 0)
+        {}
+    }
+
+    /// Greets a new worker with its ring's number and the shared descriptors.
+    pub fn welcome(&self, stream: &UnixStream, slot: usize) -> io::Result<()> {
+        let mut greeting = [WELCOME; 5];
+        greeting[1..].copy_from_slice(&(slot as u32).to_le_bytes());
         let fds = [
             self.queue_for_workers.as_raw_fd(),
-            self.records_for_workers.as_raw_fd(),
+            self.doorbell_for_workers.as_raw_fd(),
+            self.rings.file().as_raw_fd(),
         ];
         let cmsgs = [ControlMessage::ScmRights(&fds)];
         sendmsg::<()>(
             stream.as_raw_fd(),
-            &[IoSlice::new(&[WELCOME])],
+            &[IoSlice::new(&greeting)],
             &cmsgs,
             MsgFlags::MSG_NOSIGNAL,
             None,
@@ -177,33 +176,6 @@ impl BrokerChannels {
         file.write_all(msg)?;
         send_datagram(&self.queue, &[IoSlice::new(&header)], &[file.as_raw_fd()])
     }
-
-    /// The records written since the last call (non-blocking).
-    pub fn records(&mut self) -> io::Result<Vec<Record>> {
-        let mut found = Vec::new();
-        loop {
-            let n = match recv(
-                self.records.as_raw_fd(),
-                &mut self.buf,
-                MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(n) => n,
-                Err(Errno::EAGAIN) => return Ok(found),
-                Err(e) => return Err(e.into()),
-            };
-            found.extend(self.buf[..n].chunks_exact(RECORD_LEN).filter_map(decode));
-        }
-    }
-}
-
-fn decode(raw: &[u8]) -> Option<Record> {
-    let pid = i32::from_le_bytes(raw[1..5].try_into().ok()?);
-    let seq = u64::from_le_bytes(raw[5..13].try_into().ok()?);
-    match raw[0] {
-        TOOK => Some(Record::Took { pid, seq }),
-        DONE => Some(Record::Done { pid, seq }),
-        _ => None,
-    }
 }
 
 /// A worker's side of the link.
@@ -211,10 +183,8 @@ pub struct WorkerChannels {
     /// The stream to the broker: silent, readable only once the broker is gone.
     stream: UnixStream,
     queue: OwnedFd,
-    records: OwnedFd,
-    /// Records not sent yet: sent with the next take, or before sleeping.
-    pending: Vec<u8>,
-    pid: [u8; 4],
+    doorbell: OwnedFd,
+    ring: Ring,
     buf: Box<[u8]>,
 }
 
@@ -235,28 +205,28 @@ impl WorkerChannels {
     pub fn join(name: &str) -> io::Result<WorkerChannels> {
         let stream = UnixStream::connect_addr(&address(name)?)?;
         check_peer(&stream)?;
-        let mut byte = [0u8; 1];
-        let mut cmsg = nix::cmsg_space!([RawFd; 2]);
-        let mut iov = [IoSliceMut::new(&mut byte)];
+        let mut greeting = [0u8; 5];
+        let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+        let mut iov = [IoSliceMut::new(&mut greeting)];
         let msg = recvmsg::<()>(
             stream.as_raw_fd(),
             &mut iov,
             Some(&mut cmsg),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )?;
-        let fds = owned_fds(&msg)?;
-        let [queue, records]: [OwnedFd; 2] = fds
+        let (fds, received) = (owned_fds(&msg)?, msg.bytes);
+        let [queue, doorbell, rings]: [OwnedFd; 3] = fds
             .try_into()
             .map_err(|_| io::Error::other("the broker's greeting lacks its channels"))?;
-        if byte[0] != WELCOME {
+        if received != greeting.len() || greeting[0] != WELCOME {
             return Err(io::Error::other("unexpected greeting from the broker"));
         }
+        let slot = u32::from_le_bytes(greeting[1..].try_into().expect("4 bytes"));
         Ok(WorkerChannels {
             stream,
             queue,
-            records,
-            pending: Vec::new(),
-            pid: (std::process::id() as i32).to_le_bytes(),
+            doorbell,
+            ring: Ring::open(&rings, slot as usize)?,
             buf: vec![0u8; QUEUE_HEADER + INLINE_MAX].into_boxed_slice(),
         })
     }
@@ -264,15 +234,6 @@ impl WorkerChannels {
     /// The queue's reading end, to poll for requests.
     pub fn queue_fd(&self) -> &OwnedFd {
         &self.queue
-    }
-
-    /// The record channel, to poll for room while records are pending.
-    pub fn records_fd(&self) -> &OwnedFd {
-        &self.records
-    }
-
-    pub fn has_pending_records(&self) -> bool {
-        !self.pending.is_empty()
     }
 
     /// Takes the next request if one is queued (non-blocking), and records it as taken.
@@ -299,7 +260,7 @@ impl WorkerChannels {
             return Err(io::Error::other("a short frame in the request queue"));
         }
         let seq = u64::from_le_bytes(self.buf[1..QUEUE_HEADER].try_into().expect("8 bytes"));
-        self.record(TOOK, seq);
+        self.record(Record::Took(seq));
         let msg = match (self.buf[0], file) {
             (INLINE, _) => self.buf[QUEUE_HEADER..len].to_vec(),
             (IN_FILE, Some(fd)) => {
@@ -311,34 +272,33 @@ impl WorkerChannels {
             }
             _ => return Err(io::Error::other("a malformed frame in the request queue")),
         };
-        self.flush_records()?;
         Ok(Taken::Request { seq, msg })
     }
 
-    /// Records a request as done; sent with the next take, or by `flush_records`.
+    /// Records a request as done.
     pub fn done(&mut self, seq: u64) {
-        self.record(DONE, seq);
+        self.record(Record::Done(seq));
     }
 
-    fn record(&mut self, kind: u8, seq: u64) {
-        self.pending.push(kind);
-        self.pending.extend_from_slice(&self.pid);
-        self.pending.extend_from_slice(&seq.to_le_bytes());
-    }
-
-    /// Sends the pending records (non-blocking: what does not fit waits for the next call).
-    pub fn flush_records(&mut self) -> io::Result<()> {
-        while !self.pending.is_empty() {
-            let n = self.pending.len().min(RECORD_LEN * RECORDS_PER_DATAGRAM);
-            match send_datagram(&self.records, &[IoSlice::new(&self.pending[..n])], &[]) {
-                Ok(true) => drop(self.pending.drain(..n)),
-                Ok(false) => return Ok(()),
-                // The broker has gone, and with it whoever would read the records.
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.pending.clear(),
-                Err(e) => return Err(e),
+    fn record(&self, record: Record) {
+        loop {
+            match self.ring.write(record) {
+                Written::Quietly => return,
+                Written::RingDoorbell => return self.ring_doorbell(),
+                // Only when the broker has read nothing for a thousand requests, or is gone.
+                Written::Full if self.broker_gone() => return,
+                Written::Full => {
+                    self.ring_doorbell();
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             }
         }
-        Ok(())
+    }
+
+    /// One byte is enough: the broker reads every ring when it wakes. A full doorbell has
+    /// been rung already; a closed one has nobody left to hear it.
+    fn ring_doorbell(&self) {
+        let _ = send_datagram(&self.doorbell, &[IoSlice::new(b"!")], &[]);
     }
 
     /// Whether the broker has gone (its end of the stream closed).
@@ -375,21 +335,22 @@ fn owned_fds(msg: &nix::sys::socket::RecvMsg<'_, '_, ()>) -> io::Result<Vec<Owne
 mod tests {
     use super::*;
 
-    fn pair() -> (BrokerChannels, WorkerChannels) {
+    fn pair() -> (BrokerChannels, WorkerChannels, usize) {
         let name = format!(
             "wsgid-test-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
         );
         let listener = listen(&name).unwrap();
-        let broker = BrokerChannels::new().unwrap();
+        let mut broker = BrokerChannels::new().unwrap();
+        let slot = broker.rings.allocate().unwrap();
         let joined = std::thread::spawn(move || WorkerChannels::join(&name).unwrap());
         let (stream, _) = listener.accept().unwrap();
         assert_eq!(check_peer(&stream).unwrap() as u32, std::process::id());
-        broker.welcome(&stream).unwrap();
+        broker.welcome(&stream, slot).unwrap();
         let worker = joined.join().unwrap();
         drop(stream);
-        (broker, worker)
+        (broker, worker, slot)
     }
 
     fn take(worker: &mut WorkerChannels) -> (u64, Vec<u8>) {
@@ -401,7 +362,7 @@ mod tests {
 
     #[test]
     fn requests_inline_and_in_a_file_arrive_in_order_with_records() {
-        let (mut broker, mut worker) = pair();
+        let (broker, mut worker, slot) = pair();
         let big: Vec<u8> = (0..INLINE_MAX * 3).map(|i| (i % 251) as u8).collect();
         assert!(broker.enqueue(1, b"small").unwrap());
         assert!(broker.enqueue(2, &big).unwrap());
@@ -412,16 +373,23 @@ mod tests {
         let (seq, msg) = take(&mut worker);
         assert_eq!((seq, msg == big), (2, true));
         assert!(matches!(worker.take().unwrap(), Taken::Empty));
-        worker.flush_records().unwrap();
-        let pid = std::process::id() as i32;
+        let mut records = Vec::new();
+        broker.rings.read(slot, &mut |r| records.push(r));
+        assert_eq!(records, [Record::Took(1), Record::Done(1), Record::Took(2)]);
+        // Waiting for a record, the broker hears the doorbell.
+        broker.rings.want_wake(true);
+        worker.done(2);
+        let mut bell = [0u8; 4];
         assert_eq!(
-            broker.records().unwrap(),
-            [
-                Record::Took { pid, seq: 1 },
-                Record::Done { pid, seq: 1 },
-                Record::Took { pid, seq: 2 },
-            ]
+            recv(
+                broker.doorbell_fd().as_raw_fd(),
+                &mut bell,
+                MsgFlags::MSG_DONTWAIT
+            )
+            .unwrap(),
+            1
         );
+        broker.quiet_doorbell();
         // The broker is gone (the link's stream was closed); queued requests remain.
         assert!(worker.broker_gone());
         assert!(broker.enqueue(3, b"last").unwrap());
@@ -432,7 +400,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_says_so_and_loses_nothing() {
-        let (broker, mut worker) = pair();
+        let (broker, mut worker, _) = pair();
         let msg = vec![7u8; 1000];
         let mut queued = 0u64;
         while broker.enqueue(queued, &msg).unwrap() {

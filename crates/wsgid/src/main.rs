@@ -13,6 +13,7 @@ mod daemon;
 mod link;
 mod logging;
 mod outbox;
+mod records;
 mod upload;
 mod worker;
 mod wsgi;

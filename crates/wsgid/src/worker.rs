@@ -231,17 +231,9 @@ impl BrokerLink {
                 }
                 Taken::Empty => {}
             }
-            // Idle: the broker learns what we did before we sleep.
-            self.channels.flush_records()?;
-            let records = if self.channels.has_pending_records() {
-                PollFlags::POLLOUT
-            } else {
-                PollFlags::empty()
-            };
             let mut fds = [
                 PollFd::new(self.channels.queue_fd().as_fd(), PollFlags::POLLIN),
                 PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.channels.records_fd().as_fd(), records),
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -263,7 +255,6 @@ impl BrokerLink {
                 self.channels.done(seq);
             }
         }
-        self.channels.flush_records()?;
         Ok(())
     }
 }
