@@ -294,11 +294,9 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
                 d.accept(stream);
             }
         }
-        // Records cost the workers no wake-up of ours: they are read whenever we are awake.
         if held_back {
             d.channels.quiet_doorbell();
         }
-        d.read_records();
         for fd in ended {
             d.remove(fd);
         }
@@ -319,6 +317,10 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
                 }
             }
         }
+        // Records cost the workers no wake-up of ours: they are read whenever we are awake,
+        // last thing before queueing, so that a keep-alive connection's next request finds
+        // its previous one done.
+        d.read_records();
         d.dispatch();
     }
     tracing::info!(unqueued = d.waiting.len(), "broker stopped");
