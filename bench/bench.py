@@ -133,9 +133,10 @@ class Server:
 
 class BehindMongrel2(Server):
     protocol = "tnetstring"
+    ipc = False
 
     def start(self):
-        self.handler = Handler("/", self.protocol)
+        self.handler = Handler("/", self.protocol, ipc_chroot=(self.tmp / "m2") if self.ipc else None)
         self.m2 = Mongrel2(self.tmp / "m2", [self.handler])
         self.m2.start()
         self.url = self.m2.url
@@ -175,6 +176,11 @@ class OursJson(Ours):
     protocol = "json"
 
 
+class OursIpc(Ours):
+    name = "wsgid (tnetstring, ipc)"
+    ipc = True
+
+
 class Pyzmq(BehindMongrel2):
     name = "mongrel2 + pyzmq handler"
     protocol = "json"
@@ -184,6 +190,11 @@ class Pyzmq(BehindMongrel2):
         for _ in range(2):
             self.popen([str(BENCH_VENV / "bin" / "python"), str(HERE / "pyzmq_handler.py"),
                         self.handler.send_spec, self.handler.recv_spec, str(self.m2.root)])
+
+
+class PyzmqIpc(Pyzmq):
+    name = "mongrel2 + pyzmq handler (ipc)"
+    ipc = True
 
 
 class Direct(Server):
@@ -225,8 +236,9 @@ class Ceiling(Direct):
         return [str(RELEASE / "ceiling"), str(self.port)]
 
 
-SERVERS = {"ours": OursTnet, "ours-json": OursJson, "pyzmq": Pyzmq, "gunicorn": Gunicorn,
-           "granian": Granian, "uwsgi": Uwsgi, "ceiling": Ceiling}
+SERVERS = {"ours": OursTnet, "ours-json": OursJson, "pyzmq": Pyzmq, "ours-ipc": OursIpc,
+           "pyzmq-ipc": PyzmqIpc, "gunicorn": Gunicorn, "granian": Granian, "uwsgi": Uwsgi,
+           "ceiling": Ceiling}
 
 
 # --- workloads -------------------------------------------------------------------------
@@ -340,18 +352,22 @@ def report(results, servers, args, stamp):
         worker = fmt(u.get("worker_peak_rss_mib"), 1) if SERVERS_BY_NAME[name].gateway_marker == "wsgid" else "–"
         bad = "" if u.get("ok", True) else " (failed)"
         lines.append(f"| {name} | {fmt(m.get('idle'), 1)} | {fmt(u.get('seconds'), 2)}{bad} | {fmt(u.get('peak_rss_mib'), 1)} | {worker} |")
-    if ours in names:
-        lines += ["", f"Ratios of {ours} to each peer (median of per-round ratios; req/s higher is better):", "",
-                  "| peer | hello | 64 KiB | POST 1 MiB |", "|---|---|---|---|"]
-        for name in names:
-            if name == ours:
-                continue
-            cells = []
-            for key in ("hello", "64k", "post"):
-                ratios = [r[ours][key]["rps"] / r[name][key]["rps"] for r in results
-                          if key in r.get(ours, {}) and key in r.get(name, {}) and r[name][key]["rps"]]
-                cells.append(f"{median(ratios):.2f}x" if ratios else "–")
-            lines.append(f"| {name} | {' | '.join(cells)} |")
+    def ratio_row(a, b):
+        cells = []
+        for key in ("hello", "64k", "post"):
+            ratios = [r[a][key]["rps"] / r[b][key]["rps"] for r in results
+                      if key in r.get(a, {}) and key in r.get(b, {}) and r[b][key]["rps"]]
+            cells.append(f"{median(ratios):.2f}x" if ratios else "–")
+        return f"| {a} | {b} | {' | '.join(cells)} |"
+    pairs = [(ours, name) for name in names if ours in names and name != ours]
+    ipc = (SERVERS["ours-ipc"].name, SERVERS["pyzmq-ipc"].name)
+    if all(n in names for n in ipc):
+        pairs.append(ipc)
+    if pairs:
+        lines += ["", "Ratios of req/s (median of per-round ratios; higher is better for wsgid). Behind "
+                  "mongrel2, each pair uses the same transport (tcp:// unless marked ipc).", "",
+                  "| wsgid | peer | hello | 64 KiB | POST 1 MiB |", "|---|---|---|---|---|"]
+        lines += [ratio_row(a, b) for a, b in pairs]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
               "Load commands (PORT is each server's): " + "; ".join(sorted({
                   "`" + re.sub(r"http://127\.0\.0\.1:\d+", "http://127.0.0.1:PORT", run[key]["command"]) + "`"

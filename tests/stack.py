@@ -40,17 +40,25 @@ def wait_for(predicate, timeout=20.0, what="condition"):
 class Handler:
     """One mongrel2 Handler entry: the route and the two ZeroMQ endpoints."""
 
-    def __init__(self, route, protocol="json", recv_ident=""):
+    def __init__(self, route, protocol="json", recv_ident="", ipc_chroot=None):
         self.route = route
         self.protocol = protocol
         self.recv_ident = recv_ident
-        self.send_spec = f"tcp://127.0.0.1:{free_port()}"  # mongrel2 PUSHes here: wsgid --recv
-        self.recv_spec = f"tcp://127.0.0.1:{free_port()}"  # mongrel2 SUBs here: wsgid --send
         self.ident = str(uuid.uuid4())
+        if ipc_chroot is None:
+            self.send_spec = f"tcp://127.0.0.1:{free_port()}"  # mongrel2 PUSHes here: wsgid --recv
+            self.recv_spec = f"tcp://127.0.0.1:{free_port()}"  # mongrel2 SUBs here: wsgid --send
+            self.m2_specs = (self.send_spec, self.recv_spec)
+        else:
+            # Unix sockets: mongrel2 names them inside its chroot, the handler from outside.
+            names = (f"/run/{self.ident[:8]}-requests", f"/run/{self.ident[:8]}-replies")
+            self.m2_specs = tuple(f"ipc://{n}" for n in names)
+            self.send_spec, self.recv_spec = (f"ipc://{ipc_chroot}{n}" for n in names)
 
     def config(self):
-        return (f"Handler(send_spec='{self.send_spec}', send_ident='{self.ident}', "
-                f"recv_spec='{self.recv_spec}', recv_ident='{self.recv_ident}', protocol='{self.protocol}')")
+        send, recv = self.m2_specs
+        return (f"Handler(send_spec='{send}', send_ident='{self.ident}', "
+                f"recv_spec='{recv}', recv_ident='{self.recv_ident}', protocol='{self.protocol}')")
 
 
 class Mongrel2:

@@ -20,9 +20,11 @@ def make(tmp_path):
     """Starts a mongrel2 with one tnetstring handler and a wsgid for it; stops both after."""
     started = []
 
-    def make(app="testapp", args=("--wsgi-app", "testapp:application"), start=True, content_length=20480, **kw):
-        handler = Handler("/", "tnetstring")
-        m2 = Mongrel2(tmp_path / f"m2-{len(started)}", [handler], content_length=content_length)
+    def make(app="testapp", args=("--wsgi-app", "testapp:application"), start=True, content_length=20480,
+             ipc=False, **kw):
+        root = tmp_path / f"m2-{len(started)}"
+        handler = Handler("/", "tnetstring", ipc_chroot=root if ipc else None)
+        m2 = Mongrel2(root, [handler], content_length=content_length)
         m2.start()
         source = APPS.get(app, ROOT / "tests" / app)
         server = Wsgid(tmp_path / f"app-{len(started)}", handler, m2, source, list(args), **kw)
@@ -453,3 +455,13 @@ def test_large_inline_bodies_pass_the_queue(make):
         assert r.status_code == 200
         assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
         assert r.json()["upload_path"] is None  # inline, not spooled
+
+
+def test_ipc_endpoints(make):
+    """Unix-socket endpoints (mongrel2 names them inside its chroot), both directions."""
+    server = make(workers=2, ipc=True)
+    assert server.handler.send_spec.startswith("ipc://")
+    for _ in range(20):
+        assert requests.get(server.url + "/hello", timeout=5).text == "Hello, World!"
+    body = os.urandom(100_000)
+    assert requests.post(server.url + "/echo", data=body, timeout=5).content == body
