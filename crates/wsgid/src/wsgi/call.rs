@@ -175,9 +175,13 @@ pub fn run_app(
     }
 }
 
-/// PEP 3333: the server calls `close()` on the result whatever happened.
+/// PEP 3333: the server calls `close()` on the result whatever happened. A plain list or
+/// tuple has none; asking would build and discard an AttributeError on every request.
 fn close_result(result: &Bound<'_, PyAny>) -> PyResult<()> {
-    if let Some(close) = result.getattr_opt("close")? {
+    if result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>() {
+        return Ok(());
+    }
+    if let Some(close) = result.getattr_opt(pyo3::intern!(result.py(), "close"))? {
         close.call0()?;
     }
     Ok(())
