@@ -465,3 +465,21 @@ def test_ipc_endpoints(make):
         assert requests.get(server.url + "/hello", timeout=5).text == "Hello, World!"
     body = os.urandom(100_000)
     assert requests.post(server.url + "/echo", data=body, timeout=5).content == body
+
+
+def test_a_client_pipelining_too_much_is_closed_and_others_are_served(make):
+    """The broker holds at most 16 requests behind one connection's request in service; a
+    client that pipelines more has its connection closed, and nobody else waits on it."""
+    from http_util import raw_exchange
+    server = make(workers=2)
+    reqs = b"".join(b"GET /sleep?0.05 HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(60))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=raw_exchange(server.mongrel2.port, reqs, timeout=10)))
+    t.start()
+    time.sleep(0.3)
+    assert requests.get(server.url + "/hello", timeout=2).text == "Hello, World!"
+    t.join()
+    data, sock = result["r"]
+    assert sock is None, "the connection should have been closed"
+    assert data.count(b"HTTP/1.1 200 OK") < 60  # closed at once, answered or not
+    assert "closing a connection that pipelined too many requests" in server.log()

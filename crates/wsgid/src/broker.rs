@@ -30,6 +30,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 /// Most messages held back (behind a connection in service, or by a full queue) before
 /// reading from mongrel2 pauses.
 const MAX_WAITING: usize = 256;
+/// Most messages held back for one connection; more are refused (the connection closed).
+const PIPELINE_LIMIT: usize = 16;
 
 /// A queued request that belongs to a connection, until a worker has done it.
 struct InFlight {
@@ -156,15 +158,25 @@ impl Dispatch {
     /// Queues waiting messages, oldest first, passing over those for a connection still
     /// in service.
     fn dispatch(&mut self) {
+        let mut held: HashMap<ConnId, usize> = HashMap::new();
         let mut i = 0;
         while i < self.waiting.len() {
             let conn = parse_address(&self.waiting[i]).map(|(_, conn)| conn);
-            if conn.is_some_and(|c| self.busy.contains_key(&c)) {
-                i += 1;
-                continue;
-            }
             let seq = self.next_seq;
-            match self.channels.enqueue(seq, &self.waiting[i]) {
+            let queued = match conn.filter(|c| self.busy.contains_key(c)) {
+                None => self.channels.enqueue(seq, &self.waiting[i]),
+                Some(conn) => {
+                    let count = held.entry(conn).or_default();
+                    *count += 1;
+                    if *count <= PIPELINE_LIMIT {
+                        i += 1;
+                        continue;
+                    }
+                    // One client must not fill what we hold for everyone.
+                    self.channels.refuse(seq, &self.waiting[i])
+                }
+            };
+            match queued {
                 Ok(true) => {}
                 Ok(false) => {
                     self.queue_full = true;
@@ -178,7 +190,7 @@ impl Dispatch {
             }
             self.next_seq += 1;
             self.waiting.remove(i);
-            if let Some(conn) = conn {
+            if let Some(conn) = conn.filter(|c| !held.contains_key(c)) {
                 *self.busy.entry(conn).or_default() += 1;
                 self.in_flight.insert(seq, InFlight { conn, taker: None });
             }
@@ -226,7 +238,10 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
         if stop.load(Ordering::Relaxed) && draining.is_none() {
             tracing::info!("stopping: no new requests from mongrel2, queueing those sent");
             requests.shutdown_write();
-            draining = Some(Instant::now() + Duration::from_secs(settings.graceful_timeout));
+            // Half the graceful timeout: the workers, stopped after us, need time to serve
+            // what we queued before the master's deadline.
+            let half = Duration::from_secs(settings.graceful_timeout) / 2;
+            draining = Some(Instant::now() + half);
         }
         if let Some(deadline) = draining {
             if (closed && d.waiting.is_empty()) || Instant::now() >= deadline {
@@ -243,22 +258,26 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
             continue;
         }
         let fds: Vec<RawFd> = d.workers.keys().copied().collect();
-        let (pull_ready, accept, woken, ended) = {
+        let (pull_ready, accept, woken, rung, ended) = {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|&fd| unsafe_borrow(fd)).collect();
-            let when = |on: bool, flags: PollFlags| if on { flags } else { PollFlags::empty() };
+            let room = if d.queue_full {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::empty()
+            };
+            // Workers ring only when asked to, or when their ring is full.
             let mut polled = vec![
-                PollFd::new(requests.as_fd(), when(want, PollFlags::POLLIN)),
                 PollFd::new(listener.as_fd(), PollFlags::POLLIN),
                 PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-                PollFd::new(
-                    d.channels.queue_fd().as_fd(),
-                    when(d.queue_full, PollFlags::POLLOUT),
-                ),
-                PollFd::new(
-                    d.channels.doorbell_fd().as_fd(),
-                    when(held_back, PollFlags::POLLIN),
-                ),
+                PollFd::new(d.channels.queue_fd().as_fd(), room),
+                PollFd::new(d.channels.doorbell_fd().as_fd(), PollFlags::POLLIN),
             ];
+            // A connection at its end reports a hang-up whatever is asked: polled only
+            // when we would read it.
+            if want {
+                polled.push(PollFd::new(requests.as_fd(), PollFlags::POLLIN));
+            }
+            let first_worker = polled.len();
             polled.extend(
                 borrowed
                     .iter()
@@ -278,11 +297,18 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
             let hit = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
             let ended: Vec<RawFd> = fds
                 .iter()
-                .zip(&polled[5..])
+                .zip(&polled[first_worker..])
                 .filter(|(_, p)| hit(p))
                 .map(|(fd, _)| *fd)
                 .collect();
-            (hit(&polled[0]), hit(&polled[1]), hit(&polled[2]), ended)
+            let pull_ready = want && hit(&polled[4]);
+            (
+                pull_ready,
+                hit(&polled[0]),
+                hit(&polled[1]),
+                hit(&polled[3]),
+                ended,
+            )
         };
         if woken {
             let mut sink = [0u8; 64];
@@ -294,7 +320,7 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
                 d.accept(stream);
             }
         }
-        if held_back {
+        if rung {
             d.channels.quiet_doorbell();
         }
         for fd in ended {

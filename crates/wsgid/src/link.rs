@@ -40,6 +40,8 @@ const INLINE_MAX: usize = 64 * 1024;
 /// A queued request: kind, sequence number (u64 LE), then the message when inline.
 const INLINE: u8 = b'm';
 const IN_FILE: u8 = b'f';
+/// A request to refuse: only its address, to close its connection.
+const REFUSE: u8 = b'x';
 const QUEUE_HEADER: usize = 9;
 
 /// The link's name for a master: abstract, so nothing on disk to clean up or to reach
@@ -135,6 +137,19 @@ impl BrokerChannels {
         {}
     }
 
+    /// Queues a request to be refused: its connection gets closed. The address at the
+    /// message's start is all a worker needs.
+    pub fn refuse(&self, seq: u64, msg: &[u8]) -> io::Result<bool> {
+        let mut header = [REFUSE; QUEUE_HEADER];
+        header[1..].copy_from_slice(&seq.to_le_bytes());
+        let address = &msg[..msg.len().min(1024)];
+        send_datagram(
+            &self.queue,
+            &[IoSlice::new(&header), IoSlice::new(address)],
+            &[],
+        )
+    }
+
     /// Greets a new worker with its ring's number and the shared descriptors.
     pub fn welcome(&self, stream: &UnixStream, slot: usize) -> io::Result<()> {
         let mut greeting = [WELCOME; 5];
@@ -193,6 +208,9 @@ pub enum Taken {
     Request {
         seq: u64,
         msg: Vec<u8>,
+        /// Close the request's connection instead of serving it (the client pipelined
+        /// more requests than the broker holds for one connection).
+        refuse: bool,
     },
     /// Nothing queued now.
     Empty,
@@ -238,45 +256,68 @@ impl WorkerChannels {
 
     /// Takes the next request if one is queued (non-blocking), and records it as taken.
     pub fn take(&mut self) -> io::Result<Taken> {
-        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-        let (len, file) = {
-            let mut iov = [IoSliceMut::new(&mut self.buf)];
-            let msg = match recvmsg::<()>(self.queue.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)
-            {
-                Ok(msg) => msg,
-                Err(Errno::EAGAIN | Errno::EINTR) => return Ok(Taken::Empty),
-                Err(e) => return Err(e.into()),
+        loop {
+            let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+            let (len, truncated, fds) = {
+                let mut iov = [IoSliceMut::new(&mut self.buf)];
+                let msg =
+                    match recvmsg::<()>(self.queue.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
+                        Ok(msg) => msg,
+                        Err(Errno::EAGAIN | Errno::EINTR) => return Ok(Taken::Empty),
+                        Err(e) => return Err(e.into()),
+                    };
+                let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+                (msg.bytes, truncated, owned_fds(&msg))
             };
-            if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-                return Err(io::Error::other("a queued request overran its frame"));
+            if len == 0 {
+                return Ok(Taken::Closed);
             }
-            (msg.bytes, owned_fds(&msg)?.into_iter().next())
-        };
-        if len == 0 {
-            return Ok(Taken::Closed);
+            if len < QUEUE_HEADER {
+                tracing::error!("a short frame in the request queue, skipped");
+                continue;
+            }
+            // Taken: recorded before anything else can fail, so the broker never waits on
+            // a request that nobody serves.
+            let seq = u64::from_le_bytes(self.buf[1..QUEUE_HEADER].try_into().expect("8 bytes"));
+            self.record(Record::Took(seq));
+            match self.unpack(len, truncated, fds) {
+                Ok(msg) => {
+                    let refuse = self.buf[0] == REFUSE;
+                    return Ok(Taken::Request { seq, msg, refuse });
+                }
+                Err(e) => {
+                    tracing::error!("a queued request was lost: {e}");
+                    self.done(seq);
+                }
+            }
         }
-        if len < QUEUE_HEADER {
-            return Err(io::Error::other("a short frame in the request queue"));
+    }
+
+    fn unpack(
+        &self,
+        len: usize,
+        truncated: bool,
+        fds: io::Result<Vec<OwnedFd>>,
+    ) -> io::Result<Vec<u8>> {
+        if truncated {
+            return Err(io::Error::other("the frame overran its buffer"));
         }
-        let seq = u64::from_le_bytes(self.buf[1..QUEUE_HEADER].try_into().expect("8 bytes"));
-        self.record(Record::Took(seq));
-        let msg = match (self.buf[0], file) {
-            (INLINE, _) => self.buf[QUEUE_HEADER..len].to_vec(),
+        match (self.buf[0], fds?.into_iter().next()) {
+            (INLINE | REFUSE, _) => Ok(self.buf[QUEUE_HEADER..len].to_vec()),
             (IN_FILE, Some(fd)) => {
                 let mut file = File::from(fd);
                 file.rewind()?;
                 let mut msg = Vec::new();
                 file.read_to_end(&mut msg)?;
-                msg
+                Ok(msg)
             }
-            _ => return Err(io::Error::other("a malformed frame in the request queue")),
-        };
-        Ok(Taken::Request { seq, msg })
+            _ => Err(io::Error::other("a malformed frame")),
+        }
     }
 
     /// Records a request as done.
-    pub fn done(&mut self, seq: u64) {
+    pub fn done(&self, seq: u64) {
         self.record(Record::Done(seq));
     }
 
@@ -355,7 +396,7 @@ mod tests {
 
     fn take(worker: &mut WorkerChannels) -> (u64, Vec<u8>) {
         match worker.take().unwrap() {
-            Taken::Request { seq, msg } => (seq, msg),
+            Taken::Request { seq, msg, .. } => (seq, msg),
             _ => panic!("nothing taken"),
         }
     }
@@ -367,7 +408,7 @@ mod tests {
         assert!(broker.enqueue(1, b"small").unwrap());
         assert!(broker.enqueue(2, &big).unwrap());
         assert!(
-            matches!(worker.take().unwrap(), Taken::Request { seq: 1, ref msg } if msg == b"small")
+            matches!(worker.take().unwrap(), Taken::Request { seq: 1, ref msg, refuse: false } if msg == b"small")
         );
         worker.done(1);
         let (seq, msg) = take(&mut worker);

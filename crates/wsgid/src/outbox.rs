@@ -141,6 +141,15 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// Sends what waits for its pace now. A response is complete only once this is done:
+    /// the broker then lets another worker answer the connection's next request, whose
+    /// reply must not overtake this one's last piece.
+    pub fn flush_now(&self) -> io::Result<()> {
+        self.lock().flush()
+    }
+}
+
 impl ReplySink for Outbox {
     fn send(&self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
         let mut state = self.lock();

@@ -151,7 +151,13 @@ impl Rings {
     /// Reads the records a worker wrote since the last call.
     pub fn read(&self, slot: usize, into: &mut impl FnMut(Record)) {
         let tail = self.map.tail(slot).load(Ordering::Relaxed);
-        let head = self.map.head(slot).load(Ordering::Acquire);
+        // The app shares the worker's memory and could scribble here: never read further
+        // than one ring's worth.
+        let head = self
+            .map
+            .head(slot)
+            .load(Ordering::Acquire)
+            .clamp(tail, tail + CAPACITY);
         for index in tail..head {
             into(Record::decode(
                 self.map.entry(slot, index).load(Ordering::Relaxed),

@@ -140,6 +140,7 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         app,
         template,
         outbox: Rc::new(replies.outbox.clone()),
+        replies: replies.outbox.clone(),
         policy: UploadPolicy::from_settings(&settings),
         served: 0,
         upload_marker: crate::appdir::upload_marker(&settings.app_path, std::process::id()),
@@ -163,15 +164,15 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
             retirement_asked = true;
         }
         match broker.next(&signals)? {
-            Some((seq, msg)) => {
-                worker.serve(msg)?;
+            Some((seq, msg, refuse)) => {
+                worker.answer(msg, refuse)?;
                 broker.channels.done(seq);
             }
             None => signals.drain(),
         }
     }
     tracing::info!(served = worker.served, "stopping gracefully");
-    broker.stop(|msg| worker.serve(msg))?;
+    broker.stop(|msg, refuse| worker.answer(msg, refuse))?;
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
 }
@@ -211,12 +212,12 @@ impl BrokerLink {
     /// The next request, or `None` when a signal woke us. Under load the request is
     /// already queued and is taken without sleeping. When the broker has gone (it is
     /// restarted by the master) and its queue is empty, the new broker is joined.
-    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<(u64, Vec<u8>)>> {
+    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<(u64, Vec<u8>, bool)>> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         loop {
             match self.channels.take()? {
-                Taken::Request { seq, msg } => return Ok(Some((seq, msg))),
+                Taken::Request { seq, msg, refuse } => return Ok(Some((seq, msg, refuse))),
                 Taken::Closed => {
                     if !signals.stop.load(Ordering::Relaxed) {
                         tracing::warn!("lost the broker; reconnecting");
@@ -248,10 +249,13 @@ impl BrokerLink {
     /// Stops gracefully. Nothing was assigned to us ahead of time, so while the broker runs
     /// there is nothing to finish: other workers take what is queued. When the broker has
     /// gone (the whole instance stops, the broker first), the workers serve what it queued.
-    fn stop(&mut self, mut serve: impl FnMut(Vec<u8>) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    fn stop(
+        &mut self,
+        mut answer: impl FnMut(Vec<u8>, bool) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         if self.channels.broker_gone() {
-            while let Taken::Request { seq, msg } = self.channels.take()? {
-                serve(msg)?;
+            while let Taken::Request { seq, msg, refuse } = self.channels.take()? {
+                answer(msg, refuse)?;
                 self.channels.done(seq);
             }
         }
@@ -281,6 +285,7 @@ struct Worker {
     template: EnvironTemplate,
     /// The outbox as the response writers see it.
     outbox: Rc<dyn ReplySink>,
+    replies: Arc<Outbox>,
     policy: UploadPolicy,
     served: u64,
     /// Names the upload in hand while the app runs (see `appdir::sweep_orphan_upload`).
@@ -298,9 +303,25 @@ struct Prepared<'py> {
 }
 
 impl Worker {
+    /// Serves a message from mongrel2, or refuses it by closing its connection.
+    fn answer(&mut self, msg: Vec<u8>, refuse: bool) -> anyhow::Result<()> {
+        if !refuse {
+            return self.serve(msg);
+        }
+        if let Some((sender, conn_id)) = parse_address(&msg) {
+            tracing::warn!(
+                conn_id,
+                "closing a connection that pipelined too many requests"
+            );
+            self.close(sender, conn_id)?;
+        }
+        Ok(())
+    }
+
     /// Serves one message from mongrel2.
     fn serve(&mut self, msg: Vec<u8>) -> anyhow::Result<()> {
-        Python::attach(|py| self.handle(py, msg))
+        Python::attach(|py| self.handle(py, msg))?;
+        Ok(self.replies.flush_now()?)
     }
 
     fn writer(
