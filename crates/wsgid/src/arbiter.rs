@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 
 use crate::appdir::{self, Role};
 use crate::config::Settings;
-use crate::link::LINK_ENV;
+use crate::link::{LINK_ENV, LISTENER_FD_ENV};
 use crate::upload::UploadPolicy;
 use crate::worker::{Report, EXIT_APP_LOAD, REPORT_FD_ENV, REPORT_LEN};
 
@@ -69,6 +69,8 @@ pub struct Arbiter {
     /// The broker process (see `broker`), and when it may be started again.
     broker: Option<i32>,
     broker_endpoint: String,
+    /// The link's listening socket, bound once and lent to each broker.
+    link_listener: std::os::unix::net::UnixListener,
     next_broker_spawn: Instant,
     /// Stopping: the workers have been told to stop (after the broker exited).
     workers_stopped: bool,
@@ -78,6 +80,7 @@ impl Arbiter {
     pub fn new(settings: Settings) -> anyhow::Result<Arbiter> {
         let (ready_read, ready_write) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).context("pipe")?;
+        let broker_endpoint = crate::link::new_name(std::process::id());
         Ok(Arbiter {
             settings_json: serde_json::to_string(&settings)?,
             target: settings.workers,
@@ -90,7 +93,9 @@ impl Arbiter {
             ready_read,
             ready_write,
             broker: None,
-            broker_endpoint: crate::link::name(std::process::id()),
+            link_listener: crate::link::listen(&broker_endpoint)
+                .with_context(|| format!("cannot listen on the worker link @{broker_endpoint}"))?,
+            broker_endpoint,
             next_broker_spawn: Instant::now(),
             workers_stopped: false,
         })
@@ -256,19 +261,24 @@ impl Arbiter {
     /// die with the master (parent-death signal).
     fn spawn_child(&self, role: &str) -> anyhow::Result<u32> {
         let exe = std::env::current_exe().context("cannot find our own executable")?;
-        let ready_fd = self.ready_write.as_raw_fd();
+        // The broker gets the link's listener; workers the link's name and the report pipe.
+        let (inherited, fd_env) = if role == "broker" {
+            (self.link_listener.as_raw_fd(), LISTENER_FD_ENV)
+        } else {
+            (self.ready_write.as_raw_fd(), REPORT_FD_ENV)
+        };
         let mut command = Command::new(exe);
         command
             .arg(role)
             .env(SETTINGS_ENV, &self.settings_json)
             .env(LINK_ENV, &self.broker_endpoint)
-            .env(REPORT_FD_ENV, ready_fd.to_string())
+            .env(fd_env, inherited.to_string())
             .envs(&self.settings.envs);
         // SAFETY: only async-signal-safe calls (prctl, fcntl) between fork and exec.
         unsafe {
             command.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-                let fd = std::os::fd::BorrowedFd::borrow_raw(ready_fd);
+                let fd = std::os::fd::BorrowedFd::borrow_raw(inherited);
                 fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
                 Ok(())
             });

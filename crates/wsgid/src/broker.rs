@@ -199,7 +199,7 @@ impl Dispatch {
     }
 }
 
-pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
+pub fn run(settings: &Settings, listener: std::os::unix::net::UnixListener) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let quit = Arc::new(AtomicBool::new(false));
     let (wake, notify) = UnixStream::pair()?;
@@ -217,8 +217,6 @@ pub fn run(settings: &Settings, link_name: &str) -> anyhow::Result<()> {
         Arc::new(AtomicBool::new(false)),
     )?;
 
-    let listener = link::listen(link_name)
-        .with_context(|| format!("cannot listen on the worker link @{link_name}"))?;
     listener.set_nonblocking(true)?;
     let give_up = || stop.load(Ordering::Relaxed) || quit.load(Ordering::Relaxed);
     let mut requests = Puller::connect(&settings.recv, give_up)?;

@@ -28,8 +28,12 @@ use nix::sys::socket::{
     MsgFlags, SockFlag, SockType,
 };
 
-/// Environment variable carrying the link's name from the master to broker and workers.
+/// Environment variable carrying the link's name from the master to the workers.
 pub const LINK_ENV: &str = "WSGID_LINK";
+/// Environment variable carrying the listening socket's descriptor from the master to the
+/// broker: the master binds the name once and holds it, so it is never free for another
+/// local user to take while a broker restarts.
+pub const LISTENER_FD_ENV: &str = "WSGID_LINK_FD";
 
 /// The broker's greeting, which carries the channels.
 const WELCOME: u8 = b'w';
@@ -44,10 +48,12 @@ const IN_FILE: u8 = b'f';
 const REFUSE: u8 = b'x';
 const QUEUE_HEADER: usize = 9;
 
-/// The link's name for a master: abstract, so nothing on disk to clean up or to reach
-/// from inside a chroot.
-pub fn name(master_pid: u32) -> String {
-    format!("wsgid-{master_pid}")
+/// A fresh name for a master's link: abstract, so nothing on disk to clean up or to reach
+/// from inside a chroot; random, so nobody can take it ahead of us.
+pub fn new_name(master_pid: u32) -> String {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(master_pid);
+    format!("wsgid-{master_pid}-{random:016x}")
 }
 
 fn address(name: &str) -> io::Result<SocketAddr> {
@@ -58,14 +64,31 @@ pub fn listen(name: &str) -> io::Result<UnixListener> {
     UnixListener::bind_addr(&address(name)?)
 }
 
+/// The listener the master passed to its broker.
+pub fn inherited_listener() -> io::Result<UnixListener> {
+    let fd: RawFd = std::env::var(LISTENER_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other("no link listener: the broker is started by the master"))?;
+    // SAFETY: the master left this descriptor open for us; nothing else here owns it.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &listener,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(listener)
+}
+
 /// The peer of a link runs as us: the broker accepts only our workers, a worker talks only
 /// to our broker. Other local users cannot read requests or feed forged ones. Returns the
-/// peer's pid.
+/// peer's pid. A worker sees the credentials of whoever bound the listener: the master,
+/// which may be root (`--chroot` keeps it root while its children drop to the folder's
+/// owner); root is trusted.
 pub fn check_peer(stream: &UnixStream) -> io::Result<i32> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     let peer = getsockopt(stream, PeerCredentials).map_err(io::Error::from)?;
     let us = nix::unistd::geteuid().as_raw();
-    if peer.uid() != us {
+    if peer.uid() != us && peer.uid() != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("link peer runs as uid {}, not {us}", peer.uid()),
@@ -223,6 +246,9 @@ impl WorkerChannels {
     pub fn join(name: &str) -> io::Result<WorkerChannels> {
         let stream = UnixStream::connect_addr(&address(name)?)?;
         check_peer(&stream)?;
+        // The master holds the listener while its broker restarts: the greeting may take
+        // a while, and the caller retries (watching for a stop) if it does not come.
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
         let mut greeting = [0u8; 5];
         let mut cmsg = nix::cmsg_space!([RawFd; 3]);
         let mut iov = [IoSliceMut::new(&mut greeting)];

@@ -45,8 +45,7 @@ fn main() -> ExitCode {
                 let master = nix::unistd::getppid();
                 daemon::drop_privileges(daemon::folder_owner(&settings.app_path)?)?;
                 daemon::rearm_parent_death(master)?;
-                let link_name = std::env::var(link::LINK_ENV)?;
-                broker::run(&settings, &link_name)
+                broker::run(&settings, link::inherited_listener()?)
             })
         }
         Some(Command::Init) => commands::init(&app_path()),
