@@ -28,6 +28,7 @@ use crate::wsgi::input::{Body, Input};
 use crate::wsgi::response::{ReplySink, RequestFacts, ResponseWriter};
 use crate::wsgi::types::{Errors, FileWrapper};
 use crate::wsgi::{call, loader};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 /// Exit code of a worker whose app cannot be loaded: the master backs off before retrying.
 pub const EXIT_APP_LOAD: i32 = 3;
@@ -181,7 +182,14 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
 struct BrokerLink {
     name: String,
     channels: WorkerChannels,
+    /// Waits for a request or a signal. The queue is watched with `EPOLLEXCLUSIVE`: a new
+    /// request wakes one idle worker, not all of them.
+    idle: Epoll,
 }
+
+/// Tokens of what `BrokerLink::idle` watches.
+const QUEUE: u64 = 0;
+const SIGNAL: u64 = 1;
 
 impl BrokerLink {
     /// Connects, retrying while the broker starts.
@@ -190,10 +198,15 @@ impl BrokerLink {
         loop {
             match WorkerChannels::join(name) {
                 Ok(channels) => {
+                    let idle = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+                    let exclusive = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                    idle.add(channels.queue_fd(), EpollEvent::new(exclusive, QUEUE))?;
+                    idle.add(&signals.wake, EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL))?;
                     return Ok(BrokerLink {
                         name: name.to_string(),
                         channels,
-                    })
+                        idle,
+                    });
                 }
                 Err(e) if since.elapsed() > Duration::from_secs(30) => {
                     return Err(e).context("cannot reach the broker")
@@ -213,8 +226,6 @@ impl BrokerLink {
     /// already queued and is taken without sleeping. When the broker has gone (it is
     /// restarted by the master) and its queue is empty, the new broker is joined.
     fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<(u64, Vec<u8>, bool)>> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
         loop {
             match self.channels.take()? {
                 Taken::Request { seq, msg, refuse } => return Ok(Some((seq, msg, refuse))),
@@ -232,15 +243,13 @@ impl BrokerLink {
                 }
                 Taken::Empty => {}
             }
-            let mut fds = [
-                PollFd::new(self.channels.queue_fd().as_fd(), PollFlags::POLLIN),
-                PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            let mut events = [EpollEvent::empty(); 2];
+            let n = match self.idle.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => 0,
                 Err(e) => return Err(e.into()),
-            }
-            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            };
+            if events[..n].iter().any(|e| e.data() == SIGNAL) {
                 return Ok(None);
             }
         }
