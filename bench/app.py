@@ -1,10 +1,15 @@
 """The one app every server in the benchmark serves (as in shared/reference/peers.md)."""
 HELLO = b"Hello, World!"
 K64 = b"x" * 65536
+DOWNLOAD_MIB = 1024
 
 
 def application(environ, start_response):
     path = environ["PATH_INFO"]
+    if path == "/download":  # 1 GiB streamed in 64 KiB chunks: memory must stay flat
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(DOWNLOAD_MIB * 2**20))])
+        return (K64 for _ in range(DOWNLOAD_MIB * 16))
     if path == "/64k":
         start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", "65536")])
         return [K64]

@@ -261,6 +261,17 @@ def run_wrk(server, path, seconds, script=None):
 
 
 def run_upload(server, big_file):
+    return peak_rss_during(server, ["curl", "-sS", "-T", str(big_file), server.url + "/stream"],
+                           str(big_file.stat().st_size))
+
+
+def run_download(server):
+    return peak_rss_during(server, ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download}",
+                                    server.url + "/download"], str(2**30))
+
+
+def peak_rss_during(server, command, expected_output):
+    """Runs `command` (curl), sampling the RSS of the server's processes every 50 ms."""
     samples = {"total": 0, "gateway": 0, "worker": 0}
     done = threading.Event()
 
@@ -277,11 +288,11 @@ def run_upload(server, big_file):
     thread = threading.Thread(target=sample)
     thread.start()
     started = time.time()
-    out = subprocess.run(["curl", "-sS", "-T", str(big_file), server.url + "/stream"], capture_output=True, text=True)
+    out = subprocess.run(command, capture_output=True, text=True)
     elapsed = time.time() - started
     done.set()
     thread.join()
-    ok = out.returncode == 0 and out.stdout.strip() == str(big_file.stat().st_size)
+    ok = out.returncode == 0 and out.stdout.strip() == expected_output
     return {"seconds": elapsed, "peak_rss_mib": samples["total"] / 2**20, "gateway_peak_rss_mib": samples["gateway"] / 2**20,
             "worker_peak_rss_mib": samples["worker"] / 2**20, "ok": ok}
 
@@ -326,10 +337,11 @@ def report(results, servers, args, stamp):
             runs = [r[name][key] for r in results if key in r.get(name, {})]
             if runs:
                 med[name][key] = {f: median([run[f] for run in runs]) for f in ("rps", "p99_ms", "cpu_us", "gateway_cpu_us", "errors")}
-        ups = [r[name]["upload"] for r in results if "upload" in r.get(name, {})]
-        if ups:
-            med[name]["upload"] = {f: median([u[f] for u in ups]) for f in ("seconds", "peak_rss_mib", "gateway_peak_rss_mib", "worker_peak_rss_mib")}
-            med[name]["upload"]["ok"] = all(u["ok"] for u in ups)
+        for key in ("upload", "download"):
+            runs = [r[name][key] for r in results if key in r.get(name, {})]
+            if runs:
+                med[name][key] = {f: median([u[f] for u in runs]) for f in ("seconds", "peak_rss_mib", "gateway_peak_rss_mib", "worker_peak_rss_mib")}
+                med[name][key]["ok"] = all(u["ok"] for u in runs)
         idles = [r[name]["idle"] for r in results if "idle" in r.get(name, {})]
         if idles:
             med[name]["idle"] = median(idles)
@@ -345,20 +357,24 @@ def report(results, servers, args, stamp):
         errors = sum(int(x.get("errors") or 0) for x in (h, k, p))
         lines.append(f"| {name} | {fmt(h.get('rps'))} | {fmt(h.get('p99_ms'), 1)} | {fmt(h.get('cpu_us'), 1)} | {gateway} | "
                      f"{fmt(k.get('rps'))} | {fmt(k.get('cpu_us'), 1)} | {fmt(p.get('rps'))} | {fmt(p.get('cpu_us'), 1)} | {errors} |")
-    lines += ["", "| server | idle RSS MiB | 1 GiB upload s | upload peak RSS MiB (all processes) | gateway worker peak RSS MiB |", "|---|---|---|---|---|"]
+    lines += ["", "| server | idle RSS MiB | 1 GiB upload s | upload peak RSS MiB (all processes) | wsgid worker peak | "
+              "1 GiB download s | download peak RSS MiB (all processes) | wsgid worker peak |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         m = med[name]
-        u = m.get("upload", {})
-        worker = fmt(u.get("worker_peak_rss_mib"), 1) if SERVERS_BY_NAME[name].gateway_marker == "wsgid" else "–"
-        bad = "" if u.get("ok", True) else " (failed)"
-        lines.append(f"| {name} | {fmt(m.get('idle'), 1)} | {fmt(u.get('seconds'), 2)}{bad} | {fmt(u.get('peak_rss_mib'), 1)} | {worker} |")
+        cells = [fmt(m.get("idle"), 1)]
+        for key in ("upload", "download"):
+            u = m.get(key, {})
+            worker = fmt(u.get("worker_peak_rss_mib"), 1) if SERVERS_BY_NAME[name].gateway_marker == "wsgid" else "–"
+            bad = "" if u.get("ok", True) else " (failed)"
+            cells += [f"{fmt(u.get('seconds'), 2)}{bad}", fmt(u.get("peak_rss_mib"), 1), worker]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     def ratio_row(a, b):
         cells = []
         for key in ("hello", "64k", "post"):
             ratios = [r[a][key]["rps"] / r[b][key]["rps"] for r in results
                       if key in r.get(a, {}) and key in r.get(b, {}) and r[b][key]["rps"]]
             cells.append(f"{median(ratios):.2f}x" if ratios else "–")
-        return f"| {a} | {b} | {' | '.join(cells)} |"
+        return f"| {a} | {b} | {' | '.join(cells)} |" if set(cells) != {"–"} else None
     pairs = [(ours, name) for name in names if ours in names and name != ours]
     ipc = (SERVERS["ours-ipc"].name, SERVERS["pyzmq-ipc"].name)
     if all(n in names for n in ipc):
@@ -367,13 +383,14 @@ def report(results, servers, args, stamp):
         lines += ["", "Ratios of req/s (median of per-round ratios; higher is better for wsgid). Behind "
                   "mongrel2, each pair uses the same transport (tcp:// unless marked ipc).", "",
                   "| wsgid | peer | hello | 64 KiB | POST 1 MiB |", "|---|---|---|---|---|"]
-        lines += [ratio_row(a, b) for a, b in pairs]
+        lines += [row for row in (ratio_row(a, b) for a, b in pairs) if row]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
               "Load commands (PORT is each server's): " + "; ".join(sorted({
                   "`" + re.sub(r"http://127\.0\.0\.1:\d+", "http://127.0.0.1:PORT", run[key]["command"]) + "`"
                   for r in results for run in r.values() if isinstance(run, dict)
                   for key in ("hello", "64k", "post") if key in run})),
-              "1 GiB upload: `curl -sS -T FILE http://127.0.0.1:PORT/stream`, RSS of every server process "
+              "1 GiB upload: `curl -sS -T FILE http://127.0.0.1:PORT/stream`; 1 GiB download (a generator of "
+              "64 KiB chunks): `curl -sS -o /dev/null http://127.0.0.1:PORT/download`; RSS of every server process "
               "sampled every 50 ms. wsgid runs with WSGID_LOG=warn (no access log), gunicorn with "
               "--access-logfile /dev/null, uWSGI with --disable-logging."]
     return "\n".join(lines) + "\n", med
@@ -385,7 +402,7 @@ SERVERS_BY_NAME = {cls.name: cls for cls in SERVERS.values()}
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ", ".join(SERVERS))
-    parser.add_argument("--workloads", default="hello,64k,post,upload,idle")
+    parser.add_argument("--workloads", default="hello,64k,post,upload,download,idle")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--upload-mib", type=int, default=1024)
@@ -420,6 +437,8 @@ def main():
                     r["post"] = run_wrk(server, "/post", args.seconds, HERE / "post.lua")
                 if "upload" in workloads:
                     r["upload"] = run_upload(server, big)
+                if "download" in workloads:
+                    r["download"] = run_download(server)
                 round_results[server.name] = r
             finally:
                 server.stop()

@@ -1,6 +1,6 @@
 //! The benchmark's ceiling: what a trivial keep-alive HTTP server does on this machine.
-//! Thread per connection; `/64k` answers 64 KiB, `/post` and `/stream` read the body,
-//! anything else answers "Hello, World!". Usage: `ceiling PORT`.
+//! Thread per connection; `/64k` answers 64 KiB, `/download` 1 GiB in 64 KiB writes, `/post`
+//! and `/stream` read the body, anything else answers "Hello, World!". Usage: `ceiling PORT`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -37,6 +37,15 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
                 return Ok(());
             }
             remaining -= n;
+        }
+        if path == "/download" {
+            let chunks = 16 * 1024;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", chunks * 65536);
+            out.write_all(head.as_bytes())?;
+            for _ in 0..chunks {
+                out.write_all(&big)?;
+            }
+            continue;
         }
         let body: Vec<u8> = match path.as_str() {
             "/64k" => big.clone(),
