@@ -40,7 +40,10 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
         }
         if path == "/download" {
             let chunks = 16 * 1024;
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", chunks * 65536);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                chunks * 65536
+            );
             out.write_all(head.as_bytes())?;
             for _ in 0..chunks {
                 out.write_all(&big)?;

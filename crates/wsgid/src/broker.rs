@@ -90,7 +90,8 @@ impl Dispatch {
                 self.workers.insert(worker.stream.as_raw_fd(), worker);
             }
             Err(e) => {
-                tracing::warn!(pid, "cannot hand the queue to a worker: {e}");
+                // A worker that gave up waiting while no broker ran: nothing lost.
+                tracing::debug!(pid, "cannot greet a worker: {e}");
                 self.channels.rings.release(ring);
             }
         }

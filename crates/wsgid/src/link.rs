@@ -241,14 +241,17 @@ pub enum Taken {
     Closed,
 }
 
+/// Connects a worker to the link. The master holds the listener, also while its broker
+/// (re)starts: the greeting comes when a broker accepts (poll the stream for it).
+pub fn connect(name: &str) -> io::Result<UnixStream> {
+    let stream = UnixStream::connect_addr(&address(name)?)?;
+    check_peer(&stream)?;
+    Ok(stream)
+}
+
 impl WorkerChannels {
-    /// Connects to the broker and receives the channels.
-    pub fn join(name: &str) -> io::Result<WorkerChannels> {
-        let stream = UnixStream::connect_addr(&address(name)?)?;
-        check_peer(&stream)?;
-        // The master holds the listener while its broker restarts: the greeting may take
-        // a while, and the caller retries (watching for a stop) if it does not come.
-        stream.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    /// Receives the channels: reads the broker's greeting (blocking).
+    pub fn receive(stream: UnixStream) -> io::Result<WorkerChannels> {
         let mut greeting = [0u8; 5];
         let mut cmsg = nix::cmsg_space!([RawFd; 3]);
         let mut iov = [IoSliceMut::new(&mut greeting)];
@@ -411,11 +414,11 @@ mod tests {
         let listener = listen(&name).unwrap();
         let mut broker = BrokerChannels::new().unwrap();
         let slot = broker.rings.allocate().unwrap();
-        let joined = std::thread::spawn(move || WorkerChannels::join(&name).unwrap());
+        let joined = std::thread::spawn(move || connect(&name).and_then(WorkerChannels::receive));
         let (stream, _) = listener.accept().unwrap();
         assert_eq!(check_peer(&stream).unwrap() as u32, std::process::id());
         broker.welcome(&stream, slot).unwrap();
-        let worker = joined.join().unwrap();
+        let worker = joined.join().unwrap().unwrap();
         drop(stream);
         (broker, worker, slot)
     }

@@ -20,7 +20,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::config::Settings;
-use crate::link::{Taken, WorkerChannels, LINK_ENV};
+use crate::link::{self, Taken, WorkerChannels, LINK_ENV};
 use crate::outbox::Outbox;
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use crate::wsgi::environ::{self, BodyInfo, EnvironTemplate};
@@ -196,8 +196,16 @@ impl BrokerLink {
     fn connect(name: &str, signals: &Signals) -> anyhow::Result<BrokerLink> {
         let since = Instant::now();
         loop {
-            match WorkerChannels::join(name) {
-                Ok(channels) => {
+            let joined = link::connect(name).and_then(|stream| {
+                if greeting_arrives(&stream, signals)? {
+                    WorkerChannels::receive(stream).map(Some)
+                } else {
+                    Ok(None)
+                }
+            });
+            match joined {
+                Ok(None) => anyhow::bail!("stopped before the broker was up"),
+                Ok(Some(channels)) => {
                     let idle = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
                     let exclusive = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
                     idle.add(channels.queue_fd(), EpollEvent::new(exclusive, QUEUE))?;
@@ -269,6 +277,29 @@ impl BrokerLink {
             }
         }
         Ok(())
+    }
+}
+
+/// Waits for the broker's greeting on a fresh link stream; `false` when told to stop first.
+fn greeting_arrives(stream: &UnixStream, signals: &Signals) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [
+            PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(true);
+        }
+        signals.drain();
+        if signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
     }
 }
 
