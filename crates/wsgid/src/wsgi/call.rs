@@ -18,6 +18,10 @@ fn latin1_bytes(value: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
         .cast::<PyString>()
         .map_err(|_| PyTypeError::new_err(format!("{what} must be str, not {}", type_name(value))))?
         .to_cow()?;
+    // Nearly always ASCII, where the UTF-8 bytes are the latin-1 ones.
+    if text.is_ascii() {
+        return Ok(text.into_owned().into_bytes());
+    }
     text.chars()
         .map(|c| u8::try_from(u32::from(c)).ok())
         .collect::<Option<Vec<u8>>>()

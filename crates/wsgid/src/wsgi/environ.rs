@@ -5,6 +5,8 @@
 //! once per worker and copied per request.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use m2wire::Request;
 use pyo3::prelude::*;
@@ -17,7 +19,14 @@ use super::response::SERVER;
 pub struct EnvironTemplate {
     dict: Py<PyDict>,
     default_server_name: String,
+    /// `HTTP_*` keys by header name, made once: a key is then an interned string with its
+    /// hash computed, not an allocation and a decode per header per request.
+    http_keys: RefCell<HashMap<Vec<u8>, Py<PyString>>>,
 }
+
+/// Most header names whose keys are kept (clients choose names: the cache must not grow
+/// without bound).
+const MAX_HTTP_KEYS: usize = 256;
 
 impl EnvironTemplate {
     pub fn new(
@@ -42,7 +51,21 @@ impl EnvironTemplate {
         Ok(EnvironTemplate {
             dict: dict.unbind(),
             default_server_name,
+            http_keys: RefCell::default(),
         })
+    }
+
+    /// The environ key of a client header (see `cgi_name`).
+    fn http_key<'py>(&self, py: Python<'py>, name: &[u8]) -> Option<Bound<'py, PyString>> {
+        if let Some(key) = self.http_keys.borrow().get(name) {
+            return Some(key.bind(py).clone());
+        }
+        let key = PyString::intern(py, &cgi_name(name)?);
+        let mut keys = self.http_keys.borrow_mut();
+        if keys.len() < MAX_HTTP_KEYS {
+            keys.insert(name.to_vec(), key.clone().unbind());
+        }
+        Some(key)
     }
 }
 
@@ -222,7 +245,7 @@ pub fn build<'py>(
     }
 
     for (name, value) in req.headers.iter() {
-        if let Some(key) = cgi_name(name) {
+        if let Some(key) = template.http_key(py, name) {
             let sep: &[u8] = if name == b"cookie" { b"; " } else { b", " };
             env.set_item(key, latin1(py, &value.joined(sep)))?;
         }
