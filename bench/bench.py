@@ -134,6 +134,7 @@ class Server:
 class BehindMongrel2(Server):
     protocol = "tnetstring"
     ipc = False
+    workers = 2
 
     def start(self):
         self.handler = Handler("/", self.protocol, ipc_chroot=(self.tmp / "m2") if self.ipc else None)
@@ -161,7 +162,7 @@ class Ours(BehindMongrel2):
         if not link.exists():
             link.symlink_to(HERE)
         self.popen([str(RELEASE / "wsgid"), "--app-path", str(folder), "--wsgi-app", "app:application",
-                    "--recv", self.handler.send_spec, "--send", self.handler.recv_spec, "--workers", "2",
+                    "--recv", self.handler.send_spec, "--send", self.handler.recv_spec, "--workers", str(self.workers),
                     "--no-daemon", "--stdout", "--mongrel2-chroot", str(self.m2.root),
                     "--upload-temp-store", self.m2.upload_template],
                    env={**os.environ, "WSGID_LOG": "warn"})
@@ -187,7 +188,7 @@ class Pyzmq(BehindMongrel2):
     gateway_marker = "pyzmq_handler"
 
     def start_handler(self):
-        for _ in range(2):
+        for _ in range(self.workers):
             self.popen([str(BENCH_VENV / "bin" / "python"), str(HERE / "pyzmq_handler.py"),
                         self.handler.send_spec, self.handler.recv_spec, str(self.m2.root)])
 
