@@ -483,3 +483,24 @@ def test_a_client_pipelining_too_much_is_closed_and_others_are_served(make):
     assert sock is None, "the connection should have been closed"
     assert data.count(b"HTTP/1.1 200 OK") < 60  # closed at once, answered or not
     assert "closing a connection that pipelined too many requests" in server.log()
+
+
+def test_many_pipelining_clients_cannot_stop_the_reading(make):
+    """18 connections pipelining 16 slow requests each would hold 270 requests, more than the
+    broker reads ahead (256): past 128 held in all, connections are closed instead, and a
+    plain request is still served at once."""
+    import socket
+    server = make(workers=2)
+    burst = b"".join(b"GET /sleep?0.1 HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(16))
+    socks = [socket.create_connection(("127.0.0.1", server.mongrel2.port)) for _ in range(18)]
+    try:
+        for s in socks:
+            s.sendall(burst)
+        time.sleep(0.5)
+        started = time.time()
+        assert requests.get(server.url + "/hello", timeout=5).text == "Hello, World!"
+        assert time.time() - started < 2
+        assert "closing a connection that pipelined too many requests" in server.log()
+    finally:
+        for s in socks:
+            s.close()

@@ -19,4 +19,6 @@ pub mod tnetstring;
 pub use error::WireError;
 pub use headers::{HeaderValue, Headers};
 pub use reply::{encode_close, encode_prefix, encode_reply, ReplyError, MAX_TARGETS};
-pub use request::{parse_address, ConnId, HeaderEncoding, MessageKind, Request, UploadMarker};
+pub use request::{
+    is_notice, parse_address, ConnId, HeaderEncoding, MessageKind, Request, UploadMarker,
+};

@@ -75,6 +75,12 @@ pub fn parse_address(msg: &[u8]) -> Option<(&[u8], ConnId)> {
     valid_sender(sender).then_some((sender, id))
 }
 
+/// Whether a message is one of mongrel2's own notices about a connection (disconnect,
+/// download credits: path `@*`) rather than a client's request. Read without parsing.
+pub fn is_notice(msg: &[u8]) -> bool {
+    msg.splitn(4, |&b| b == b' ').nth(2) == Some(b"@*")
+}
+
 fn parse_conn_id(digits: &[u8]) -> Option<ConnId> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
@@ -370,13 +376,22 @@ mod tests {
         assert!(parse_address(b"u 1").is_none());
     }
 
+    #[test]
+    fn tells_notices_from_requests() {
+        let disconnect = json_msg("u 7 @*", r#"{"METHOD":"JSON"}"#, r#"{"type":"disconnect"}"#);
+        assert!(is_notice(&disconnect));
+        assert!(!is_notice(&json_msg("u 7 /@*", "{}", "")));
+        assert!(!is_notice(b"u 7 @*x 2:{},0:,"));
+        assert!(!is_notice(b"u 7"));
+    }
+
     proptest! {
         #[test]
         fn never_panics(input in proptest::collection::vec(any::<u8>(), 0..120)) {
             if let Ok(req) = Request::parse(&input) {
                 let _ = (req.kind(), req.upload(), req.declares_body());
             }
-            let _ = parse_address(&input);
+            let _ = (parse_address(&input), is_notice(&input));
         }
 
         #[test]

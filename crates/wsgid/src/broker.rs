@@ -24,14 +24,16 @@ use crate::config::Settings;
 use crate::link::{self, BrokerChannels};
 use crate::records::{self, Record};
 use crate::zmtp::Puller;
-use m2wire::{parse_address, ConnId};
+use m2wire::{is_notice, parse_address, ConnId};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// Most messages held back (behind a connection in service, or by a full queue) before
 /// reading from mongrel2 pauses.
 const MAX_WAITING: usize = 256;
-/// Most messages held back for one connection; more are refused (the connection closed).
+/// Most requests held back for one connection, and for all connections together; more are
+/// refused (their connections closed), so that held requests never stop the reading.
 const PIPELINE_LIMIT: usize = 16;
+const MAX_HELD: usize = MAX_WAITING / 2;
 
 /// A queued request that belongs to a connection, until a worker has done it.
 struct InFlight {
@@ -160,20 +162,26 @@ impl Dispatch {
     /// in service.
     fn dispatch(&mut self) {
         let mut held: HashMap<ConnId, usize> = HashMap::new();
+        let mut held_total = 0;
         let mut i = 0;
         while i < self.waiting.len() {
-            let conn = parse_address(&self.waiting[i]).map(|(_, conn)| conn);
+            // mongrel2's notices (disconnect, credits) answer nothing: no order to keep.
+            let conn = parse_address(&self.waiting[i])
+                .map(|(_, conn)| conn)
+                .filter(|_| !is_notice(&self.waiting[i]));
             let seq = self.next_seq;
             let queued = match conn.filter(|c| self.busy.contains_key(c)) {
                 None => self.channels.enqueue(seq, &self.waiting[i]),
                 Some(conn) => {
                     let count = held.entry(conn).or_default();
                     *count += 1;
-                    if *count <= PIPELINE_LIMIT {
+                    held_total += 1;
+                    if *count <= PIPELINE_LIMIT && held_total <= MAX_HELD {
                         i += 1;
                         continue;
                     }
-                    // One client must not fill what we hold for everyone.
+                    // Pipelining clients must not fill what we hold for everyone.
+                    held_total -= 1;
                     self.channels.refuse(seq, &self.waiting[i])
                 }
             };

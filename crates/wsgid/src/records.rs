@@ -157,7 +157,7 @@ impl Rings {
             .map
             .head(slot)
             .load(Ordering::Acquire)
-            .clamp(tail, tail + CAPACITY);
+            .clamp(tail, tail.saturating_add(CAPACITY));
         for index in tail..head {
             into(Record::decode(
                 self.map.entry(slot, index).load(Ordering::Relaxed),

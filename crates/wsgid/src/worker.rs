@@ -92,6 +92,10 @@ impl Signals {
         Ok(signals)
     }
 
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.quit.load(Ordering::Relaxed)
+    }
+
     fn drain(&self) {
         let mut buf = [0u8; 64];
         while matches!(io::Read::read(&mut &self.wake, &mut buf), Ok(n) if n > 0) {}
@@ -238,14 +242,15 @@ impl BrokerLink {
             match self.channels.take()? {
                 Taken::Request { seq, msg, refuse } => return Ok(Some((seq, msg, refuse))),
                 Taken::Closed => {
-                    if !signals.stop.load(Ordering::Relaxed) {
-                        tracing::warn!("lost the broker; reconnecting");
-                        match BrokerLink::connect(&self.name, signals) {
-                            Ok(fresh) => *self = fresh,
-                            // Stopping (the broker goes first): nothing to reconnect to.
-                            Err(_) if signals.stop.load(Ordering::Relaxed) => {}
-                            Err(e) => return Err(e),
-                        }
+                    // On a stop the broker goes first, and our signal follows at once.
+                    if signals.stopping() || signal_within(signals, Duration::from_millis(500))? {
+                        return Ok(None);
+                    }
+                    tracing::warn!("lost the broker; reconnecting");
+                    match BrokerLink::connect(&self.name, signals) {
+                        Ok(fresh) => *self = fresh,
+                        Err(_) if signals.stopping() => {}
+                        Err(e) => return Err(e),
                     }
                     return Ok(None);
                 }
@@ -257,7 +262,10 @@ impl BrokerLink {
                 Err(nix::errno::Errno::EINTR) => 0,
                 Err(e) => return Err(e.into()),
             };
-            if events[..n].iter().any(|e| e.data() == SIGNAL) {
+            // A request that woke us is taken even if a signal came with it: the wake-up
+            // was ours alone (EPOLLEXCLUSIVE), and no other idle worker would get it.
+            let woke = |token| events[..n].iter().any(|e| e.data() == token);
+            if woke(SIGNAL) && !woke(QUEUE) {
                 return Ok(None);
             }
         }
@@ -297,9 +305,22 @@ fn greeting_arrives(stream: &UnixStream, signals: &Signals) -> io::Result<bool> 
             return Ok(true);
         }
         signals.drain();
-        if signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed) {
+        if signals.stopping() {
             return Ok(false);
         }
+    }
+}
+
+/// Whether a signal arrives within `wait` (it is left for the caller to handle).
+fn signal_within(signals: &Signals, wait: Duration) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN)];
+    let millis = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+    match poll(&mut fds, millis) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(true),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -60,11 +60,14 @@ impl EnvironTemplate {
         if let Some(key) = self.http_keys.borrow().get(name) {
             return Some(key.bind(py).clone());
         }
-        let key = PyString::intern(py, &cgi_name(name)?);
+        let cgi = cgi_name(name)?;
         let mut keys = self.http_keys.borrow_mut();
-        if keys.len() < MAX_HTTP_KEYS {
-            keys.insert(name.to_vec(), key.clone().unbind());
+        if keys.len() >= MAX_HTTP_KEYS {
+            // Not interned: newer Pythons never free interned strings.
+            return Some(PyString::new(py, &cgi));
         }
+        let key = PyString::intern(py, &cgi);
+        keys.insert(name.to_vec(), key.clone().unbind());
         Some(key)
     }
 }
