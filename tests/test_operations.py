@@ -504,3 +504,28 @@ def test_many_pipelining_clients_cannot_stop_the_reading(make):
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_killed_worker_is_noticed_even_if_its_app_forked(make):
+    """A child forked by the app keeps the worker's end of the link open, so the broker never
+    sees it end: it checks that its workers live. The dead worker's connection, with a
+    pipelined request held behind the lost one, is then closed."""
+    from http_util import raw_exchange
+    server = make(workers=1)
+    requests.get(server.url + "/fork-child?15", timeout=5)
+    worker = int(requests.get(server.url + "/pid", timeout=5).text)
+    result = {}
+
+    def pipelined():
+        reqs = b"GET /sleep?30 HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+        result["r"] = raw_exchange(server.mongrel2.port, reqs, timeout=8, expect=(b"Hello, World!", 1))
+    t = threading.Thread(target=pipelined)
+    t.start()
+    time.sleep(0.5)
+    os.kill(worker, signal.SIGKILL)
+    t.join()
+    data, sock = result["r"]
+    # The first request's response is lost with its worker: a later one would answer the
+    # wrong request, so the connection is closed.
+    assert sock is None and data == b"", "the connection should have been closed, unanswered"
+    assert "a worker died while serving; closing those connections" in server.log()

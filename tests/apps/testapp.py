@@ -138,6 +138,12 @@ def inner(environ, start_response):
         return [b"bye"]
     if path == "/pid":
         return text(start_response, str(os.getpid()))
+    if path == "/fork-child":  # a child that keeps the worker's descriptors, as multiprocessing's fork does
+        child = os.fork()
+        if child == 0:
+            time.sleep(float(environ["QUERY_STRING"] or 10))
+            os._exit(0)
+        return text(start_response, str(child))
     if path == "/sleep":
         time.sleep(float(environ["QUERY_STRING"] or 1))
         return text(start_response, "slept")

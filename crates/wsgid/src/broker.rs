@@ -10,7 +10,7 @@
 //!
 //! Replies do not pass through here: workers publish them to mongrel2 themselves.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -38,6 +38,8 @@ const MAX_HELD: usize = MAX_WAITING / 2;
 /// A queued request that belongs to a connection, until a worker has done it.
 struct InFlight {
     conn: ConnId,
+    /// `sender conn_id`, to close the connection if the request is lost.
+    address: Vec<u8>,
     /// The ring of the worker that took it, once its record has been read.
     taker: Option<usize>,
 }
@@ -63,6 +65,9 @@ struct Dispatch {
     /// Requests in flight per connection: its next messages wait, so that the responses to
     /// pipelined requests go out in order even with several workers.
     busy: HashMap<ConnId, u32>,
+    /// Connections to close (addresses), for a worker to do: their request in flight was
+    /// lost with its worker, and a later response would answer the wrong request.
+    to_close: VecDeque<Vec<u8>>,
 }
 
 impl Dispatch {
@@ -75,6 +80,7 @@ impl Dispatch {
             next_seq: 1,
             in_flight: HashMap::new(),
             busy: HashMap::new(),
+            to_close: VecDeque::new(),
         })
     }
 
@@ -99,6 +105,18 @@ impl Dispatch {
         }
     }
 
+    /// Workers whose process is gone although their stream is open: a child the app forked
+    /// holds it (multiprocessing's fork start method does).
+    fn vanished(&self) -> Vec<RawFd> {
+        use nix::sys::signal::kill;
+        use nix::unistd::Pid;
+        self.workers
+            .iter()
+            .filter(|(_, w)| kill(Pid::from_raw(w.pid), None) == Err(nix::errno::Errno::ESRCH))
+            .map(|(&fd, _)| fd)
+            .collect()
+    }
+
     /// A worker's stream ended: it exited or was killed. What it took and did not finish
     /// will never be answered; its connections are freed.
     fn remove(&mut self, fd: RawFd) {
@@ -114,10 +132,22 @@ impl Dispatch {
             .map(|(&seq, _)| seq)
             .collect();
         if !lost.is_empty() {
-            tracing::warn!(pid, requests = lost.len(), "a worker died while serving");
+            tracing::warn!(
+                pid,
+                requests = lost.len(),
+                "a worker died while serving; closing those connections"
+            );
         }
         for seq in lost {
+            let Some(address) = self.in_flight.get(&seq).map(|f| f.address.clone()) else {
+                continue;
+            };
+            if let Some((_, conn)) = parse_address(&address) {
+                self.waiting
+                    .retain(|m| is_notice(m) || parse_address(m).is_none_or(|(_, c)| c != conn));
+            }
             self.finish(seq);
+            self.to_close.push_back(address);
         }
     }
 
@@ -161,8 +191,20 @@ impl Dispatch {
     /// Queues waiting messages, oldest first, passing over those for a connection still
     /// in service.
     fn dispatch(&mut self) {
+        while let Some(address) = self.to_close.front() {
+            match self.channels.refuse(self.next_seq, address) {
+                Ok(false) => {
+                    self.queue_full = true;
+                    return;
+                }
+                Ok(true) => self.next_seq += 1,
+                Err(e) => tracing::error!("cannot queue a connection's close: {e}"),
+            }
+            self.to_close.pop_front();
+        }
         let mut held: HashMap<ConnId, usize> = HashMap::new();
         let mut held_total = 0;
+        let mut refused = HashSet::new();
         let mut i = 0;
         while i < self.waiting.len() {
             // mongrel2's notices (disconnect, credits) answer nothing: no order to keep.
@@ -182,6 +224,12 @@ impl Dispatch {
                     }
                     // Pipelining clients must not fill what we hold for everyone.
                     held_total -= 1;
+                    if refused.insert(conn) {
+                        tracing::warn!(
+                            conn,
+                            "closing a connection that pipelined too many requests"
+                        );
+                    }
                     self.channels.refuse(seq, &self.waiting[i])
                 }
             };
@@ -198,10 +246,20 @@ impl Dispatch {
                 }
             }
             self.next_seq += 1;
-            self.waiting.remove(i);
+            let msg = self.waiting.remove(i).expect("index in range");
             if let Some(conn) = conn.filter(|c| !held.contains_key(c)) {
                 *self.busy.entry(conn).or_default() += 1;
-                self.in_flight.insert(seq, InFlight { conn, taker: None });
+                let (sender, _) = parse_address(&msg).expect("parsed above");
+                let address = [sender, format!(" {conn} @*").as_bytes()].concat();
+                let taker = None;
+                self.in_flight.insert(
+                    seq,
+                    InFlight {
+                        conn,
+                        address,
+                        taker,
+                    },
+                );
             }
         }
         self.queue_full = false;
@@ -237,6 +295,7 @@ pub fn run(settings: &Settings, listener: std::os::unix::net::UnixListener) -> a
     // queue outlives it: the workers serve what is in it before they stop).
     let mut draining: Option<Instant> = None;
     let mut closed = false;
+    let mut next_liveness_check = Instant::now();
     loop {
         if quit.load(Ordering::Relaxed) {
             tracing::info!("quit: stopping now");
@@ -294,6 +353,9 @@ pub fn run(settings: &Settings, listener: std::os::unix::net::UnixListener) -> a
                 PollTimeout::ZERO
             } else if draining.is_some() {
                 PollTimeout::from(100u16)
+            } else if !d.in_flight.is_empty() {
+                // Requests in flight: look in on their workers now and then (`vanished`).
+                PollTimeout::from(1000u16)
             } else {
                 PollTimeout::NONE
             };
@@ -329,6 +391,12 @@ pub fn run(settings: &Settings, listener: std::os::unix::net::UnixListener) -> a
         }
         if rung {
             d.channels.quiet_doorbell();
+        }
+        if Instant::now() >= next_liveness_check {
+            next_liveness_check = Instant::now() + Duration::from_secs(1);
+            for fd in d.vanished() {
+                d.remove(fd);
+            }
         }
         for fd in ended {
             d.remove(fd);

@@ -370,10 +370,7 @@ impl Worker {
             return self.serve(msg);
         }
         if let Some((sender, conn_id)) = parse_address(&msg) {
-            tracing::warn!(
-                conn_id,
-                "closing a connection that pipelined too many requests"
-            );
+            tracing::debug!(conn_id, "closing a connection, as the broker asked");
             self.close(sender, conn_id)?;
         }
         Ok(())
