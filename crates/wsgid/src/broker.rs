@@ -188,8 +188,9 @@ impl Dispatch {
         !records.is_empty()
     }
 
-    /// Queues waiting messages, oldest first, passing over those for a connection still
-    /// in service.
+    /// Queues the closes of connections whose worker died, then the waiting messages, oldest
+    /// first: those for a connection still in service are passed over, or refused past the
+    /// pipelining limits.
     fn dispatch(&mut self) {
         while let Some(address) = self.to_close.front() {
             match self.channels.refuse(self.next_seq, address) {
@@ -212,8 +213,9 @@ impl Dispatch {
                 .map(|(_, conn)| conn)
                 .filter(|_| !is_notice(&self.waiting[i]));
             let seq = self.next_seq;
-            let queued = match conn.filter(|c| self.busy.contains_key(c)) {
-                None => self.channels.enqueue(seq, &self.waiting[i]),
+            // Only a request that is served keeps its connection busy, not a refusal.
+            let (queued, served) = match conn.filter(|c| self.busy.contains_key(c)) {
+                None => (self.channels.enqueue(seq, &self.waiting[i]), true),
                 Some(conn) => {
                     let count = held.entry(conn).or_default();
                     *count += 1;
@@ -230,7 +232,7 @@ impl Dispatch {
                             "closing a connection that pipelined too many requests"
                         );
                     }
-                    self.channels.refuse(seq, &self.waiting[i])
+                    (self.channels.refuse(seq, &self.waiting[i]), false)
                 }
             };
             match queued {
@@ -247,7 +249,7 @@ impl Dispatch {
             }
             self.next_seq += 1;
             let msg = self.waiting.remove(i).expect("index in range");
-            if let Some(conn) = conn.filter(|c| !held.contains_key(c)) {
+            if let Some(conn) = conn.filter(|_| served) {
                 *self.busy.entry(conn).or_default() += 1;
                 let (sender, _) = parse_address(&msg).expect("parsed above");
                 let address = [sender, format!(" {conn} @*").as_bytes()].concat();
