@@ -209,9 +209,10 @@ impl Dispatch {
         let mut i = 0;
         while i < self.waiting.len() {
             // mongrel2's notices (disconnect, credits) answer nothing: no order to keep.
-            let conn = parse_address(&self.waiting[i])
-                .map(|(_, conn)| conn)
-                .filter(|_| !is_notice(&self.waiting[i]));
+            let address = parse_address(&self.waiting[i])
+                .filter(|_| !is_notice(&self.waiting[i]))
+                .map(|(sender, conn)| (sender.len(), conn));
+            let conn = address.map(|(_, conn)| conn);
             let seq = self.next_seq;
             // Only a request that is served keeps its connection busy, not a refusal.
             let (queued, served) = match conn.filter(|c| self.busy.contains_key(c)) {
@@ -249,10 +250,9 @@ impl Dispatch {
             }
             self.next_seq += 1;
             let msg = self.waiting.remove(i).expect("index in range");
-            if let Some(conn) = conn.filter(|_| served) {
+            if let Some((sender_len, conn)) = address.filter(|_| served) {
                 *self.busy.entry(conn).or_default() += 1;
-                let (sender, _) = parse_address(&msg).expect("parsed above");
-                let address = [sender, format!(" {conn} @*").as_bytes()].concat();
+                let address = [&msg[..sender_len], format!(" {conn} @*").as_bytes()].concat();
                 let taker = None;
                 self.in_flight.insert(
                     seq,

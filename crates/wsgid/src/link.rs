@@ -163,14 +163,7 @@ impl BrokerChannels {
     /// Queues a request to be refused: its connection gets closed. The address at the
     /// message's start is all a worker needs.
     pub fn refuse(&self, seq: u64, msg: &[u8]) -> io::Result<bool> {
-        let mut header = [REFUSE; QUEUE_HEADER];
-        header[1..].copy_from_slice(&seq.to_le_bytes());
-        let address = &msg[..msg.len().min(1024)];
-        send_datagram(
-            &self.queue,
-            &[IoSlice::new(&header), IoSlice::new(address)],
-            &[],
-        )
+        self.send_frame(REFUSE, seq, &msg[..msg.len().min(1024)], &[])
     }
 
     /// Greets a new worker with its ring's number and the shared descriptors.
@@ -195,24 +188,27 @@ impl BrokerChannels {
 
     /// Queues a request; `Ok(false)` when the queue is full (poll `queue_fd` for room).
     pub fn enqueue(&self, seq: u64, msg: &[u8]) -> io::Result<bool> {
-        let mut header = [0u8; QUEUE_HEADER];
-        header[1..].copy_from_slice(&seq.to_le_bytes());
         if msg.len() <= INLINE_MAX {
-            header[0] = INLINE;
-            return send_datagram(
-                &self.queue,
-                &[IoSlice::new(&header), IoSlice::new(msg)],
-                &[],
-            );
+            return self.send_frame(INLINE, seq, msg, &[]);
         }
-        header[0] = IN_FILE;
         let mut file: File = nix::sys::memfd::memfd_create(
             c"wsgid-request",
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
         )?
         .into();
         file.write_all(msg)?;
-        send_datagram(&self.queue, &[IoSlice::new(&header)], &[file.as_raw_fd()])
+        self.send_frame(IN_FILE, seq, &[], &[file.as_raw_fd()])
+    }
+
+    /// One frame of the queue: kind, sequence number, payload (see the constants).
+    fn send_frame(&self, kind: u8, seq: u64, payload: &[u8], fds: &[RawFd]) -> io::Result<bool> {
+        let mut header = [kind; QUEUE_HEADER];
+        header[1..].copy_from_slice(&seq.to_le_bytes());
+        send_datagram(
+            &self.queue,
+            &[IoSlice::new(&header), IoSlice::new(payload)],
+            fds,
+        )
     }
 }
 
