@@ -1,7 +1,7 @@
 """Where the time of a hello request goes, process by process (mongrel2, the wsgid broker and
 workers, or the pyzmq handler): user and system CPU µs per request under `wrk`, and with
---syscalls the system calls and context switches per request (perf stat, whose tracing slows
-every process: compare counts, not CPU, in that mode). For profiling work: the optimisations
+--syscalls the system calls and context switches per request (perf stat, from Debian's
+linux-perf; its tracing slows every process: compare counts, not CPU, in that mode). For profiling work: the optimisations
 in the closing notes were measured this way, alternating the builds (--binary-dir).
 
 Usage: .venv-bench/bin/python bench/cpu_split.py [--server ours|ours-ipc|pyzmq|pyzmq-ipc]
