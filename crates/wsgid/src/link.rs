@@ -6,23 +6,26 @@
 //! taking: nothing was assigned to it ahead of time, so nothing is lost (note 2). Under load a
 //! worker finds its next request already queued and takes it without sleeping or asking.
 //!
-//! Workers note what they *took* and what they have *done* in a ring of memory shared with
-//! the broker (`records`), and ring a *doorbell* (a second shared pair) only when the broker
-//! waits for a record.
+//! A worker notes what it *took* in a ring of memory shared with the broker (`records`).
 //!
 //! A worker connects to the broker's abstract Unix stream socket, and the broker answers with
-//! its ring's number, carrying the queue, the doorbell and the rings' file (`SCM_RIGHTS`).
-//! The stream then stays silent; its end tells either side that the other is gone.
+//! a greeting carrying the queue and the worker's ring (`SCM_RIGHTS`). The worker then writes
+//! its *replies* on that stream, framed by `ReplyHeader`: the broker alone talks to mongrel2,
+//! over one connection, so a connection's responses reach mongrel2 in the order the broker
+//! forwards them, whichever workers made them (mongrel2 fair-queues between connections:
+//! design note 10). The stream's end tells either side that the other is gone.
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 
-use crate::records::{Record, Ring, Rings, Written};
+use crate::records::Ring;
+pub use crate::wsgi::response::Piece;
 use nix::sys::socket::{
     recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned,
     MsgFlags, SockFlag, SockType,
@@ -44,9 +47,52 @@ const INLINE_MAX: usize = 64 * 1024;
 /// A queued request: kind, sequence number (u64 LE), then the message when inline.
 const INLINE: u8 = b'm';
 const IN_FILE: u8 = b'f';
-/// A request to refuse: only its address, to close its connection.
-const REFUSE: u8 = b'x';
 const QUEUE_HEADER: usize = 9;
+
+/// The largest reply payload in one frame: a worker splits larger writes, so the broker
+/// never holds more than this of one worker's reply at a time.
+pub const MAX_REPLY_PIECE: usize = 256 * 1024;
+
+/// A reply frame's header: the request's sequence number (u64 LE), the payload's length
+/// (u32 LE), the piece kind, three spare bytes; the payload follows.
+pub struct ReplyHeader {
+    pub seq: u64,
+    pub len: u32,
+    pub piece: Piece,
+}
+
+impl ReplyHeader {
+    pub const LEN: usize = 16;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..8].copy_from_slice(&self.seq.to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12] = match self.piece {
+            Piece::Middle => 0,
+            Piece::Last => 1,
+            Piece::LastThenClose => 2,
+        };
+        out
+    }
+
+    /// The header at the start of `input`; an error for a header no worker writes.
+    pub fn decode(input: &[u8]) -> Option<Result<ReplyHeader, String>> {
+        let raw: &[u8; Self::LEN] = input.get(..Self::LEN)?.try_into().ok()?;
+        let seq = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
+        let piece = match raw[12] {
+            0 => Piece::Middle,
+            1 => Piece::Last,
+            2 => Piece::LastThenClose,
+            other => return Some(Err(format!("a reply frame of kind {other}"))),
+        };
+        if len as usize > MAX_REPLY_PIECE {
+            return Some(Err(format!("a reply frame of {len} bytes")));
+        }
+        Some(Ok(ReplyHeader { seq, len, piece }))
+    }
+}
 
 /// A fresh name for a master's link: abstract, so nothing on disk to clean up or to reach
 /// from inside a chroot; random, so nobody can take it ahead of us.
@@ -118,27 +164,19 @@ fn send_datagram(fd: &OwnedFd, parts: &[IoSlice<'_>], fds: &[RawFd]) -> io::Resu
     }
 }
 
-/// The broker's side: the queue and the doorbell, both ends of each, and the rings. It keeps
-/// the workers' ends open too, so requests in the queue outlive any worker and wait for the
-/// next one.
+/// The broker's side: both ends of the queue. It keeps the workers' end open too, so
+/// requests in the queue outlive any worker and wait for the next one.
 pub struct BrokerChannels {
     queue: OwnedFd,
     queue_for_workers: OwnedFd,
-    doorbell: OwnedFd,
-    doorbell_for_workers: OwnedFd,
-    pub rings: Rings,
 }
 
 impl BrokerChannels {
     pub fn new() -> io::Result<BrokerChannels> {
         let (queue, queue_for_workers) = seqpacket_pair()?;
-        let (doorbell, doorbell_for_workers) = seqpacket_pair()?;
         Ok(BrokerChannels {
             queue,
             queue_for_workers,
-            doorbell,
-            doorbell_for_workers,
-            rings: Rings::new()?,
         })
     }
 
@@ -147,34 +185,10 @@ impl BrokerChannels {
         &self.queue
     }
 
-    /// The doorbell, to poll while waiting for a record.
-    pub fn doorbell_fd(&self) -> &OwnedFd {
-        &self.doorbell
-    }
-
-    /// Silences the doorbell (the broker is awake and reads every ring).
-    pub fn quiet_doorbell(&self) {
-        let mut sink = [0u8; 16];
-        while recv(self.doorbell.as_raw_fd(), &mut sink, MsgFlags::MSG_DONTWAIT)
-            .is_ok_and(|n| n > 0)
-        {}
-    }
-
-    /// Queues a request to be refused: its connection gets closed. The address at the
-    /// message's start is all a worker needs.
-    pub fn refuse(&self, seq: u64, msg: &[u8]) -> io::Result<bool> {
-        self.send_frame(REFUSE, seq, &msg[..msg.len().min(1024)], &[])
-    }
-
-    /// Greets a new worker with its ring's number and the shared descriptors.
-    pub fn welcome(&self, stream: &UnixStream, slot: usize) -> io::Result<()> {
-        let mut greeting = [WELCOME; 5];
-        greeting[1..].copy_from_slice(&(slot as u32).to_le_bytes());
-        let fds = [
-            self.queue_for_workers.as_raw_fd(),
-            self.doorbell_for_workers.as_raw_fd(),
-            self.rings.file().as_raw_fd(),
-        ];
+    /// Greets a new worker with the queue and its own ring.
+    pub fn welcome(&self, stream: &UnixStream, ring: &OwnedFd) -> io::Result<()> {
+        let greeting = [WELCOME];
+        let fds = [self.queue_for_workers.as_raw_fd(), ring.as_raw_fd()];
         let cmsgs = [ControlMessage::ScmRights(&fds)];
         sendmsg::<()>(
             stream.as_raw_fd(),
@@ -214,10 +228,10 @@ impl BrokerChannels {
 
 /// A worker's side of the link.
 pub struct WorkerChannels {
-    /// The stream to the broker: silent, readable only once the broker is gone.
+    /// The stream to the broker: its end means the broker is gone.
     stream: UnixStream,
+    replier: Arc<Replier>,
     queue: OwnedFd,
-    doorbell: OwnedFd,
     ring: Ring,
     buf: Box<[u8]>,
 }
@@ -227,14 +241,53 @@ pub enum Taken {
     Request {
         seq: u64,
         msg: Vec<u8>,
-        /// Close the request's connection instead of serving it (the client pipelined
-        /// more requests than the broker holds for one connection).
-        refuse: bool,
     },
     /// Nothing queued now.
     Empty,
     /// Nothing queued, ever again: the broker is gone.
     Closed,
+}
+
+/// A worker's replies, written on its stream to the broker.
+pub struct Replier {
+    stream: UnixStream,
+}
+
+impl Replier {
+    /// Sends one piece of the reply to request `seq` (blocking: the broker reads our
+    /// stream only while the client's connection keeps up, which is the back-pressure).
+    pub fn reply(&self, seq: u64, payload: &[u8], piece: Piece) -> io::Result<()> {
+        let mut pieces = payload.chunks(MAX_REPLY_PIECE).peekable();
+        if pieces.peek().is_none() {
+            return self.write_frame(seq, &[], piece);
+        }
+        while let Some(part) = pieces.next() {
+            let this = if pieces.peek().is_some() {
+                Piece::Middle
+            } else {
+                piece
+            };
+            self.write_frame(seq, part, this)?;
+        }
+        Ok(())
+    }
+
+    fn write_frame(&self, seq: u64, payload: &[u8], piece: Piece) -> io::Result<()> {
+        let len = payload.len() as u32;
+        let header = ReplyHeader { seq, len, piece }.encode();
+        let mut parts = [IoSlice::new(&header), IoSlice::new(payload)];
+        let mut parts = &mut parts[..];
+        let mut stream = &self.stream;
+        while !parts.is_empty() {
+            match stream.write_vectored(parts) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut parts, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Connects a worker to the link. The master holds the listener, also while its broker
@@ -248,8 +301,8 @@ pub fn connect(name: &str) -> io::Result<UnixStream> {
 impl WorkerChannels {
     /// Receives the channels: reads the broker's greeting (blocking).
     pub fn receive(stream: UnixStream) -> io::Result<WorkerChannels> {
-        let mut greeting = [0u8; 5];
-        let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+        let mut greeting = [0u8; 1];
+        let mut cmsg = nix::cmsg_space!([RawFd; 2]);
         let mut iov = [IoSliceMut::new(&mut greeting)];
         let msg = recvmsg::<()>(
             stream.as_raw_fd(),
@@ -258,20 +311,26 @@ impl WorkerChannels {
             MsgFlags::MSG_CMSG_CLOEXEC,
         )?;
         let (fds, received) = (owned_fds(&msg)?, msg.bytes);
-        let [queue, doorbell, rings]: [OwnedFd; 3] = fds
+        let [queue, ring]: [OwnedFd; 2] = fds
             .try_into()
             .map_err(|_| io::Error::other("the broker's greeting lacks its channels"))?;
         if received != greeting.len() || greeting[0] != WELCOME {
             return Err(io::Error::other("unexpected greeting from the broker"));
         }
-        let slot = u32::from_le_bytes(greeting[1..].try_into().expect("4 bytes"));
         Ok(WorkerChannels {
+            replier: Arc::new(Replier {
+                stream: stream.try_clone()?,
+            }),
             stream,
             queue,
-            doorbell,
-            ring: Ring::open(&rings, slot as usize)?,
+            ring: Ring::open(&ring)?,
             buf: vec![0u8; QUEUE_HEADER + INLINE_MAX].into_boxed_slice(),
         })
+    }
+
+    /// Where replies go.
+    pub fn replier(&self) -> Arc<Replier> {
+        self.replier.clone()
     }
 
     /// The queue's reading end, to poll for requests.
@@ -305,15 +364,12 @@ impl WorkerChannels {
             // Taken: recorded before anything else can fail, so the broker never waits on
             // a request that nobody serves.
             let seq = u64::from_le_bytes(self.buf[1..QUEUE_HEADER].try_into().expect("8 bytes"));
-            self.record(Record::Took(seq));
+            self.record(seq);
             match self.unpack(len, truncated, fds) {
-                Ok(msg) => {
-                    let refuse = self.buf[0] == REFUSE;
-                    return Ok(Taken::Request { seq, msg, refuse });
-                }
+                Ok(msg) => return Ok(Taken::Request { seq, msg }),
                 Err(e) => {
                     tracing::error!("a queued request was lost: {e}");
-                    self.done(seq);
+                    self.replier.reply(seq, &[], Piece::LastThenClose)?;
                 }
             }
         }
@@ -329,7 +385,7 @@ impl WorkerChannels {
             return Err(io::Error::other("the frame overran its buffer"));
         }
         match (self.buf[0], fds?.into_iter().next()) {
-            (INLINE | REFUSE, _) => Ok(self.buf[QUEUE_HEADER..len].to_vec()),
+            (INLINE, _) => Ok(self.buf[QUEUE_HEADER..len].to_vec()),
             (IN_FILE, Some(fd)) => {
                 let mut file = File::from(fd);
                 file.rewind()?;
@@ -341,30 +397,19 @@ impl WorkerChannels {
         }
     }
 
-    /// Records a request as done.
-    pub fn done(&self, seq: u64) {
-        self.record(Record::Done(seq));
-    }
-
-    fn record(&self, record: Record) {
-        loop {
-            match self.ring.write(record) {
-                Written::Quietly => return,
-                Written::RingDoorbell => return self.ring_doorbell(),
-                // Only when the broker has read nothing for a thousand requests, or is gone.
-                Written::Full if self.broker_gone() => return,
-                Written::Full => {
-                    self.ring_doorbell();
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
+    /// Records a request as taken. A full ring means the broker has read none of our
+    /// replies for a thousand requests: it is gone, or about to read.
+    fn record(&self, seq: u64) {
+        for _ in 0..1000 {
+            if self.ring.write(seq) || self.broker_gone() {
+                return;
             }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
-    }
-
-    /// One byte is enough: the broker reads every ring when it wakes. A full doorbell has
-    /// been rung already; a closed one has nobody left to hear it.
-    fn ring_doorbell(&self) {
-        let _ = send_datagram(&self.doorbell, &[IoSlice::new(b"!")], &[]);
+        tracing::error!(
+            seq,
+            "the broker reads no records; a request went unrecorded"
+        );
     }
 
     /// Whether the broker has gone (its end of the stream closed).
@@ -400,73 +445,91 @@ fn owned_fds(msg: &nix::sys::socket::RecvMsg<'_, '_, ()>) -> io::Result<Vec<Owne
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::RingReader;
 
-    fn pair() -> (BrokerChannels, WorkerChannels, usize) {
+    fn pair() -> (BrokerChannels, WorkerChannels, RingReader, UnixStream) {
         let name = format!(
             "wsgid-test-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
         );
         let listener = listen(&name).unwrap();
-        let mut broker = BrokerChannels::new().unwrap();
-        let slot = broker.rings.allocate().unwrap();
+        let broker = BrokerChannels::new().unwrap();
+        let (reader, ring) = RingReader::create().unwrap();
         let joined = std::thread::spawn(move || connect(&name).and_then(WorkerChannels::receive));
         let (stream, _) = listener.accept().unwrap();
         assert_eq!(check_peer(&stream).unwrap() as u32, std::process::id());
-        broker.welcome(&stream, slot).unwrap();
+        broker.welcome(&stream, &ring).unwrap();
         let worker = joined.join().unwrap().unwrap();
-        drop(stream);
-        (broker, worker, slot)
+        (broker, worker, reader, stream)
     }
 
     fn take(worker: &mut WorkerChannels) -> (u64, Vec<u8>) {
         match worker.take().unwrap() {
-            Taken::Request { seq, msg, .. } => (seq, msg),
+            Taken::Request { seq, msg } => (seq, msg),
             _ => panic!("nothing taken"),
         }
     }
 
+    /// Reads reply frames from the broker's end of the stream: (seq, payload, piece).
+    fn replies(stream: &mut UnixStream, count: usize) -> Vec<(u64, Vec<u8>, Piece)> {
+        let mut out = Vec::new();
+        while out.len() < count {
+            let mut header = [0u8; ReplyHeader::LEN];
+            stream.read_exact(&mut header).unwrap();
+            let h = ReplyHeader::decode(&header).unwrap().unwrap();
+            let mut payload = vec![0u8; h.len as usize];
+            stream.read_exact(&mut payload).unwrap();
+            out.push((h.seq, payload, h.piece));
+        }
+        out
+    }
+
     #[test]
-    fn requests_inline_and_in_a_file_arrive_in_order_with_records() {
-        let (broker, mut worker, slot) = pair();
+    fn requests_inline_and_in_a_file_arrive_in_order_with_records_and_replies() {
+        let (broker, mut worker, reader, mut stream) = pair();
         let big: Vec<u8> = (0..INLINE_MAX * 3).map(|i| (i % 251) as u8).collect();
         assert!(broker.enqueue(1, b"small").unwrap());
         assert!(broker.enqueue(2, &big).unwrap());
-        assert!(
-            matches!(worker.take().unwrap(), Taken::Request { seq: 1, ref msg, refuse: false } if msg == b"small")
-        );
-        worker.done(1);
+        assert_eq!(take(&mut worker), (1, b"small".to_vec()));
+        worker.replier().reply(1, b"hello", Piece::Last).unwrap();
         let (seq, msg) = take(&mut worker);
         assert_eq!((seq, msg == big), (2, true));
         assert!(matches!(worker.take().unwrap(), Taken::Empty));
         let mut records = Vec::new();
-        broker.rings.read(slot, &mut |r| records.push(r));
-        assert_eq!(records, [Record::Took(1), Record::Done(1), Record::Took(2)]);
-        // Waiting for a record, the broker hears the doorbell.
-        broker.rings.want_wake(true);
-        worker.done(2);
-        let mut bell = [0u8; 4];
+        reader.read(&mut |r| records.push(r));
+        assert_eq!(records, [1, 2]);
+        // A reply larger than a frame is split; only its last piece ends the response.
+        let big: Vec<u8> = (0..MAX_REPLY_PIECE + 1000)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let replier = worker.replier();
+        let sent = big.clone();
+        let writer = std::thread::spawn(move || replier.reply(2, &sent, Piece::LastThenClose));
+        let got = replies(&mut stream, 2);
+        assert_eq!(got[0], (1, b"hello".to_vec(), Piece::Last));
         assert_eq!(
-            recv(
-                broker.doorbell_fd().as_raw_fd(),
-                &mut bell,
-                MsgFlags::MSG_DONTWAIT
-            )
-            .unwrap(),
-            1
+            (got[1].0, got[1].1.len(), got[1].2),
+            (2, MAX_REPLY_PIECE, Piece::Middle)
         );
-        broker.quiet_doorbell();
+        let rest = replies(&mut stream, 1);
+        writer.join().unwrap().unwrap();
+        assert_eq!(rest[0].2, Piece::LastThenClose);
+        assert_eq!([&got[1].1[..], &rest[0].1[..]].concat(), big);
         // The broker is gone (the link's stream was closed); queued requests remain.
-        assert!(worker.broker_gone());
+        assert!(!worker.broker_gone());
         assert!(broker.enqueue(3, b"last").unwrap());
+        drop(stream);
         drop(broker);
+        assert!(worker.broker_gone());
         assert_eq!(take(&mut worker), (3, b"last".to_vec()));
         assert!(matches!(worker.take().unwrap(), Taken::Closed));
+        assert!(worker.replier().reply(3, b"x", Piece::Last).is_err());
     }
 
     #[test]
     fn a_full_queue_says_so_and_loses_nothing() {
-        let (broker, mut worker, _) = pair();
+        let (broker, mut worker, _reader, _stream) = pair();
         let msg = vec![7u8; 1000];
         let mut queued = 0u64;
         while broker.enqueue(queued, &msg).unwrap() {
@@ -477,5 +540,35 @@ mod tests {
             assert_eq!(take(&mut worker).0, seq);
         }
         assert!(matches!(worker.take().unwrap(), Taken::Empty));
+    }
+
+    #[test]
+    fn reply_headers_round_trip_and_refuse_nonsense() {
+        for piece in [Piece::Middle, Piece::Last, Piece::LastThenClose] {
+            let raw = ReplyHeader {
+                seq: 9,
+                len: 77,
+                piece,
+            }
+            .encode();
+            let h = ReplyHeader::decode(&raw).unwrap().unwrap();
+            assert_eq!((h.seq, h.len, h.piece), (9, 77, piece));
+        }
+        let mut raw = ReplyHeader {
+            seq: 1,
+            len: 1,
+            piece: Piece::Last,
+        }
+        .encode();
+        assert!(ReplyHeader::decode(&raw[..15]).is_none());
+        raw[12] = 9;
+        assert!(ReplyHeader::decode(&raw).unwrap().is_err());
+        let raw = ReplyHeader {
+            seq: 1,
+            len: u32::MAX,
+            piece: Piece::Last,
+        }
+        .encode();
+        assert!(ReplyHeader::decode(&raw).unwrap().is_err());
     }
 }

@@ -12,12 +12,10 @@ mod config;
 mod daemon;
 mod link;
 mod logging;
-mod outbox;
 mod records;
 mod upload;
 mod worker;
 mod wsgi;
-mod zmtp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,11 +1,11 @@
 //! A worker: one embedded Python, one app, one request at a time.
 //!
-//! Startup order matters (design notes 1, 7): Python and the app first, then the reply
-//! socket, and only once mongrel2's subscription has reached it the link to the broker, so
-//! no reply can be published into the void. Requests are taken from the broker's shared
-//! queue one at a time, only when idle; a worker that stops takes no more (see `link`).
+//! Python and the app are loaded first (design note 7), then the worker joins the broker.
+//! Requests are taken from the broker's shared queue one at a time, only when idle; a
+//! worker that stops takes no more (see `link`). Replies go back to the broker, which alone
+//! talks to mongrel2: a reply that cannot be delivered fails that response, never the worker.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, Write as _};
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
@@ -15,17 +15,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use m2wire::{encode_prefix, parse_address, MessageKind, Request, UploadMarker};
+use m2wire::{MessageKind, Request, UploadMarker};
 use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::config::Settings;
-use crate::link::{self, Taken, WorkerChannels, LINK_ENV};
-use crate::outbox::Outbox;
+use crate::link::{self, Replier, Taken, WorkerChannels, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use crate::wsgi::environ::{self, BodyInfo, EnvironTemplate};
 use crate::wsgi::input::{Body, Input};
-use crate::wsgi::response::{ReplySink, RequestFacts, ResponseWriter};
+use crate::wsgi::response::{Piece, ReplySink, RequestFacts, ResponseWriter};
 use crate::wsgi::types::{Errors, FileWrapper};
 use crate::wsgi::{call, loader};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -42,7 +41,7 @@ pub const REPORT_LEN: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Report {
-    /// Connected to mongrel2 and serving: a reload may now retire the worker it replaces.
+    /// Joined the broker and serving: a reload may now retire the worker it replaces.
     Ready = b'r' as isize,
     /// Served `--max-requests`: start a replacement, then stop this one.
     WantsRetirement = b'x' as isize,
@@ -131,21 +130,16 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         Ok((app, EnvironTemplate::new(py, errors, wrapper)?))
     })?;
 
-    let replies = Outbox::connect(&settings.send, || {
-        signals.stop.load(Ordering::Relaxed) || signals.quit.load(Ordering::Relaxed)
-    })?;
     let link_name =
         std::env::var(LINK_ENV).context("no broker link: workers are started by the master")?;
     let mut broker = BrokerLink::connect(&link_name, &signals)?;
     let mut master = report_pipe();
     report(&mut master, Report::Ready);
-    tracing::info!(recv = %settings.recv, send = %settings.send, "worker ready");
+    tracing::info!("worker ready");
 
     let mut worker = Worker {
         app,
         template,
-        outbox: Rc::new(replies.outbox.clone()),
-        replies: replies.outbox.clone(),
         policy: UploadPolicy::from_settings(&settings),
         served: 0,
         upload_marker: crate::appdir::upload_marker(&settings.app_path, std::process::id()),
@@ -169,15 +163,12 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
             retirement_asked = true;
         }
         match broker.next(&signals)? {
-            Some((seq, msg, refuse)) => {
-                worker.answer(msg, refuse)?;
-                broker.channels.done(seq);
-            }
+            Some((seq, msg)) => worker.answer(seq, msg, broker.channels.replier()),
             None => signals.drain(),
         }
     }
     tracing::info!(served = worker.served, "stopping gracefully");
-    broker.stop(|msg, refuse| worker.answer(msg, refuse))?;
+    broker.stop(|seq, msg, replier| worker.answer(seq, msg, replier))?;
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
 }
@@ -237,10 +228,10 @@ impl BrokerLink {
     /// The next request, or `None` when a signal woke us. Under load the request is
     /// already queued and is taken without sleeping. When the broker has gone (it is
     /// restarted by the master) and its queue is empty, the new broker is joined.
-    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<(u64, Vec<u8>, bool)>> {
+    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<(u64, Vec<u8>)>> {
         loop {
             match self.channels.take()? {
-                Taken::Request { seq, msg, refuse } => return Ok(Some((seq, msg, refuse))),
+                Taken::Request { seq, msg } => return Ok(Some((seq, msg))),
                 Taken::Closed => {
                     // On a stop the broker goes first, and our signal follows at once.
                     if signals.stopping() || signal_within(signals, Duration::from_millis(500))? {
@@ -274,14 +265,10 @@ impl BrokerLink {
     /// Stops gracefully. Nothing was assigned to us ahead of time, so while the broker runs
     /// there is nothing to finish: other workers take what is queued. When the broker has
     /// gone (the whole instance stops, the broker first), the workers serve what it queued.
-    fn stop(
-        &mut self,
-        mut answer: impl FnMut(Vec<u8>, bool) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+    fn stop(&mut self, mut answer: impl FnMut(u64, Vec<u8>, Arc<Replier>)) -> anyhow::Result<()> {
         if self.channels.broker_gone() {
-            while let Taken::Request { seq, msg, refuse } = self.channels.take()? {
-                answer(msg, refuse)?;
-                self.channels.done(seq);
+            while let Taken::Request { seq, msg } = self.channels.take()? {
+                answer(seq, msg, self.channels.replier());
             }
         }
         Ok(())
@@ -344,9 +331,6 @@ fn report(pipe: &mut Option<std::fs::File>, kind: Report) {
 struct Worker {
     app: Py<PyAny>,
     template: EnvironTemplate,
-    /// The outbox as the response writers see it.
-    outbox: Rc<dyn ReplySink>,
-    replies: Arc<Outbox>,
     policy: UploadPolicy,
     served: u64,
     /// Names the upload in hand while the app runs (see `appdir::sweep_orphan_upload`).
@@ -363,77 +347,63 @@ struct Prepared<'py> {
     access: Option<String>,
 }
 
+/// The reply to one request, on its way to the broker; it notes when the response ended.
+struct Reply {
+    replier: Arc<Replier>,
+    seq: u64,
+    ended: Cell<bool>,
+}
+
+impl ReplySink for Reply {
+    fn send(&self, payload: &[u8], piece: Piece) -> io::Result<()> {
+        if piece != Piece::Middle {
+            self.ended.set(true);
+        }
+        self.replier.reply(self.seq, payload, piece)
+    }
+}
+
 impl Worker {
-    /// Serves a message from mongrel2, or refuses it by closing its connection.
-    fn answer(&mut self, msg: Vec<u8>, refuse: bool) -> anyhow::Result<()> {
-        if !refuse {
-            return self.serve(msg);
+    /// Serves request `seq`. Whatever happens, its response ends, so the broker can free its
+    /// connection; a response that cannot reach the broker is logged, and the worker lives on.
+    fn answer(&mut self, seq: u64, msg: Vec<u8>, replier: Arc<Replier>) {
+        let reply = Rc::new(Reply {
+            replier,
+            seq,
+            ended: Cell::new(false),
+        });
+        let served = Python::attach(|py| self.handle(py, msg, &reply));
+        let ended = served.and_then(|()| {
+            if !reply.ended.get() {
+                reply.send(b"", Piece::Last)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = ended {
+            tracing::error!(seq, "cannot send a response to the broker: {e:#}");
         }
-        if let Some((sender, conn_id)) = parse_address(&msg) {
-            tracing::debug!(conn_id, "closing a connection, as the broker asked");
-            self.close(sender, conn_id)?;
-        }
-        Ok(())
     }
 
-    /// Serves one message from mongrel2.
-    fn serve(&mut self, msg: Vec<u8>) -> anyhow::Result<()> {
-        Python::attach(|py| self.handle(py, msg))?;
-        Ok(self.replies.flush_now()?)
-    }
-
-    fn writer(
-        &self,
-        sender: &[u8],
-        conn_id: m2wire::ConnId,
-        facts: RequestFacts,
-    ) -> Option<Rc<RefCell<ResponseWriter>>> {
-        let mut prefix = Vec::with_capacity(sender.len() + 16);
-        if let Err(e) = encode_prefix(&mut prefix, sender, &[conn_id]) {
-            tracing::warn!(conn_id, "cannot reply: {e}");
-            return None;
-        }
-        Some(Rc::new(RefCell::new(ResponseWriter::new(
-            self.outbox.clone(),
-            prefix,
-            facts,
-        ))))
+    fn writer(&self, reply: &Rc<Reply>, facts: RequestFacts) -> Rc<RefCell<ResponseWriter>> {
+        Rc::new(RefCell::new(ResponseWriter::new(reply.clone(), facts)))
     }
 
     /// Answers a request we refuse, and closes its connection.
-    fn refuse(
-        &self,
-        sender: &[u8],
-        conn_id: m2wire::ConnId,
-        status: &str,
-        reason: &str,
-    ) -> io::Result<()> {
-        match self.writer(sender, conn_id, RequestFacts::default()) {
-            Some(writer) => writer
-                .borrow_mut()
-                .reply_error(status, &format!("{reason}\n")),
-            None => Ok(()),
-        }
+    fn refuse(&self, reply: &Rc<Reply>, status: &str, reason: &str) -> io::Result<()> {
+        self.writer(reply, RequestFacts::default())
+            .borrow_mut()
+            .reply_error(status, &format!("{reason}\n"))
     }
 
-    /// Closes a connection we will not serve (websockets, JSON sockets: not WSGI).
-    fn close(&self, sender: &[u8], conn_id: m2wire::ConnId) -> io::Result<()> {
-        let mut prefix = Vec::new();
-        encode_prefix(&mut prefix, sender, &[conn_id]).map_err(io::Error::other)?;
-        self.outbox.send(&prefix, b"")
-    }
-
-    fn handle(&mut self, py: Python<'_>, msg: Vec<u8>) -> anyhow::Result<()> {
+    fn handle(&mut self, py: Python<'_>, msg: Vec<u8>, reply: &Rc<Reply>) -> anyhow::Result<()> {
         let started = Instant::now();
         let prepared = match Request::parse(&msg) {
             Err(e) => {
                 tracing::warn!("malformed message from mongrel2 ({e}): {:?}", preview(&msg));
-                if let Some((sender, conn_id)) = parse_address(&msg) {
-                    self.refuse(sender, conn_id, "400 Bad Request", "malformed request")?;
-                }
+                self.refuse(reply, "400 Bad Request", "malformed request")?;
                 return Ok(());
             }
-            Ok(req) => match self.prepare(py, &req)? {
+            Ok(req) => match self.prepare(py, &req, reply)? {
                 Some(prepared) => prepared,
                 None => return Ok(()),
             },
@@ -477,7 +447,7 @@ impl Worker {
                 started.elapsed().as_secs_f64() * 1000.0
             );
         }
-        result.context("cannot send the response to mongrel2")
+        result.context("cannot send the response")
     }
 
     /// Decides what a parsed message needs; returns what to run the app with, or `None`
@@ -486,8 +456,9 @@ impl Worker {
         &mut self,
         py: Python<'py>,
         req: &Request<'_>,
+        reply: &Rc<Reply>,
     ) -> anyhow::Result<Option<Prepared<'py>>> {
-        let (sender, conn_id) = (req.sender, req.conn_id);
+        let conn_id = req.conn_id;
         match req.kind() {
             MessageKind::Http => {}
             MessageKind::Disconnect | MessageKind::Credits | MessageKind::OtherNotification => {
@@ -500,8 +471,7 @@ impl Worker {
                     "upload.stream=1 is not supported; use upload.temp_store"
                 );
                 self.refuse(
-                    sender,
-                    conn_id,
+                    reply,
                     "501 Not Implemented",
                     "streamed uploads are not supported",
                 )?;
@@ -509,13 +479,13 @@ impl Worker {
             }
             other => {
                 tracing::warn!(conn_id, kind = ?other, "not an HTTP request (WSGI serves HTTP only); closing the connection");
-                self.close(sender, conn_id)?;
+                reply.send(b"", Piece::LastThenClose)?;
                 return Ok(None);
             }
         }
         // Inline bodies are at most mongrel2's limits.content_length; the limit still holds.
         if let Err(refusal) = self.policy.check_size(req.body.len() as u64) {
-            self.refuse_upload(req, refusal)?;
+            self.refuse_upload(req, reply, refusal)?;
             return Ok(None);
         }
         let mut upload = None;
@@ -526,7 +496,7 @@ impl Worker {
                     Ok(()) => {
                         tracing::debug!(conn_id, path = %String::from_utf8_lossy(path), "upload started")
                     }
-                    Err(refusal) => self.refuse_upload(req, refusal)?,
+                    Err(refusal) => self.refuse_upload(req, reply, refusal)?,
                 }
                 return Ok(None);
             }
@@ -537,20 +507,19 @@ impl Worker {
                         if let Err(e) = file.remove() {
                             tracing::error!("cannot remove upload {}: {e}", file.path.display());
                         }
-                        self.refuse_upload(req, refusal)?;
+                        self.refuse_upload(req, reply, refusal)?;
                         return Ok(None);
                     }
                     upload = Some(file)
                 }
                 Err(OpenError::Refused(refusal)) => {
-                    self.refuse_upload(req, refusal)?;
+                    self.refuse_upload(req, reply, refusal)?;
                     return Ok(None);
                 }
                 Err(OpenError::Unavailable(e)) => {
                     tracing::error!(conn_id, path = %String::from_utf8_lossy(path), "upload file unavailable: {e}");
                     self.refuse(
-                        sender,
-                        conn_id,
+                        reply,
                         "500 Internal Server Error",
                         "the uploaded body was lost",
                     )?;
@@ -560,6 +529,7 @@ impl Worker {
             UploadMarker::Mismatched => {
                 self.refuse_upload(
                     req,
+                    reply,
                     Refusal::Forged("upload start and done headers disagree"),
                 )?;
                 return Ok(None);
@@ -572,9 +542,7 @@ impl Worker {
             connection.as_deref(),
             req.header(b"METHOD").unwrap_or(b"GET"),
         );
-        let Some(writer) = self.writer(sender, conn_id, facts) else {
-            return Ok(None);
-        };
+        let writer = self.writer(reply, facts);
         let content_length = match &upload {
             Some(file) => Some(req.content_length().unwrap_or(file.size)),
             None => req
@@ -607,8 +575,13 @@ impl Worker {
         }))
     }
 
-    fn refuse_upload(&self, req: &Request<'_>, refusal: Refusal) -> io::Result<()> {
-        let (sender, conn_id) = (req.sender, req.conn_id);
+    fn refuse_upload(
+        &self,
+        req: &Request<'_>,
+        reply: &Rc<Reply>,
+        refusal: Refusal,
+    ) -> io::Result<()> {
+        let conn_id = req.conn_id;
         let stage = match req.upload() {
             UploadMarker::Start(_) => "start",
             UploadMarker::Done(_) => "done",
@@ -618,7 +591,7 @@ impl Worker {
         match refusal {
             Refusal::Forged(reason) => {
                 tracing::warn!(conn_id, stage, "refused upload headers: {reason}");
-                self.refuse(sender, conn_id, "400 Bad Request", reason)
+                self.refuse(reply, "400 Bad Request", reason)
             }
             Refusal::TooLarge { declared, limit } => {
                 tracing::warn!(
@@ -628,12 +601,7 @@ impl Worker {
                     limit,
                     "refused upload larger than --max-body-size"
                 );
-                self.refuse(
-                    sender,
-                    conn_id,
-                    "413 Payload Too Large",
-                    "request body too large",
-                )
+                self.refuse(reply, "413 Payload Too Large", "request body too large")
             }
         }
     }

@@ -10,16 +10,20 @@ use std::io;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Where reply messages go: the worker's outbox, or a vector in tests. `prefix` is the
-/// reply header (`UUID LEN:ID, `); an empty `payload` closes the connection.
-pub trait ReplySink {
-    fn send(&self, prefix: &[u8], payload: &[u8]) -> io::Result<()>;
+/// How a piece of a response ends it, if it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// More of the response follows.
+    Middle,
+    /// The response is complete: the connection's next request may be answered.
+    Last,
+    /// Complete, and the connection is to be closed after it.
+    LastThenClose,
 }
 
-impl<T: ReplySink + ?Sized> ReplySink for std::sync::Arc<T> {
-    fn send(&self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
-        (**self).send(prefix, payload)
-    }
+/// Where the pieces of one response go: the link to the broker, or a vector in tests.
+pub trait ReplySink {
+    fn send(&self, payload: &[u8], piece: Piece) -> io::Result<()>;
 }
 
 /// What the request says about the connection and the body.
@@ -89,7 +93,6 @@ struct Sent {
 /// One response, from `start_response` to the last message.
 pub struct ResponseWriter {
     sink: Rc<dyn ReplySink>,
-    prefix: Vec<u8>,
     facts: RequestFacts,
     head: Option<Head>,
     sent: Option<Sent>,
@@ -102,11 +105,9 @@ pub struct ResponseWriter {
 pub const SERVER: &str = concat!("wsgid/", env!("CARGO_PKG_VERSION"));
 
 impl ResponseWriter {
-    /// `prefix` is the reply header (`UUID LEN:ID, `) every message of this response carries.
-    pub fn new(sink: Rc<dyn ReplySink>, prefix: Vec<u8>, facts: RequestFacts) -> Self {
+    pub fn new(sink: Rc<dyn ReplySink>, facts: RequestFacts) -> Self {
         ResponseWriter {
             sink,
-            prefix,
             facts,
             head: None,
             sent: None,
@@ -150,11 +151,26 @@ impl ResponseWriter {
         for (name, value) in headers {
             check_header(&name, &value).map_err(StartError::Invalid)?;
             if name.eq_ignore_ascii_case(b"content-length") {
-                let n = std::str::from_utf8(&value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or_else(|| StartError::Invalid("Content-Length is not a number".into()))?;
+                let n = parse_content_length(&value).ok_or_else(|| {
+                    StartError::Invalid(format!(
+                        "invalid Content-Length {:?}",
+                        String::from_utf8_lossy(&value)
+                    ))
+                })?;
+                if head.content_length.is_some_and(|m| m != n) {
+                    return Err(StartError::Invalid(
+                        "conflicting Content-Length values".into(),
+                    ));
+                }
+                // Written by `encode_head`, where the status may forbid it.
                 head.content_length = Some(n);
+                continue;
+            } else if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+                tracing::debug!(
+                    header = %String::from_utf8_lossy(&name),
+                    "dropped a hop-by-hop header from the app"
+                );
+                continue;
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 return Err(StartError::Invalid(
                     "Transfer-Encoding is hop-by-hop: the gateway frames the body (PEP 3333)"
@@ -206,21 +222,18 @@ impl ResponseWriter {
         self.encode_head(Some(body.len() as u64))?;
         self.encode_chunk(body);
         self.finish_into_buf();
-        self.flush_buf()?;
-        self.close_if_needed()
+        self.send_last()
     }
 
-    /// End of the body: the head if nothing was written, the last chunk, the close message.
+    /// End of the body: the head if nothing was written, the last chunk, and the end of the
+    /// response (with the connection's close when it must end).
     pub fn finish(&mut self) -> io::Result<()> {
         self.buf.clear();
         if self.sent.is_none() {
             self.encode_head(Some(0))?;
         }
         self.finish_into_buf();
-        if !self.buf.is_empty() {
-            self.flush_buf()?;
-        }
-        self.close_if_needed()
+        self.send_last()
     }
 
     /// The app failed. Before the head went out the client gets a plain 500; after, the
@@ -241,7 +254,7 @@ impl ResponseWriter {
             return self.write_all_and_finish(body);
         }
         self.finished = true;
-        self.send_close()
+        self.sink.send(b"", Piece::LastThenClose)
     }
 
     /// Sends a complete response of our own (400, 413, ...), then closes the connection:
@@ -265,7 +278,9 @@ impl ResponseWriter {
             .head
             .take()
             .ok_or_else(|| io::Error::other("the app sent a body before calling start_response"))?;
-        let no_body = self.facts.head || head.code < 200 || head.code == 204 || head.code == 304;
+        // 1xx (never final here), 204 and 304 have no body and no Content-Length.
+        let bodiless_status = head.code < 200 || head.code == 204 || head.code == 304;
+        let no_body = self.facts.head || bodiless_status;
         let framing = match (head.content_length, known_length) {
             (Some(n), _) => Framing::Length(n),
             _ if no_body => Framing::NoBody,
@@ -295,14 +310,20 @@ impl ResponseWriter {
             with_http_date(|date| out.extend_from_slice(date));
             out.extend_from_slice(b"\r\n");
         }
-        match framing {
-            Framing::Length(n) if head.content_length.is_none() && !no_body => {
-                out.extend_from_slice(b"Content-Length: ");
-                m2wire::netstring::push_decimal(out, n);
-                out.extend_from_slice(b"\r\n");
-            }
-            Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-            _ => {}
+        // The app's Content-Length stands (for HEAD, that of the GET), except where the
+        // status forbids one; ours is added when we know the body's length.
+        let length = match (head.content_length, framing) {
+            (Some(n), _) if !bodiless_status => Some(n),
+            (None, Framing::Length(n)) if !no_body => Some(n),
+            _ => None,
+        };
+        if let Some(n) = length {
+            out.extend_from_slice(b"Content-Length: ");
+            m2wire::netstring::push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        if framing == Framing::Chunked {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
         }
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
@@ -336,6 +357,9 @@ impl ResponseWriter {
             _ => chunk,
         };
         self.body_bytes += chunk.len() as u64;
+        if chunk.is_empty() {
+            return;
+        }
         if sent.framing == Framing::Chunked {
             self.buf
                 .extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
@@ -362,20 +386,18 @@ impl ResponseWriter {
         }
     }
 
-    fn close_if_needed(&mut self) -> io::Result<()> {
-        if self.sent.as_ref().is_some_and(|s| s.close) {
-            self.send_close()
+    /// Sends what is in the buffer as the response's last piece.
+    fn send_last(&mut self) -> io::Result<()> {
+        let piece = if self.sent.as_ref().is_some_and(|s| s.close) {
+            Piece::LastThenClose
         } else {
-            Ok(())
-        }
-    }
-
-    fn send_close(&self) -> io::Result<()> {
-        self.sink.send(&self.prefix, b"")
+            Piece::Last
+        };
+        self.sink.send(&self.buf, piece)
     }
 
     fn flush_buf(&mut self) -> io::Result<()> {
-        self.sink.send(&self.prefix, &self.buf)
+        self.sink.send(&self.buf, Piece::Middle)
     }
 }
 
@@ -391,9 +413,34 @@ fn parse_status(status: &[u8]) -> Result<u16, String> {
             String::from_utf8_lossy(status)
         ));
     }
-    Ok(status[..3]
+    let code = status[..3]
         .iter()
-        .fold(0, |n, &d| n * 10 + u16::from(d - b'0')))
+        .fold(0, |n, &d| n * 10 + u16::from(d - b'0'));
+    // 1xx are interim responses the gateway does not relay; a final one must be 200-599.
+    if !(200..=599).contains(&code) {
+        return Err(format!(
+            "status {code}: a response's status must be 200-599"
+        ));
+    }
+    Ok(code)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that only the gateway may set.
+const HOP_BY_HOP: [&[u8]; 5] = [
+    b"keep-alive",
+    b"upgrade",
+    b"te",
+    b"trailer",
+    b"proxy-connection",
+];
+
+/// A Content-Length value: digits only (no sign, no inner spaces), surrounding spaces allowed.
+fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 fn check_header(name: &[u8], value: &[u8]) -> Result<(), String> {
@@ -404,9 +451,10 @@ fn check_header(name: &[u8], value: &[u8]) -> Result<(), String> {
             String::from_utf8_lossy(name)
         ));
     }
-    if value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+    // Field values: visible characters, spaces and tabs (RFC 9110 §5.5).
+    if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(format!(
-            "header {:?} has a CR, LF or NUL in its value",
+            "header {:?} has a control character in its value",
             String::from_utf8_lossy(name)
         ));
     }
@@ -437,18 +485,26 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
 
+    /// Records what mongrel2 would get: each piece with data as a message, and a close as
+    /// an empty message after it.
     #[derive(Default)]
     struct Recorder(RefCell<Vec<Vec<u8>>>);
     impl ReplySink for Recorder {
-        fn send(&self, prefix: &[u8], payload: &[u8]) -> io::Result<()> {
-            self.0.borrow_mut().push([prefix, payload].concat());
+        fn send(&self, payload: &[u8], piece: Piece) -> io::Result<()> {
+            let mut msgs = self.0.borrow_mut();
+            if !payload.is_empty() {
+                msgs.push([b"u 1:7, ", payload].concat());
+            }
+            if piece == Piece::LastThenClose {
+                msgs.push(b"u 1:7, ".to_vec());
+            }
             Ok(())
         }
     }
 
     fn writer(facts: RequestFacts) -> (Rc<Recorder>, ResponseWriter) {
         let rec = Rc::new(Recorder::default());
-        let w = ResponseWriter::new(rec.clone(), b"u 1:7, ".to_vec(), facts);
+        let w = ResponseWriter::new(rec.clone(), facts);
         (rec, w)
     }
 
@@ -617,5 +673,77 @@ mod tests {
         let msgs = texts(&rec);
         assert!(msgs[0].ends_with("\r\n\r\nabc"));
         assert_eq!(msgs.last().unwrap(), "u 1:7, ");
+    }
+
+    #[test]
+    fn statuses_outside_200_599_are_refused() {
+        for status in [
+            &b"099 Odd"[..],
+            b"100 Continue",
+            b"101 Switching",
+            b"600 Big",
+        ] {
+            let (_, mut w) = writer(RequestFacts::default());
+            assert!(matches!(
+                w.start(status.to_vec(), vec![], false),
+                Err(StartError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn header_values_with_controls_and_bad_lengths_are_refused() {
+        let start = |headers: Vec<(&[u8], &[u8])>| {
+            let (_, mut w) = writer(RequestFacts::default());
+            let headers = headers
+                .into_iter()
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect();
+            w.start(b"200 OK".to_vec(), headers, false)
+        };
+        assert!(start(vec![(b"X", b"a\x01b")]).is_err());
+        assert!(start(vec![(b"X", b"a\x7fb")]).is_err());
+        assert!(start(vec![(b"X", b"a\tb")]).is_ok());
+        assert!(start(vec![(b"Content-Length", b"+5")]).is_err());
+        assert!(start(vec![(b"Content-Length", b"5 5")]).is_err());
+        assert!(start(vec![(b"Content-Length", b"")]).is_err());
+        assert!(start(vec![(b"Content-Length", b"5"), (b"Content-Length", b"86")]).is_err());
+        assert!(start(vec![(b"Content-Length", b"5"), (b"Content-Length", b" 5")]).is_ok());
+    }
+
+    #[test]
+    fn no_content_length_on_204_304_and_no_hop_by_hop_headers() {
+        for status in [&b"204 No Content"[..], b"304 Not Modified"] {
+            let (rec, mut w) = writer(RequestFacts::default());
+            let headers = vec![
+                (b"Content-Length".to_vec(), b"10".to_vec()),
+                (b"Keep-Alive".to_vec(), b"timeout=5".to_vec()),
+                (b"Upgrade".to_vec(), b"h2c".to_vec()),
+                (b"TE".to_vec(), b"trailers".to_vec()),
+            ];
+            w.start(status.to_vec(), headers, false).unwrap();
+            w.finish().unwrap();
+            let msg = texts(&rec).concat().to_ascii_lowercase();
+            assert!(!msg.contains("content-length"), "{msg}");
+            assert!(
+                !msg.contains("keep-alive") && !msg.contains("upgrade") && !msg.contains("\r\nte:")
+            );
+        }
+        // HEAD keeps the app's length (that of the GET).
+        let (rec, mut w) = writer(RequestFacts::new(b"HTTP/1.1", None, b"HEAD"));
+        w.start(
+            b"200 OK".to_vec(),
+            vec![(b"Content-Length".to_vec(), b"10".to_vec())],
+            false,
+        )
+        .unwrap();
+        w.finish().unwrap();
+        assert_eq!(
+            texts(&rec)
+                .concat()
+                .matches("Content-Length: 10\r\n")
+                .count(),
+            1
+        );
     }
 }

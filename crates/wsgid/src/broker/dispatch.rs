@@ -1,0 +1,190 @@
+//! Requests on their way to the workers: the shared queue, the requests in flight, and the
+//! per-connection order of pipelined requests.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+
+use m2wire::{is_notice, parse_address, ConnId};
+
+use crate::link::BrokerChannels;
+
+/// Most messages held back (behind a connection in service, or by a full queue) before
+/// reading from mongrel2 pauses.
+pub const MAX_WAITING: usize = 256;
+/// Most requests held back for one connection, and for all connections together; past
+/// these the connection is closed, so that held requests never stop the reading.
+const PIPELINE_LIMIT: usize = 16;
+const MAX_HELD: usize = MAX_WAITING / 2;
+
+/// A queued request, until its worker has sent the last piece of its response.
+pub struct InFlight {
+    pub conn: ConnId,
+    pub sender: Rc<[u8]>,
+    /// The epoch it arrived in: its replies go out only in the same epoch.
+    pub epoch: u64,
+    /// The worker that took it (its stream's descriptor), once its record has been read.
+    pub taker: Option<i32>,
+}
+
+/// A connection to close (after what is already on its way to it), for the caller to do.
+pub struct Close(pub Rc<[u8]>, pub ConnId);
+
+#[derive(Default)]
+pub struct Requests {
+    /// Messages read from mongrel2 and not queued yet, oldest first.
+    pub waiting: VecDeque<Vec<u8>>,
+    /// The last `dispatch` found the queue full.
+    pub queue_full: bool,
+    next_seq: u64,
+    pub in_flight: HashMap<u64, InFlight>,
+    /// Requests in flight per connection: its next messages wait, so that the responses to
+    /// pipelined requests go out in order even with several workers.
+    busy: HashMap<ConnId, u32>,
+    /// Connections to close once their requests in flight are answered; their other
+    /// requests are dropped.
+    closing: HashMap<ConnId, Rc<[u8]>>,
+    /// The handler's UUID, shared by the requests that carry it.
+    sender: Option<Rc<[u8]>>,
+}
+
+impl Requests {
+    /// Requests of the current epoch not yet answered in full.
+    pub fn unanswered(&self, epoch: u64) -> usize {
+        self.in_flight.values().filter(|f| f.epoch == epoch).count()
+    }
+
+    /// A new epoch: nothing held or waiting is worth serving; connections are all new.
+    pub fn forget_epoch(&mut self) {
+        self.waiting.clear();
+        self.busy.clear();
+        self.closing.clear();
+    }
+
+    fn shared_sender(&mut self, sender: &[u8]) -> Rc<[u8]> {
+        match &self.sender {
+            Some(s) if &s[..] == sender => s.clone(),
+            _ => {
+                let s: Rc<[u8]> = Rc::from(sender);
+                self.sender = Some(s.clone());
+                s
+            }
+        }
+    }
+
+    /// The response to `seq` is complete (or will never come). Returns the connection to
+    /// close, when it was waiting for that. A request of an earlier epoch frees nothing:
+    /// its connection id may belong to a new client now.
+    pub fn finish(&mut self, seq: u64, epoch: u64) -> Option<Close> {
+        let done = self.in_flight.remove(&seq)?;
+        if done.epoch != epoch {
+            return None;
+        }
+        let count = self.busy.get_mut(&done.conn)?;
+        *count -= 1;
+        if *count > 0 {
+            return None;
+        }
+        self.busy.remove(&done.conn);
+        let sender = self.closing.remove(&done.conn)?;
+        Some(Close(sender, done.conn))
+    }
+
+    /// Drops the requests waiting for `conn` (it is being closed).
+    pub fn drop_waiting(&mut self, conn: ConnId) {
+        self.waiting
+            .retain(|m| is_notice(m) || parse_address(m).is_none_or(|(_, c)| c != conn));
+    }
+
+    /// Closes `conn` once what is in flight for it is answered, and drops what waits.
+    pub fn close_when_done(&mut self, sender: &[u8], conn: ConnId) -> Option<Close> {
+        self.drop_waiting(conn);
+        let sender = self.shared_sender(sender);
+        if self.busy.contains_key(&conn) {
+            self.closing.insert(conn, sender);
+            None
+        } else {
+            Some(Close(sender, conn))
+        }
+    }
+
+    /// Queues the waiting requests, oldest first: those for a connection still in service
+    /// are passed over, or refused past the pipelining limits. Notices are returned to the
+    /// caller (they answer nothing), as are the connections to close.
+    pub fn dispatch(
+        &mut self,
+        channels: &BrokerChannels,
+        epoch: u64,
+        notices: &mut Vec<Vec<u8>>,
+        verdicts: &mut Vec<Close>,
+    ) {
+        let mut held: HashMap<ConnId, usize> = HashMap::new();
+        let mut held_total = 0;
+        let mut refused = HashSet::new();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if is_notice(&self.waiting[i]) {
+                notices.extend(self.waiting.remove(i));
+                continue;
+            }
+            let Some((sender_len, conn)) =
+                parse_address(&self.waiting[i]).map(|(s, conn)| (s.len(), conn))
+            else {
+                tracing::warn!("a message from mongrel2 without an address, dropped");
+                self.waiting.remove(i);
+                continue;
+            };
+            if self.closing.contains_key(&conn) {
+                self.waiting.remove(i);
+                continue;
+            }
+            if self.busy.contains_key(&conn) {
+                let count = held.entry(conn).or_default();
+                *count += 1;
+                held_total += 1;
+                if *count <= PIPELINE_LIMIT && held_total <= MAX_HELD {
+                    i += 1;
+                    continue;
+                }
+                // Pipelining clients must not fill what we hold for everyone.
+                if refused.insert(conn) {
+                    tracing::warn!(
+                        conn,
+                        "closing a connection that pipelined too many requests"
+                    );
+                }
+                let msg = self.waiting.remove(i).expect("index in range");
+                verdicts.extend(self.close_when_done(&msg[..sender_len], conn));
+                continue;
+            }
+            let seq = self.next_seq;
+            match channels.enqueue(seq, &self.waiting[i]) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.queue_full = true;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(conn, "cannot queue a request ({e}); closing its connection");
+                    let msg = self.waiting.remove(i).expect("index in range");
+                    verdicts.extend(self.close_when_done(&msg[..sender_len], conn));
+                    continue;
+                }
+            }
+            self.next_seq += 1;
+            let msg = self.waiting.remove(i).expect("index in range");
+            *self.busy.entry(conn).or_default() += 1;
+            let sender = self.shared_sender(&msg[..sender_len]);
+            let taker = None;
+            self.in_flight.insert(
+                seq,
+                InFlight {
+                    conn,
+                    sender,
+                    epoch,
+                    taker,
+                },
+            );
+        }
+        self.queue_full = false;
+    }
+}

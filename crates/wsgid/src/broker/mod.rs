@@ -1,0 +1,481 @@
+//! The broker: the one process of a wsgid instance that talks to mongrel2. It pulls requests
+//! into the queue that idle workers take from (see `link`), and forwards the workers'
+//! replies to mongrel2 over one connection.
+//!
+//! mongrel2's PUSH assigns a request to a connected peer before that peer reads it, and a
+//! peer that disconnects loses what was assigned to it and still in flight (design note 2).
+//! Workers connected to mongrel2 directly would therefore drop requests on every reload and
+//! queue fast requests behind slow ones (note 3). The broker stays connected while workers
+//! come and go; a request waits in the shared queue until a worker is free to take it.
+//!
+//! Replies pass through here too, for three reasons that each lost responses when every
+//! worker had its own connection: mongrel2 fair-queues between connections, so a
+//! connection's next response could overtake the tail of the previous one (note 10); only
+//! the broker sees mongrel2's flow-control credits and restarts; and a worker with a
+//! response for a mongrel2 that is away now hands it over and lives on.
+//!
+//! **Epochs.** Every time either connection to mongrel2 is lost, a new epoch begins: what
+//! was waiting, held or in service is never delivered over the new connections (mongrel2
+//! restarts its connection ids at 1, note 9: an old reply would reach a new client).
+
+mod dispatch;
+mod outgoing;
+mod workers;
+
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use m2wire::{parse_address, MessageKind, Request};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use zmtp::{Peer, PeerEvent, SocketType};
+
+use crate::config::Settings;
+use crate::link::BrokerChannels;
+use dispatch::{Close, Requests, MAX_WAITING};
+use outgoing::Outgoing;
+use workers::Workers;
+
+/// Most bytes queued on the reply connection before the broker stops moving replies to it.
+const MAX_REPLY_BACKLOG: usize = 4 << 20;
+/// Largest request message when `--max-body-size` does not say: mongrel2 spools bodies over
+/// its `limits.content_length` to files, so messages stay small unless that is raised far.
+const DEFAULT_MAX_MESSAGE: u64 = 64 << 20;
+/// A draining broker waits this long for mongrel2 to close the request connection.
+const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// The signals the broker reacts to.
+struct Signals {
+    stop: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    wake: UnixStream,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        let (wake, notify) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        let signals = Signals {
+            stop: Arc::default(),
+            quit: Arc::default(),
+            wake,
+        };
+        for (sig, flag) in [
+            (signal_hook::consts::SIGTERM, &signals.stop),
+            (signal_hook::consts::SIGINT, &signals.stop),
+            (signal_hook::consts::SIGQUIT, &signals.quit),
+        ] {
+            signal_hook::flag::register(sig, flag.clone())?;
+            signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
+        }
+        signal_hook::flag::register(
+            signal_hook::consts::SIGHUP,
+            Arc::new(AtomicBool::new(false)),
+        )?;
+        Ok(signals)
+    }
+
+    fn drain(&self) {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+struct Broker {
+    /// mongrel2's PUSH (requests) and SUB (replies).
+    requests: Peer,
+    replies: Peer,
+    /// mongrel2 has subscribed on the reply connection: replies reach it.
+    subscribed: bool,
+    /// Bumped whenever a connection to mongrel2 is lost.
+    epoch: u64,
+    channels: BrokerChannels,
+    queue: Requests,
+    workers: Workers,
+    outgoing: Outgoing,
+    /// Stopping: by when, and whether mongrel2 has closed the request connection.
+    draining: Option<Instant>,
+    requests_closed: bool,
+    /// When paced replies are due.
+    next_flush: Option<Instant>,
+    /// When to look in on the workers' processes again (see `check_workers`).
+    next_liveness_check: Instant,
+}
+
+pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
+    let signals = Signals::install()?;
+    listener.set_nonblocking(true)?;
+    let max_message = settings
+        .max_body_size
+        .map_or(DEFAULT_MAX_MESSAGE, |b| b.saturating_add(1 << 20));
+    let mut broker = Broker {
+        requests: Peer::new(&settings.recv, SocketType::Pull, max_message)
+            .with_context(|| format!("--recv {}", settings.recv))?,
+        replies: Peer::new(&settings.send, SocketType::Pub, 1 << 16)
+            .with_context(|| format!("--send {}", settings.send))?,
+        subscribed: false,
+        epoch: 1,
+        channels: BrokerChannels::new().context("cannot create the request queue")?,
+        queue: Requests::default(),
+        workers: Workers::default(),
+        outgoing: Outgoing::default(),
+        draining: None,
+        requests_closed: false,
+        next_flush: None,
+        next_liveness_check: Instant::now(),
+    };
+    tracing::info!(recv = %settings.recv, send = %settings.send, "broker ready");
+    let graceful = Duration::from_secs(settings.graceful_timeout);
+    loop {
+        if signals.quit.load(Ordering::Relaxed) {
+            tracing::info!("quit: stopping now");
+            break;
+        }
+        if signals.stop.load(Ordering::Relaxed) && broker.draining.is_none() {
+            broker.start_draining(graceful);
+        }
+        if broker.drained() {
+            break;
+        }
+        broker.turn(&listener, &signals)?;
+    }
+    tracing::info!(
+        unqueued = broker.queue.waiting.len(),
+        unanswered = broker.queue.unanswered(broker.epoch),
+        "broker stopped"
+    );
+    Ok(())
+}
+
+impl Broker {
+    /// Stopping: the request connection is half-closed, so mongrel2 stops sending to us and
+    /// closes its side; what it had sent is still read, queued and answered. Half the
+    /// graceful timeout is ours; the workers, stopped after us, need the rest.
+    fn start_draining(&mut self, graceful: Duration) {
+        tracing::info!("stopping: no new requests from mongrel2, serving those sent");
+        self.requests.shutdown_write();
+        self.draining = Some(Instant::now() + graceful / 2);
+    }
+
+    /// Stopping, and nothing is left to do (or time is up).
+    fn drained(&self) -> bool {
+        let Some(deadline) = self.draining else {
+            return false;
+        };
+        if Instant::now() >= deadline {
+            tracing::warn!("graceful timeout: stopping with requests unanswered");
+            return true;
+        }
+        let quiet = self.requests_closed
+            || !self.requests.is_up()
+            || self.requests.last_input().elapsed() >= DRAIN_IDLE;
+        quiet
+            && self.queue.waiting.is_empty()
+            && self.queue.unanswered(self.epoch) == 0
+            && self.outgoing.is_empty()
+            && self.replies.backlog() == 0
+    }
+
+    /// Requests are read only while replies can reach mongrel2 and there is room for them.
+    fn wants_requests(&self) -> bool {
+        self.subscribed
+            && !self.requests_closed
+            && self.queue.waiting.len() < MAX_WAITING
+            && self.replies.backlog() < MAX_REPLY_BACKLOG
+    }
+
+    /// One turn of the loop: wait for something to happen, then do all there is to do.
+    fn turn(&mut self, listener: &UnixListener, signals: &Signals) -> anyhow::Result<()> {
+        self.requests.set_reading(self.wants_requests());
+        let ready = self.wait(listener, signals)?;
+        if ready.signal {
+            signals.drain();
+        }
+        if ready.accept {
+            while let Ok((stream, _)) = listener.accept() {
+                self.workers.accept(stream, &self.channels);
+            }
+        }
+        // Replies first: they free connections whose next requests wait.
+        self.read_replies(&ready.workers);
+        self.check_workers();
+        self.drive_replies();
+        if !self.requests_closed {
+            let mut events = Vec::new();
+            self.requests.drive(&mut events);
+            for event in events {
+                self.on_request_event(event);
+            }
+        }
+        self.dispatch();
+        self.flush();
+        Ok(())
+    }
+
+    fn wait(&mut self, listener: &UnixListener, signals: &Signals) -> anyhow::Result<Ready> {
+        let streams = self.workers.readable_fds(&self.outgoing);
+        let mut polled = vec![
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        if self.queue.queue_full {
+            polled.push(PollFd::new(
+                self.channels.queue_fd().as_fd(),
+                PollFlags::POLLOUT,
+            ));
+        }
+        for peer in [&self.requests, &self.replies] {
+            if let Some((fd, read, write)) = peer.poll_interest() {
+                let mut flags = PollFlags::empty();
+                flags.set(PollFlags::POLLIN, read);
+                flags.set(PollFlags::POLLOUT, write);
+                polled.push(PollFd::new(borrow(fd), flags));
+            }
+        }
+        let workers_at = polled.len();
+        polled.extend(
+            streams
+                .iter()
+                .map(|&fd| PollFd::new(borrow(fd), PollFlags::POLLIN)),
+        );
+        let now = Instant::now();
+        let mut deadline = [
+            self.requests.deadline(),
+            self.replies.deadline(),
+            self.next_flush,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if self.draining.is_some() || !self.queue.in_flight.is_empty() {
+            // Look in on the workers (`check_workers`) and on the drain now and then.
+            let tick = if self.draining.is_some() { 50 } else { 1000 };
+            let at = now + Duration::from_millis(tick);
+            deadline = Some(deadline.map_or(at, |d| d.min(at)));
+        }
+        if self.requests.has_buffered_input() && self.wants_requests() {
+            deadline = Some(now);
+        }
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                let ms = at.saturating_duration_since(now).as_millis();
+                // Round up: waking early only to find nothing due would spin.
+                let ms = if at > now { ms.max(1) } else { 0 };
+                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        match poll(&mut polled, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let hit = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+        Ok(Ready {
+            accept: hit(&polled[0]),
+            signal: hit(&polled[1]),
+            workers: streams
+                .iter()
+                .zip(&polled[workers_at..])
+                .filter(|(_, p)| hit(p))
+                .map(|(&fd, _)| fd)
+                .collect(),
+        })
+    }
+
+    /// A new epoch: nothing from before may reach the new connections.
+    fn new_epoch(&mut self, why: &str) {
+        self.epoch += 1;
+        let waiting = self.queue.waiting.len();
+        let unanswered = self.queue.unanswered(self.epoch - 1);
+        let dropped = self.outgoing.clear();
+        self.queue.forget_epoch();
+        if waiting + unanswered + dropped > 0 {
+            tracing::warn!(
+                waiting,
+                unanswered,
+                reply_bytes = dropped,
+                "{why}: a new epoch; what belonged to the old connection is dropped"
+            );
+        } else {
+            tracing::info!("{why}: a new epoch");
+        }
+    }
+
+    fn drive_replies(&mut self) {
+        let mut events = Vec::new();
+        self.replies.drive(&mut events);
+        for event in events {
+            match event {
+                PeerEvent::Subscribed(prefix) => {
+                    if !self.subscribed {
+                        tracing::info!(send = %self.replies.spec(), "mongrel2 listens for replies");
+                    }
+                    self.subscribed = true;
+                    if !prefix.is_empty() {
+                        tracing::warn!(
+                            subscribed = %String::from_utf8_lossy(&prefix),
+                            "mongrel2 drops replies that do not start with its recv_ident; \
+                             set the handler's recv_ident to '' or to a prefix of its send_ident"
+                        );
+                    }
+                }
+                PeerEvent::Down(reason) => {
+                    self.subscribed = false;
+                    self.new_epoch(&format!("reply connection to mongrel2 lost ({reason})"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_request_event(&mut self, event: PeerEvent) {
+        match event {
+            PeerEvent::Message(msg) => {
+                self.note_initial_credits(&msg);
+                self.queue.waiting.push_back(msg);
+            }
+            PeerEvent::Oversized { head, size } => self.refuse_oversized(&head, size),
+            PeerEvent::Down(_) if self.draining.is_some() => self.requests_closed = true,
+            PeerEvent::Down(reason) => {
+                self.new_epoch(&format!("request connection to mongrel2 lost ({reason})"))
+            }
+            PeerEvent::Up | PeerEvent::Subscribed(_) => {}
+        }
+    }
+
+    /// A request over the message cap: answered 413 and closed, never read into memory.
+    fn refuse_oversized(&mut self, head: &[u8], size: u64) {
+        let Some((sender, conn)) = parse_address(head) else {
+            return tracing::warn!(size, "dropped an oversized message without an address");
+        };
+        tracing::warn!(conn, size, "request message over the size cap: 413");
+        let close = self.queue.close_when_done(sender, conn);
+        if let Some(Close(sender, conn)) = close {
+            self.outgoing.push(&sender, conn, PAYLOAD_TOO_LARGE, true);
+        }
+    }
+
+    /// Queues what waits, handles mongrel2's notices, and closes what must be closed.
+    fn dispatch(&mut self) {
+        let (mut notices, mut closes) = (Vec::new(), Vec::new());
+        self.queue
+            .dispatch(&self.channels, self.epoch, &mut notices, &mut closes);
+        for notice in notices {
+            self.on_notice(&notice);
+        }
+        for Close(sender, conn) in closes {
+            self.outgoing.push(&sender, conn, b"", true);
+        }
+    }
+
+    /// mongrel2's notices: credits give a connection room; a disconnect drops what waits.
+    fn on_notice(&mut self, msg: &[u8]) {
+        let Ok(notice) = Request::parse(msg) else {
+            return tracing::warn!("a malformed notice from mongrel2");
+        };
+        match notice.kind() {
+            MessageKind::Credits => match credits_of(&notice) {
+                Some(n) => self.outgoing.grant(notice.sender, notice.conn_id, n, false),
+                None => tracing::warn!(conn = notice.conn_id, "a credits notice without credits"),
+            },
+            MessageKind::Disconnect => {
+                let dropped = self.outgoing.forget(notice.conn_id);
+                tracing::debug!(conn = notice.conn_id, dropped, "client disconnected");
+            }
+            other => tracing::debug!(conn = notice.conn_id, kind = ?other, "notice"),
+        }
+    }
+
+    /// The first request of a connection under flow control carries its initial credits.
+    /// A request is parsed here only when its headers name them.
+    fn note_initial_credits(&mut self, msg: &[u8]) {
+        if !contains(headers_of(msg), b"DOWNLOAD_CREDITS") {
+            return;
+        }
+        if let Ok(req) = Request::parse(msg) {
+            if req.kind() == MessageKind::Http {
+                if let Some(n) = credits_of(&req) {
+                    self.outgoing.grant(req.sender, req.conn_id, n, true);
+                }
+            }
+        }
+    }
+
+    /// Sends what the pacing and the credits allow.
+    fn flush(&mut self) {
+        struct ToMongrel2<'a>(&'a mut Peer);
+        impl outgoing::Sender for ToMongrel2<'_> {
+            fn send(&mut self, prefix: &[u8], payload: &[u8]) -> bool {
+                self.0.backlog() < MAX_REPLY_BACKLOG && self.0.send(&[prefix, payload])
+            }
+        }
+        self.next_flush = self
+            .outgoing
+            .flush(Instant::now(), &mut ToMongrel2(&mut self.replies));
+        if self.replies.backlog() > 0 {
+            let mut events = Vec::new();
+            self.replies.drive(&mut events);
+            for event in events {
+                if let PeerEvent::Down(reason) = event {
+                    self.subscribed = false;
+                    self.new_epoch(&format!("reply connection to mongrel2 lost ({reason})"));
+                }
+            }
+        }
+    }
+}
+
+const PAYLOAD_TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain\r\n\
+Content-Length: 24\r\nConnection: close\r\n\r\nrequest body too large\r\n";
+
+/// The `DOWNLOAD_CREDITS` header of a request or notice.
+fn credits_of(req: &Request<'_>) -> Option<u64> {
+    std::str::from_utf8(req.header(b"DOWNLOAD_CREDITS")?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The headers of a message (`UUID ID PATH LEN:HEADERS,BODY`), or nothing.
+fn headers_of(msg: &[u8]) -> &[u8] {
+    let mut spaces = msg
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b' ')
+        .map(|(i, _)| i);
+    let Some(start) = spaces.nth(2).map(|i| i + 1) else {
+        return &[];
+    };
+    let rest = &msg[start..];
+    let Some(colon) = rest.iter().take(12).position(|&b| b == b':') else {
+        return &[];
+    };
+    let len = std::str::from_utf8(&rest[..colon])
+        .ok()
+        .and_then(|l| l.parse::<usize>().ok());
+    len.and_then(|len| rest.get(colon + 1..colon + 1 + len))
+        .unwrap_or_default()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What woke the loop.
+struct Ready {
+    accept: bool,
+    signal: bool,
+    workers: Vec<RawFd>,
+}
+
+/// A descriptor for one poll call; its owner outlives the call and is not changed during it.
+fn borrow(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: every fd polled belongs to the broker (a peer's socket or a worker's stream),
+    // and none is closed while the poll call that borrows it runs.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}

@@ -1,0 +1,277 @@
+//! The workers as the broker sees them: their link streams, on which their replies arrive,
+//! and their rings of records (what each took, to know whose requests die with it).
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use m2wire::ConnId;
+
+use super::dispatch::Close;
+use super::outgoing::Outgoing;
+use super::Broker;
+use crate::link::{self, BrokerChannels, Piece, ReplyHeader};
+use crate::records::RingReader;
+
+/// A connection with this much waiting for mongrel2 stops the reading of the worker that
+/// writes to it: the worker then blocks on its stream (flat memory for slow clients).
+const PENDING_CAP: usize = 1 << 20;
+/// Most bytes read from one worker in one turn of the loop.
+const READ_BUDGET: usize = 1 << 20;
+
+struct Worker {
+    stream: UnixStream,
+    pid: i32,
+    ring: RingReader,
+    /// Bytes read and not yet a whole frame.
+    rbuf: Vec<u8>,
+    /// The connection whose backlog stopped our reading, if any.
+    blocked_on: Option<ConnId>,
+}
+
+#[derive(Default)]
+pub struct Workers {
+    by_fd: HashMap<RawFd, Worker>,
+}
+
+impl Workers {
+    pub fn accept(&mut self, stream: UnixStream, channels: &BrokerChannels) {
+        let pid = match link::check_peer(&stream) {
+            Ok(pid) => pid,
+            Err(e) => return tracing::warn!("refused a connection to the worker link: {e}"),
+        };
+        let welcomed = RingReader::create().and_then(|(ring, file)| {
+            channels.welcome(&stream, &file)?;
+            stream.set_nonblocking(true)?;
+            Ok(ring)
+        });
+        match welcomed {
+            Ok(ring) => {
+                let worker = Worker {
+                    stream,
+                    pid,
+                    ring,
+                    rbuf: Vec::new(),
+                    blocked_on: None,
+                };
+                self.by_fd.insert(worker.stream.as_raw_fd(), worker);
+            }
+            // A worker that gave up waiting while no broker ran: nothing lost.
+            Err(e) => tracing::debug!(pid, "cannot greet a worker: {e}"),
+        }
+    }
+
+    /// The streams to read: all but those whose connection is still backed up.
+    pub fn readable_fds(&mut self, outgoing: &Outgoing) -> Vec<RawFd> {
+        self.by_fd
+            .iter_mut()
+            .filter_map(|(&fd, w)| {
+                if let Some(conn) = w.blocked_on {
+                    if outgoing.pending(conn) >= PENDING_CAP / 2 {
+                        return None;
+                    }
+                    w.blocked_on = None;
+                }
+                Some(fd)
+            })
+            .collect()
+    }
+
+    /// Workers whose process is gone although their stream is open: a child the app forked
+    /// holds it (multiprocessing's fork start method does).
+    fn vanished(&self) -> Vec<RawFd> {
+        use nix::sys::signal::kill;
+        use nix::unistd::Pid;
+        self.by_fd
+            .iter()
+            .filter(|(_, w)| kill(Pid::from_raw(w.pid), None) == Err(nix::errno::Errno::ESRCH))
+            .map(|(&fd, _)| fd)
+            .collect()
+    }
+}
+
+/// What reading a worker's stream found.
+enum Stream {
+    /// Keep reading it later.
+    Open,
+    /// It ended (or broke): the worker is gone.
+    Gone(String),
+}
+
+impl Broker {
+    /// Reads and forwards the replies of the workers whose streams are readable.
+    pub(super) fn read_replies(&mut self, fds: &[RawFd]) {
+        for &fd in fds {
+            if let Stream::Gone(why) = self.read_worker(fd) {
+                self.remove_worker(fd, &why);
+            }
+        }
+    }
+
+    fn read_worker(&mut self, fd: RawFd) -> Stream {
+        let mut budget = READ_BUDGET;
+        loop {
+            let Some(worker) = self.workers.by_fd.get_mut(&fd) else {
+                return Stream::Open;
+            };
+            if worker.blocked_on.is_some() || budget == 0 {
+                return Stream::Open;
+            }
+            let start = worker.rbuf.len();
+            worker.rbuf.resize(start + 64 * 1024, 0);
+            match worker.stream.read(&mut worker.rbuf[start..]) {
+                Ok(0) => {
+                    worker.rbuf.truncate(start);
+                    return Stream::Gone("its stream ended".into());
+                }
+                Ok(n) => {
+                    worker.rbuf.truncate(start + n);
+                    budget = budget.saturating_sub(n);
+                }
+                Err(e) => {
+                    worker.rbuf.truncate(start);
+                    return match e.kind() {
+                        io::ErrorKind::WouldBlock => Stream::Open,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => Stream::Gone(format!("reading its stream failed: {e}")),
+                    };
+                }
+            }
+            // Records first: they say which requests this worker holds.
+            let ring = &worker.ring;
+            let in_flight = &mut self.queue.in_flight;
+            ring.read(&mut |seq| {
+                if let Some(f) = in_flight.get_mut(&seq) {
+                    f.taker = Some(fd);
+                }
+            });
+            if let Err(e) = self.take_frames(fd) {
+                return Stream::Gone(e);
+            }
+        }
+    }
+
+    /// Forwards every whole frame read from worker `fd`.
+    fn take_frames(&mut self, fd: RawFd) -> Result<(), String> {
+        let mut rbuf = match self.workers.by_fd.get_mut(&fd) {
+            Some(w) => std::mem::take(&mut w.rbuf),
+            None => return Ok(()),
+        };
+        let mut at = 0;
+        let mut result = Ok(());
+        while let Some(header) = ReplyHeader::decode(&rbuf[at..]) {
+            let header = match header {
+                Ok(h) => h,
+                Err(e) => {
+                    result = Err(format!("it wrote a broken reply frame ({e})"));
+                    break;
+                }
+            };
+            let end = at + ReplyHeader::LEN + header.len as usize;
+            if rbuf.len() < end {
+                break;
+            }
+            let blocked = self.on_reply(&header, &rbuf[at + ReplyHeader::LEN..end]);
+            at = end;
+            if let Some(conn) = blocked {
+                if let Some(w) = self.workers.by_fd.get_mut(&fd) {
+                    w.blocked_on = Some(conn);
+                }
+                break;
+            }
+        }
+        rbuf.drain(..at);
+        if let Some(w) = self.workers.by_fd.get_mut(&fd) {
+            w.rbuf = rbuf;
+        }
+        result
+    }
+
+    /// One reply piece: forwarded when its request belongs to this epoch. Returns the
+    /// connection when its backlog should stop the worker's reading.
+    fn on_reply(&mut self, header: &ReplyHeader, payload: &[u8]) -> Option<ConnId> {
+        let Some(f) = self.queue.in_flight.get(&header.seq) else {
+            tracing::warn!(seq = header.seq, "a reply to no request in flight, dropped");
+            return None;
+        };
+        let last = header.piece != Piece::Middle;
+        if f.epoch != self.epoch {
+            if last {
+                tracing::warn!(
+                    conn = f.conn,
+                    "dropped the reply to a request of an earlier epoch (mongrel2 reconnected)"
+                );
+                self.queue.finish(header.seq, self.epoch);
+            }
+            return None;
+        }
+        let (sender, conn) = (f.sender.clone(), f.conn);
+        let close = header.piece == Piece::LastThenClose;
+        if !payload.is_empty() || close {
+            self.outgoing.push(&sender, conn, payload, close);
+        }
+        if last {
+            if let Some(Close(sender, conn)) = self.queue.finish(header.seq, self.epoch) {
+                self.outgoing.push(&sender, conn, b"", true);
+            }
+            if close {
+                self.queue.drop_waiting(conn);
+            }
+        }
+        (self.outgoing.pending(conn) >= PENDING_CAP).then_some(conn)
+    }
+
+    /// Drops workers whose process has gone while their stream stays open.
+    pub(super) fn check_workers(&mut self) {
+        let due = self.next_liveness_check <= std::time::Instant::now();
+        if !due || self.queue.in_flight.is_empty() {
+            return;
+        }
+        self.next_liveness_check = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        for fd in self.workers.vanished() {
+            self.remove_worker(fd, "its process is gone");
+        }
+    }
+
+    /// A worker is gone: what it took and did not finish will never be answered, so those
+    /// connections are closed (a later response would answer the wrong request).
+    fn remove_worker(&mut self, fd: RawFd, why: &str) {
+        let Some(worker) = self.workers.by_fd.remove(&fd) else {
+            return;
+        };
+        let in_flight = &mut self.queue.in_flight;
+        worker.ring.read(&mut |seq| {
+            if let Some(f) = in_flight.get_mut(&seq) {
+                f.taker = Some(fd);
+            }
+        });
+        let lost: Vec<u64> = self
+            .queue
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.taker == Some(fd))
+            .map(|(&seq, _)| seq)
+            .collect();
+        if lost.is_empty() {
+            tracing::debug!(pid = worker.pid, "a worker left: {why}");
+        } else {
+            tracing::warn!(
+                pid = worker.pid,
+                requests = lost.len(),
+                "a worker died while serving ({why}); closing those connections"
+            );
+        }
+        for seq in lost {
+            let Some(f) = self.queue.in_flight.get(&seq) else {
+                continue;
+            };
+            let (sender, conn, current) = (f.sender.clone(), f.conn, f.epoch == self.epoch);
+            self.queue.finish(seq, self.epoch);
+            if current {
+                self.queue.drop_waiting(conn);
+                self.outgoing.push(&sender, conn, b"", true);
+            }
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! One connection to one bound libzmq socket, driven by the caller's poll loop.
+//!
+//! Nothing here blocks: connecting, the handshake, reading and writing all progress when the
+//! caller says the socket is ready, and a peer that stalls mid-frame holds up nothing but
+//! itself. A lost connection becomes `Down` and is retried with backoff (100 ms doubling to
+//! 2 s, as libzmq's `reconnect_ivl`), as a state of the loop: the caller goes on supervising
+//! while mongrel2 is away.
+
+use std::io::{self, Read, Write};
+use std::net::ToSocketAddrs;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockAddr, Socket, TcpKeepalive, Type};
+
+use crate::codec::{self, Decoder, Event};
+
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(2);
+/// A handshake not done by then is abandoned (a port that accepts but never speaks).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP: probes after 10 s idle, every 5 s, 3 of them; unacknowledged data gives up after 20 s.
+/// mongrel2 sends no heartbeats, so without these a cut peer would go unnoticed for hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const USER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most bytes read in one `drive` call, so one busy peer cannot starve the loop.
+const READ_BUDGET: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketType {
+    Pull,
+    Pub,
+}
+
+impl SocketType {
+    fn name(self) -> &'static [u8] {
+        match self {
+            SocketType::Pull => b"PULL",
+            SocketType::Pub => b"PUB",
+        }
+    }
+}
+
+/// What happened on a peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The handshake completed.
+    Up,
+    /// The connection ended (or never came up); the reason, for a log line.
+    Down(String),
+    /// A message (a PULL's requests).
+    Message(Vec<u8>),
+    /// A message over the cap was skipped: its first bytes and its size.
+    Oversized { head: Vec<u8>, size: u64 },
+    /// A SUB peer subscribed to this prefix: only now may a PUB's messages reach it.
+    Subscribed(Vec<u8>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    Connecting,
+    Greeting,
+    Ready,
+    /// Ready and half-closed by us: reading what the peer still sends.
+    Draining,
+}
+
+struct Connection {
+    socket: Socket,
+    stage: Stage,
+    since: Instant,
+}
+
+pub struct Peer {
+    spec: String,
+    kind: SocketType,
+    connection: Option<Connection>,
+    retry_at: Instant,
+    backoff: Duration,
+    /// Unconsumed input from `rpos` on.
+    rbuf: Vec<u8>,
+    rpos: usize,
+    /// Output not yet written, from `wpos` on.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    decoder: Decoder,
+    max_message: u64,
+    /// Reading paused by the caller (its queue is full).
+    reading: bool,
+    /// When the last bytes arrived.
+    last_input: Instant,
+    /// The peer's greeting has been read.
+    greeted: bool,
+    /// Since when the peer has not been up, and whether we said so.
+    down_since: Instant,
+    warned: bool,
+}
+
+impl Peer {
+    /// A peer of `kind` for the socket bound at `spec` (`tcp://host:port` or `ipc://path`);
+    /// it connects on the first `drive`. Messages over `max_message` bytes are skipped.
+    pub fn new(spec: &str, kind: SocketType, max_message: u64) -> io::Result<Peer> {
+        endpoint(spec)?;
+        Ok(Peer {
+            spec: spec.to_string(),
+            kind,
+            connection: None,
+            retry_at: Instant::now(),
+            backoff: FIRST_RETRY,
+            rbuf: Vec::with_capacity(256 * 1024),
+            rpos: 0,
+            wbuf: Vec::with_capacity(64 * 1024),
+            wpos: 0,
+            decoder: Decoder::new(max_message),
+            max_message,
+            reading: true,
+            last_input: Instant::now(),
+            greeted: false,
+            down_since: Instant::now(),
+            warned: false,
+        })
+    }
+
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    /// Handshake done (and not ended).
+    pub fn is_up(&self) -> bool {
+        matches!(
+            self.connection.as_ref().map(|c| &c.stage),
+            Some(Stage::Ready | Stage::Draining)
+        )
+    }
+
+    /// The descriptor to poll and the events wanted, while there is a connection.
+    pub fn poll_interest(&self) -> Option<(RawFd, bool, bool)> {
+        let c = self.connection.as_ref()?;
+        let write = c.stage == Stage::Connecting || self.wpos < self.wbuf.len();
+        let read = c.stage != Stage::Connecting && (self.reading || c.stage == Stage::Greeting);
+        Some((c.socket.as_raw_fd(), read, write))
+    }
+
+    /// When `drive` must be called even if the socket says nothing: a retry or a timeout.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.connection {
+            None => Some(self.retry_at),
+            Some(c) if c.stage == Stage::Connecting || c.stage == Stage::Greeting => {
+                Some(c.since + HANDSHAKE_TIMEOUT)
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// Pauses or resumes reading (back-pressure towards the peer).
+    pub fn set_reading(&mut self, on: bool) {
+        self.reading = on;
+    }
+
+    /// Whether input is buffered that a resumed `drive` would decode without reading.
+    pub fn has_buffered_input(&self) -> bool {
+        self.rpos < self.rbuf.len()
+    }
+
+    /// When bytes last arrived.
+    pub fn last_input(&self) -> Instant {
+        self.last_input
+    }
+
+    /// Bytes queued for the peer and not yet written.
+    pub fn backlog(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Queues one single-frame message made of `parts`; `false` when not connected.
+    pub fn send(&mut self, parts: &[&[u8]]) -> bool {
+        if !matches!(
+            self.connection.as_ref().map(|c| &c.stage),
+            Some(Stage::Ready)
+        ) {
+            return false;
+        }
+        let len = parts.iter().map(|p| p.len()).sum();
+        codec::push_frame(&mut self.wbuf, 0, len);
+        for part in parts {
+            self.wbuf.extend_from_slice(part);
+        }
+        true
+    }
+
+    /// Half-closes the connection: the peer stops sending to us once it sees our end, and
+    /// what it had sent can still be read.
+    pub fn shutdown_write(&mut self) {
+        if let Some(c) = self.connection.as_mut() {
+            if c.stage == Stage::Ready {
+                self.flush_now();
+            }
+        }
+        if let Some(c) = self.connection.as_mut() {
+            let _ = c.socket.shutdown(std::net::Shutdown::Write);
+            if c.stage == Stage::Ready {
+                c.stage = Stage::Draining;
+            } else {
+                self.connection = None;
+            }
+        }
+    }
+
+    /// Drops the connection now (and retries later). `Down` is reported only for a
+    /// connection that was up; failed attempts are logged once they last 2 s.
+    pub fn reset(&mut self, reason: &str, events: &mut Vec<PeerEvent>) {
+        if self.is_up() {
+            events.push(PeerEvent::Down(reason.to_string()));
+            self.down_since = Instant::now();
+            self.warned = false;
+        } else if !self.warned && self.down_since.elapsed() > Duration::from_secs(2) {
+            tracing::warn!(spec = %self.spec, "waiting for the peer: {reason}");
+            self.warned = true;
+        } else {
+            tracing::debug!(spec = %self.spec, "cannot connect: {reason}");
+        }
+        self.connection = None;
+        self.greeted = false;
+        self.rbuf.clear();
+        self.rpos = 0;
+        self.wbuf.clear();
+        self.wpos = 0;
+        self.decoder = Decoder::new(self.max_message);
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_RETRY);
+    }
+
+    /// Makes progress: connects when due, completes the handshake, reads what arrived (up
+    /// to a budget) and writes what is queued. Events are appended to `events`.
+    pub fn drive(&mut self, events: &mut Vec<PeerEvent>) {
+        let now = Instant::now();
+        if self.connection.is_none() {
+            if now < self.retry_at {
+                return;
+            }
+            match connect(&self.spec) {
+                Ok(socket) => {
+                    self.connection = Some(Connection {
+                        socket,
+                        stage: Stage::Connecting,
+                        since: now,
+                    })
+                }
+                Err(e) => return self.reset(&e.to_string(), events),
+            }
+        }
+        if let Err(e) = self.progress(events) {
+            self.reset(&e, events);
+        }
+    }
+
+    fn progress(&mut self, events: &mut Vec<PeerEvent>) -> Result<(), String> {
+        let c = self.connection.as_mut().expect("connected");
+        if c.stage == Stage::Connecting {
+            match c.socket.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => return Err(format!("cannot connect: {e}")),
+            }
+            // Not connected yet: writing the greeting would fail with ENOTCONN.
+            if c.socket.peer_addr().is_err() {
+                if c.since.elapsed() > HANDSHAKE_TIMEOUT {
+                    return Err("connect timed out".into());
+                }
+                return Ok(());
+            }
+            c.stage = Stage::Greeting;
+            c.since = Instant::now();
+            self.wbuf.clear();
+            self.wpos = 0;
+            self.wbuf.extend_from_slice(&codec::greeting());
+            self.wbuf
+                .extend_from_slice(&codec::ready_command(self.kind.name()));
+        }
+        self.flush_now_checked()?;
+        let greeting_stage = self.connection.as_ref().map(|c| &c.stage) == Some(&Stage::Greeting);
+        if greeting_stage
+            && self.connection.as_ref().expect("connected").since.elapsed() > HANDSHAKE_TIMEOUT
+        {
+            return Err("handshake timed out".into());
+        }
+        if self.reading || greeting_stage {
+            self.read_and_decode(events)?;
+        }
+        self.flush_now_checked()
+    }
+
+    fn read_and_decode(&mut self, events: &mut Vec<PeerEvent>) -> Result<(), String> {
+        let mut budget = READ_BUDGET;
+        loop {
+            self.decode_buffered(events)?;
+            if self.connection.is_none() || !self.reading && self.is_up() || budget == 0 {
+                return Ok(());
+            }
+            // Room for the frame in progress, or a good read's worth.
+            if self.rpos > 0
+                && (self.rpos == self.rbuf.len() || self.rpos > self.rbuf.capacity() / 2)
+            {
+                self.rbuf.drain(..self.rpos);
+                self.rpos = 0;
+            }
+            let wanted = self
+                .decoder
+                .wanted(&self.rbuf[self.rpos..])
+                .unwrap_or(0)
+                .max(64 * 1024);
+            let start = self.rbuf.len();
+            self.rbuf.resize(start + wanted.min(budget).max(4096), 0);
+            let c = self.connection.as_mut().expect("connected");
+            let result = (&c.socket).read(&mut self.rbuf[start..]);
+            match result {
+                Ok(0) => {
+                    self.rbuf.truncate(start);
+                    return Err("the peer closed the connection".into());
+                }
+                Ok(n) => {
+                    self.rbuf.truncate(start + n);
+                    budget = budget.saturating_sub(n);
+                    self.last_input = Instant::now();
+                }
+                Err(e) => {
+                    self.rbuf.truncate(start);
+                    return match e.kind() {
+                        io::ErrorKind::WouldBlock => Ok(()),
+                        io::ErrorKind::Interrupted => continue,
+                        _ => Err(format!("read: {e}")),
+                    };
+                }
+            }
+        }
+    }
+
+    fn decode_buffered(&mut self, events: &mut Vec<PeerEvent>) -> Result<(), String> {
+        loop {
+            let stage = match self.connection.as_ref() {
+                Some(c) => &c.stage,
+                None => return Ok(()),
+            };
+            if *stage == Stage::Greeting && !self.greeted {
+                if self.rbuf.len() - self.rpos < 64 {
+                    return Ok(());
+                }
+                codec::check_greeting(&self.rbuf[self.rpos..self.rpos + 64])?;
+                self.rpos += 64;
+                self.greeted = true;
+                continue;
+            }
+            if !self.reading && *stage != Stage::Greeting {
+                return Ok(());
+            }
+            let (used, event) = self.decoder.decode(&self.rbuf[self.rpos..])?;
+            self.rpos += used;
+            match event {
+                Some(event) => self.on_event(event, events)?,
+                None if used == 0 => return Ok(()),
+                None => {}
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event, events: &mut Vec<PeerEvent>) -> Result<(), String> {
+        let stage = &mut self.connection.as_mut().expect("connected").stage;
+        match event {
+            Event::Command(body) => {
+                let (name, data) =
+                    codec::split_command(&body).ok_or("a malformed command from the peer")?;
+                match name {
+                    b"READY" if *stage == Stage::Greeting => {
+                        *stage = Stage::Ready;
+                        self.backoff = FIRST_RETRY;
+                        if self.warned {
+                            tracing::info!(spec = %self.spec, "connected");
+                        }
+                        self.warned = false;
+                        events.push(PeerEvent::Up);
+                    }
+                    b"PING" => self.wbuf.extend_from_slice(&codec::pong_for(data)),
+                    b"ERROR" => {
+                        let reason = data.get(1..).unwrap_or_default();
+                        return Err(format!(
+                            "the peer sent ERROR: {}",
+                            String::from_utf8_lossy(reason)
+                        ));
+                    }
+                    b"SUBSCRIBE" if self.kind == SocketType::Pub => {
+                        events.push(PeerEvent::Subscribed(data.to_vec()))
+                    }
+                    _ => {} // PONG, CANCEL, and commands of later versions: nothing to do.
+                }
+            }
+            _ if *stage == Stage::Greeting => {
+                return Err("a message before the peer's READY".into());
+            }
+            Event::Message(body) if self.kind == SocketType::Pub => {
+                // ZMTP 3.0 subscriptions: 1 + prefix subscribes, 0 + prefix cancels.
+                if body.first() == Some(&1) {
+                    events.push(PeerEvent::Subscribed(body[1..].to_vec()));
+                }
+            }
+            Event::Message(body) => events.push(PeerEvent::Message(body)),
+            Event::Oversized { head, size } => events.push(PeerEvent::Oversized { head, size }),
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued, as far as the socket takes it.
+    fn flush_now(&mut self) {
+        if let Err(e) = self.flush_now_checked() {
+            tracing::debug!(spec = %self.spec, "write failed: {e}");
+        }
+    }
+
+    fn flush_now_checked(&mut self) -> Result<(), String> {
+        let Some(c) = self.connection.as_ref() else {
+            return Ok(());
+        };
+        if c.stage == Stage::Connecting {
+            return Ok(());
+        }
+        while self.wpos < self.wbuf.len() {
+            match (&c.socket).write(&self.wbuf[self.wpos..]) {
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("write: {e}")),
+            }
+        }
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        } else if self.wpos > 1 << 20 {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Where `spec` points.
+fn endpoint(spec: &str) -> io::Result<SockAddr> {
+    if let Some(address) = spec.strip_prefix("tcp://") {
+        let address = address
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::other(format!("{spec}: no address")))?;
+        Ok(SockAddr::from(address))
+    } else if let Some(path) = spec.strip_prefix("ipc://") {
+        SockAddr::unix(path)
+    } else {
+        Err(io::Error::other(format!(
+            "{spec}: a tcp:// or ipc:// endpoint is needed"
+        )))
+    }
+}
+
+/// Starts a non-blocking connection, with keepalive and a user timeout on TCP.
+fn connect(spec: &str) -> io::Result<Socket> {
+    let address = endpoint(spec)?;
+    let domain = if address.is_unix() {
+        Domain::UNIX
+    } else {
+        Domain::for_address(address.as_socket().expect("an IP address"))
+    };
+    let socket = Socket::new(domain, Type::STREAM.cloexec(), None)?;
+    socket.set_nonblocking(true)?;
+    if !address.is_unix() {
+        socket.set_nodelay(true)?;
+        socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(KEEPALIVE_IDLE)
+                .with_interval(KEEPALIVE_INTERVAL)
+                .with_retries(3),
+        )?;
+        socket.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    }
+    match socket.connect(&address) {
+        Ok(()) => Ok(socket),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
+        Err(e) => Err(e),
+    }
+}
