@@ -1,5 +1,8 @@
 """Integration fixtures: the real mongrel2 and real wsgid processes serving real apps
 (see stack.py). Every test talks HTTP to mongrel2; nothing is mocked."""
+import os
+import signal
+
 import pytest
 
 from stack import APPS, ROOT, UPLOAD_TEMPLATE, VENV, WSGID, Handler, Mongrel2, Wsgid, free_port, wait_for  # noqa: F401
@@ -56,3 +59,31 @@ def pytest_runtest_makereport(item, call):
                     tail = server.log()[-3000:]
                     if tail:
                         print(f"\n----- wsgid [{name}] log tail -----\n{tail}")
+
+
+@pytest.fixture
+def make(tmp_path):
+    """Starts a mongrel2 with one tnetstring handler and a wsgid for it; stops both after."""
+    started = []
+
+    def make(app="testapp", args=("--wsgi-app", "testapp:application"), start=True, content_length=20480,
+             ipc=False, m2_settings=None, **kw):
+        root = tmp_path / f"m2-{len(started)}"
+        handler = Handler("/", "tnetstring", ipc_chroot=root if ipc else None)
+        m2 = Mongrel2(root, [handler], content_length=content_length, extra_settings=m2_settings)
+        m2.start()
+        source = APPS.get(app, ROOT / "tests" / app)
+        server = Wsgid(tmp_path / f"app-{len(started)}", handler, m2, source, list(args), **kw)
+        started.append(server)
+        if start:
+            server.start(wait_path="/hello" if app == "testapp" else "/")
+        return server
+    yield make
+    for server in started:
+        server.stop(signal.SIGQUIT if server.proc and server.proc.poll() is None else signal.SIGTERM)
+        for pid in server.master_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        server.mongrel2.stop()

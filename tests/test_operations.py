@@ -15,34 +15,6 @@ import requests
 from stack import APPS, ROOT, VENV, WSGID, Handler, Mongrel2, Wsgid, wait_for
 
 
-@pytest.fixture
-def make(tmp_path):
-    """Starts a mongrel2 with one tnetstring handler and a wsgid for it; stops both after."""
-    started = []
-
-    def make(app="testapp", args=("--wsgi-app", "testapp:application"), start=True, content_length=20480,
-             ipc=False, **kw):
-        root = tmp_path / f"m2-{len(started)}"
-        handler = Handler("/", "tnetstring", ipc_chroot=root if ipc else None)
-        m2 = Mongrel2(root, [handler], content_length=content_length)
-        m2.start()
-        source = APPS.get(app, ROOT / "tests" / app)
-        server = Wsgid(tmp_path / f"app-{len(started)}", handler, m2, source, list(args), **kw)
-        started.append(server)
-        if start:
-            server.start(wait_path="/hello" if app == "testapp" else "/")
-        return server
-    yield make
-    for server in started:
-        server.stop(signal.SIGQUIT if server.proc and server.proc.poll() is None else signal.SIGTERM)
-        for pid in server.master_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        server.mongrel2.stop()
-
-
 def wsgid(*args, **kw):
     return subprocess.run([str(WSGID), *args], capture_output=True, text=True, **kw)
 

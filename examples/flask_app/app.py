@@ -32,3 +32,10 @@ def upload():
             size += len(block)
         files[name] = {"filename": storage.filename, "sha256": digest.hexdigest(), "size": size}
     return jsonify(files=files, form=request.form.to_dict())
+
+
+@app.post("/body")
+def body():
+    """The request body's size and hash, as Flask read it (chunked uploads included)."""
+    data = request.get_data()
+    return jsonify(size=len(data), sha256=hashlib.sha256(data).hexdigest())

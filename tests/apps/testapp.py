@@ -133,6 +133,33 @@ def inner(environ, start_response):
         size = int(environ["QUERY_STRING"].partition("=")[2] or 1048576)
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return (b"x" * 65536 for _ in range(size // 65536))
+    if path == "/tiny":  # many small chunks: n pieces of `size` bytes, each naming its index
+        q = dict(kv.split("=") for kv in environ["QUERY_STRING"].split("&") if kv)
+        n, size = int(q.get("n", 600)), int(q.get("size", 4))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (str(i % 10).encode() * size for i in range(n))
+    if path == "/events":  # progressive streaming: one small event every `every` seconds
+        q = dict(kv.split("=") for kv in environ["QUERY_STRING"].split("&") if kv)
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+
+        def events():
+            for i in range(int(q.get("n", 5))):
+                yield f"data: {i} {time.time():.6f}\n\n".encode()
+                time.sleep(float(q.get("every", 0.1)))
+        return events()
+    if path == "/id":  # answers with what the client asked for: a misdelivered reply shows
+        return text(start_response, "id=" + environ["QUERY_STRING"])
+    if path == "/slow-id":  # the same, after a while
+        time.sleep(1.0)
+        return text(start_response, "id=" + environ["QUERY_STRING"])
+    if path == "/status":  # any status line the client names (validation tests)
+        start_response(environ["QUERY_STRING"].replace("%20", " "), [("Content-Type", "text/plain")])
+        return [b"body"]
+    if path == "/header":  # one header the client names, raw (validation tests)
+        name, _, value = environ["QUERY_STRING"].partition("=")
+        from urllib.parse import unquote
+        start_response("200 OK", [(unquote(name), unquote(value))])
+        return [b"body"]
     if path == "/close-me":
         start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close"), ("Content-Length", "3")])
         return [b"bye"]

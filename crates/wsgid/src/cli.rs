@@ -124,6 +124,10 @@ pub struct Options {
     /// Retire a worker gracefully after this many requests.
     #[arg(long, value_name = "N", global = true)]
     pub max_requests: Option<u64>,
+    /// Front-end addresses (comma-separated, `*` for any) whose X-Forwarded-Proto and
+    /// X-Forwarded-For are trusted for wsgi.url_scheme and REMOTE_ADDR (default: 127.0.0.1).
+    #[arg(long, value_name = "ADDRS", global = true)]
+    pub forwarded_allow_ips: Option<String>,
 }
 
 /// The original's spec check: `(inproc|ipc|tcp|pgm|epgm)://...`, and `tcp://host:port`.

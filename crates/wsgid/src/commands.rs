@@ -40,6 +40,10 @@ pub fn config(app_path: &Path, options: &Options, no_debug: bool) -> anyhow::Res
         ("virtualenv", o.virtualenv.as_ref().map(|v| json!(v))),
         ("graceful_timeout", o.graceful_timeout.map(|v| json!(v))),
         ("max_requests", o.max_requests.map(|v| json!(v))),
+        (
+            "forwarded_allow_ips",
+            o.forwarded_allow_ips.as_ref().map(|v| json!(v)),
+        ),
     ];
     for (key, value) in given {
         if let Some(value) = value {

@@ -30,6 +30,8 @@ pub struct Settings {
     pub virtualenv: Option<PathBuf>,
     pub graceful_timeout: u64,
     pub max_requests: Option<u64>,
+    /// Peers whose X-Forwarded-* headers are trusted (`*`: any).
+    pub forwarded_allow_ips: Vec<String>,
     pub envs: BTreeMap<String, String>,
 }
 
@@ -184,6 +186,15 @@ impl Settings {
                 .or(as_u64(&file, "graceful_timeout")?)
                 .unwrap_or(30),
             max_requests: cli.max_requests.or(as_u64(&file, "max_requests")?),
+            forwarded_allow_ips: cli
+                .forwarded_allow_ips
+                .clone()
+                .or(as_string(&file, "forwarded_allow_ips")?)
+                .unwrap_or_else(|| "127.0.0.1".into())
+                .split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
             envs,
             app_path,
         })

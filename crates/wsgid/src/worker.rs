@@ -127,7 +127,10 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         };
         let errors = Bound::new(py, Errors::default())?.into_any();
         let wrapper = py.get_type::<FileWrapper>().into_any();
-        Ok((app, EnvironTemplate::new(py, errors, wrapper)?))
+        Ok((
+            app,
+            EnvironTemplate::new(py, errors, wrapper, &settings.forwarded_allow_ips)?,
+        ))
     })?;
 
     let link_name =

@@ -90,6 +90,9 @@ pub struct Peer {
     reading: bool,
     /// When the last bytes arrived.
     last_input: Instant,
+    /// Decoding stopped because reading was paused, with whole frames perhaps still
+    /// buffered: a resumed `drive` has work to do without any new input.
+    paused_with_input: bool,
     /// The peer's greeting has been read.
     greeted: bool,
     /// Since when the peer has not been up, and whether we said so.
@@ -116,6 +119,7 @@ impl Peer {
             max_message,
             reading: true,
             last_input: Instant::now(),
+            paused_with_input: false,
             greeted: false,
             down_since: Instant::now(),
             warned: false,
@@ -160,7 +164,7 @@ impl Peer {
 
     /// Whether input is buffered that a resumed `drive` would decode without reading.
     pub fn has_buffered_input(&self) -> bool {
-        self.rpos < self.rbuf.len()
+        self.paused_with_input && self.rpos < self.rbuf.len()
     }
 
     /// When bytes last arrived.
@@ -351,13 +355,17 @@ impl Peer {
                 continue;
             }
             if !self.reading && *stage != Stage::Greeting {
+                self.paused_with_input = true;
                 return Ok(());
             }
             let (used, event) = self.decoder.decode(&self.rbuf[self.rpos..])?;
             self.rpos += used;
             match event {
                 Some(event) => self.on_event(event, events)?,
-                None if used == 0 => return Ok(()),
+                None if used == 0 => {
+                    self.paused_with_input = false;
+                    return Ok(());
+                }
                 None => {}
             }
         }

@@ -6,4 +6,6 @@ urlpatterns = [
     path("", views.index),
     path("info", views.info),
     path("upload", views.upload),
+    path("body", views.body),
+    path("stream", views.stream),
 ]

@@ -1,7 +1,8 @@
 import hashlib
 
 from django.conf import settings
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
 
 
 def index(request):
@@ -27,3 +28,17 @@ def upload(request):
             digest.update(chunk)
         files[name] = {"name": uploaded.name, "size": uploaded.size, "sha256": digest.hexdigest()}
     return JsonResponse({"files": files, "fields": request.POST.dict()})
+
+
+@csrf_exempt
+def body(request):
+    """The request body's size and hash, as Django read it (chunked uploads included)."""
+    data = request.body
+    return JsonResponse({"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def stream(request):
+    """A streamed response of many small chunks."""
+    count = int(request.GET.get("n", 200))
+    return StreamingHttpResponse((f"{i % 10}".encode() * 10 for i in range(count)),
+                                 content_type="text/plain")

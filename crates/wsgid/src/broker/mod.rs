@@ -180,10 +180,10 @@ impl Broker {
             && self.replies.backlog() == 0
     }
 
-    /// Requests are read only while replies can reach mongrel2 and there is room for them.
+    /// Requests are read while there is room for them (as libzmq reads up to its high-water
+    /// mark: reading also answers a heartbeating peer's PINGs, which it drops us without).
     fn wants_requests(&self) -> bool {
-        self.subscribed
-            && !self.requests_closed
+        !self.requests_closed
             && self.queue.waiting.len() < MAX_WAITING
             && self.replies.backlog() < MAX_REPLY_BACKLOG
     }
@@ -359,8 +359,12 @@ impl Broker {
         }
     }
 
-    /// Queues what waits, handles mongrel2's notices, and closes what must be closed.
+    /// Queues what waits, handles mongrel2's notices, and closes what must be closed. Not
+    /// before mongrel2 has subscribed: until then its replies would be lost.
     fn dispatch(&mut self) {
+        if !self.subscribed {
+            return;
+        }
         let (mut notices, mut closes) = (Vec::new(), Vec::new());
         self.queue
             .dispatch(&self.channels, self.epoch, &mut notices, &mut closes);

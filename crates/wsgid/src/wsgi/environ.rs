@@ -19,6 +19,9 @@ use super::response::SERVER;
 pub struct EnvironTemplate {
     dict: Py<PyDict>,
     default_server_name: String,
+    /// Peers whose X-Forwarded-Proto and -For are believed (gunicorn's
+    /// `--forwarded-allow-ips`); `None` trusts every peer.
+    trusted_proxies: Option<Vec<Vec<u8>>>,
     /// `HTTP_*` keys by header name, made once: a key is then an interned string with its
     /// hash computed, not an allocation and a decode per header per request.
     http_keys: RefCell<HashMap<Vec<u8>, Py<PyString>>>,
@@ -33,6 +36,7 @@ impl EnvironTemplate {
         py: Python<'_>,
         errors: Bound<'_, PyAny>,
         file_wrapper: Bound<'_, PyAny>,
+        forwarded_allow_ips: &[String],
     ) -> PyResult<Self> {
         let dict = PyDict::new(py);
         dict.set_item("wsgi.version", PyTuple::new(py, [1, 0])?)?;
@@ -41,6 +45,9 @@ impl EnvironTemplate {
         dict.set_item("wsgi.multiprocess", true)?;
         dict.set_item("wsgi.run_once", false)?;
         dict.set_item("wsgi.file_wrapper", file_wrapper)?;
+        // The body is always delimited (a length, or a de-chunked upload file): reading
+        // wsgi.input to its end is safe, which frameworks need for chunked requests.
+        dict.set_item("wsgi.input_terminated", true)?;
         dict.set_item("SERVER_SOFTWARE", SERVER)?;
         dict.set_item("SCRIPT_NAME", "")?;
         dict.set_item("QUERY_STRING", "")?;
@@ -48,9 +55,16 @@ impl EnvironTemplate {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "localhost".into());
+        let trusted_proxies = (!forwarded_allow_ips.iter().any(|a| a == "*")).then(|| {
+            forwarded_allow_ips
+                .iter()
+                .map(|a| a.as_bytes().to_vec())
+                .collect()
+        });
         Ok(EnvironTemplate {
             dict: dict.unbind(),
             default_server_name,
+            trusted_proxies,
             http_keys: RefCell::default(),
         })
     }
@@ -69,6 +83,14 @@ impl EnvironTemplate {
         let key = PyString::intern(py, &cgi);
         keys.insert(name.to_vec(), key.clone().unbind());
         Some(key)
+    }
+}
+
+impl EnvironTemplate {
+    fn trusts(&self, peer: &[u8]) -> bool {
+        self.trusted_proxies
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|a| a == peer))
     }
 }
 
@@ -166,8 +188,11 @@ fn split_host<'a>(host: &'a [u8], default_port: &'a [u8]) -> (&'a [u8], &'a [u8]
 /// headers that have their own keys or must not reach the app: mongrel2's upper-case keys,
 /// upload markers, and names with `_`, which would alias a dashed name (header spoofing).
 pub fn cgi_name(name: &[u8]) -> Option<String> {
+    // The body reaches the app de-chunked, with a CONTENT_LENGTH: a Transfer-Encoding
+    // left in the environ makes frameworks (Werkzeug) ignore that length and read nothing.
     if name == b"content-type"
         || name == b"content-length"
+        || name == b"transfer-encoding"
         || name.starts_with(b"x-mongrel2-")
         || name.is_empty()
         || !name
@@ -200,7 +225,19 @@ pub fn build<'py>(
         intern!(py, "REQUEST_METHOD"),
         latin1(py, h(b"METHOD").unwrap_or(b"GET")),
     )?;
-    let scheme = h(b"URL_SCHEME").unwrap_or(b"http");
+    // Behind a trusted front end, its X-Forwarded-* say what the client used; from any
+    // other peer they are the client's word and are ignored.
+    let peer = h(b"REMOTE_ADDR");
+    let proxied = peer.is_some_and(|p| template.trusts(p));
+    let forwarded_proto = h(b"x-forwarded-proto")
+        .filter(|_| proxied)
+        .map(|p| p.trim_ascii())
+        .filter(|p| p.eq_ignore_ascii_case(b"https") || p.eq_ignore_ascii_case(b"http"));
+    let scheme: &[u8] = match forwarded_proto {
+        Some(p) if p.eq_ignore_ascii_case(b"https") => b"https",
+        Some(_) => b"http",
+        None => h(b"URL_SCHEME").unwrap_or(b"http"),
+    };
     env.set_item(intern!(py, "wsgi.url_scheme"), latin1(py, scheme))?;
     env.set_item(
         intern!(py, "SERVER_PROTOCOL"),
@@ -225,7 +262,13 @@ pub fn build<'py>(
     if let Some(uri) = h(b"URI") {
         env.set_item(intern!(py, "REQUEST_URI"), latin1(py, uri))?;
     }
-    if let Some(addr) = h(b"REMOTE_ADDR").or_else(|| h(b"x-forwarded-for")) {
+    // The client is the last address the trusted front end appended.
+    let forwarded_for = h(b"x-forwarded-for")
+        .filter(|_| proxied)
+        .and_then(|v| v.rsplit(|&b| b == b',').next())
+        .map(|a| a.trim_ascii())
+        .filter(|a| !a.is_empty());
+    if let Some(addr) = forwarded_for.or(peer) {
         env.set_item(intern!(py, "REMOTE_ADDR"), latin1(py, addr))?;
     }
 
