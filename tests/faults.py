@@ -27,10 +27,11 @@ class Reader:
         self.buf += chunk
         return bool(chunk)
 
-    def response(self, deadline):
+    def response(self, deadline, head=False):
         """One response: (status, headers, body, complete). `complete` says whether its
         framing (Content-Length, the chunked terminator) was met; a close-delimited body is
-        complete when the server closed after it, which cannot tell a cut."""
+        complete when the server closed after it, which cannot tell a cut. `head`: the
+        answer to a HEAD request (no body, whatever the headers say)."""
         self.sock.settimeout(max(0.05, deadline - time.time()))
         while b"\r\n\r\n" not in self.buf:
             if not self.more():
@@ -42,6 +43,8 @@ class Reader:
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers.setdefault(name.strip().lower(), value.strip())
+        if head or status in (204, 304) or 100 <= status < 200:
+            return status, headers, b"", True
         if "content-length" in headers:
             length = int(headers["content-length"])
             while len(self.buf) < length:

@@ -1,0 +1,184 @@
+"""Two third-party WSGI apps from PyPI (httpbin, pypiserver), served by gunicorn and by
+mongrel2 + wsgid: the same raw requests to both, and the same answers back.
+
+Compared: status, headers (but those that describe the connection or the moment: Date,
+Server, Connection, Keep-Alive, and the framing, Content-Length or chunked, since the body
+is compared whole), and the body. Known, deliberate differences are normalised here and
+listed in the README ("Differences from gunicorn"):
+* mongrel2 adds `X-Forwarded-For` to every request, which httpbin echoes back;
+* mongrel2 answers `Expect: 100-continue` itself, and so on for what mongrel2 owns.
+"""
+import json
+import signal
+import subprocess
+import textwrap
+import time
+
+import socket
+
+import pytest
+import requests
+
+from faults import Reader
+from stack import VENV, Handler, Mongrel2, Wsgid, free_port, wait_for
+
+HTTPBIN_REQUESTS = [
+    b"GET /get?a=1&b=two HTTP/1.1",
+    b"GET /get?a=1&a=2&c=%20x HTTP/1.1",
+    b"GET /headers HTTP/1.1\r\nX-Custom: one\r\nAccept: text/plain",
+    b"GET /ip HTTP/1.1",
+    b"GET /user-agent HTTP/1.1\r\nUser-Agent: differential/1.0",
+    b"GET /status/200 HTTP/1.1",
+    b"GET /status/204 HTTP/1.1",
+    b"GET /status/304 HTTP/1.1",
+    b"GET /status/404 HTTP/1.1",
+    b"GET /status/418 HTTP/1.1",
+    b"GET /status/500 HTTP/1.1",
+    b"GET /redirect/3 HTTP/1.1",
+    b"GET /relative-redirect/2 HTTP/1.1",
+    b"GET /absolute-redirect/1 HTTP/1.1",
+    b"GET /redirect-to?url=/get&status_code=307 HTTP/1.1",
+    b"GET /cookies HTTP/1.1\r\nCookie: a=1; b=2",
+    b"GET /cookies/set?k=v&x=y HTTP/1.1",
+    b"GET /cookies/delete?k HTTP/1.1\r\nCookie: k=v",
+    b"GET /response-headers?X-Test=1&Content-Type=text/plain HTTP/1.1",
+    b"GET /bytes/1024?seed=1 HTTP/1.1",
+    b"GET /stream-bytes/5000?seed=2&chunk_size=100 HTTP/1.1",
+    b"GET /stream-bytes/300?seed=4&chunk_size=3 HTTP/1.1",
+    b"GET /range/1000 HTTP/1.1\r\nRange: bytes=10-99",
+    b"GET /range/1000?chunk_size=100 HTTP/1.1",
+    b"GET /etag/abc HTTP/1.1\r\nIf-None-Match: \"abc\"",
+    b"GET /etag/abc HTTP/1.1\r\nIf-Match: \"xyz\"",
+    b"GET /cache HTTP/1.1\r\nIf-Modified-Since: Sat, 01 Jan 2000 00:00:00 GMT",
+    b"GET /cache/60 HTTP/1.1",
+    b"HEAD /get HTTP/1.1",
+    b"HEAD /bytes/100?seed=1 HTTP/1.1",
+    b"POST /post HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 17\r\n\r\nname=J%C3%B6rg&x=1",
+    b"POST /post HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 183\r\n\r\n"
+    b"--XyZ\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.txt\"\r\nContent-Type: text/plain\r\n\r\n"
+    b"hello file\r\n--XyZ\r\nContent-Disposition: form-data; name=\"field\"\r\n\r\nvalue\r\n--XyZ--\r\n",
+    b"POST /anything HTTP/1.1\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    b"PUT /put HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"a\": [1, 2]}",
+    b"PATCH /patch HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+    b"DELETE /delete HTTP/1.1",
+    b"GET /gzip HTTP/1.1",
+    b"GET /deflate HTTP/1.1",
+    b"GET /encoding/utf8 HTTP/1.1",
+    b"GET /html HTTP/1.1",
+    b"GET /xml HTTP/1.1",
+    b"GET /json HTTP/1.1",
+    b"GET /robots.txt HTTP/1.1",
+    b"GET /deny HTTP/1.1",
+    b"GET /base64/SGVsbG8gd29ybGQ= HTTP/1.1",
+    b"GET /drip?duration=0.3&numbytes=6&code=200&delay=0 HTTP/1.1",
+    b"GET /links/3/1 HTTP/1.1",
+    b"GET /image/png HTTP/1.1",
+    b"GET /anything/x/y?z=1 HTTP/1.1",
+    b"GET /basic-auth/u/p HTTP/1.1\r\nAuthorization: Basic dTpw",
+    b"GET /basic-auth/u/p HTTP/1.1",
+    b"GET /get HTTP/1.0",
+    b"GET /stream-bytes/1000?seed=3&chunk_size=10 HTTP/1.0",
+    b"GET /status/201 HTTP/1.0",
+    b"OPTIONS /get HTTP/1.1",
+    b"GET /nonexistent HTTP/1.1",
+]
+
+PYPI_REQUESTS = [
+    b"GET / HTTP/1.1",
+    b"GET /simple/ HTTP/1.1",
+    b"GET /simple/demo/ HTTP/1.1",
+    b"GET /simple/demo HTTP/1.1",
+    b"GET /simple/nothing-here/ HTTP/1.1",
+    b"GET /packages/ HTTP/1.1",
+    b"GET /packages/demo-1.0.tar.gz HTTP/1.1",
+    b"HEAD /packages/demo-1.0.tar.gz HTTP/1.1",
+    b"GET /packages/demo-1.0.tar.gz HTTP/1.1\r\nRange: bytes=100-199",
+    b"GET /packages/demo-1.0.tar.gz HTTP/1.1\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT",
+    b"GET /packages/missing-1.0.tar.gz HTTP/1.1",
+    b"GET /favicon.ico HTTP/1.1",
+    b"GET /simple/ HTTP/1.0",
+    b"POST / HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 9\r\n\r\n:action=x",
+]
+
+# What differs by design, removed before comparing.
+IGNORED_HEADERS = {"date", "server", "connection", "keep-alive", "transfer-encoding", "content-length"}
+
+
+def normalise_body(body, headers):
+    if headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body
+        if isinstance(data, dict) and isinstance(data.get("headers"), dict):
+            data["headers"].pop("X-Forwarded-For", None)  # added by mongrel2
+        return data
+    return body
+
+
+def fetch(port, raw):
+    line, _, rest = raw.partition(b"\r\n")
+    head_rest, sep, body = rest.partition(b"\r\n\r\n")
+    head = line + b"\r\nHost: localhost\r\nConnection: close\r\n" + (head_rest + b"\r\n" if head_rest else b"")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + b"\r\n" + body)
+        status, headers, data, complete = Reader(sock).response(time.time() + 10, head=raw.startswith(b"HEAD"))
+    kept = sorted((k, v) for k, v in headers.items() if k not in IGNORED_HEADERS)
+    return status, kept, normalise_body(data, headers), complete
+
+
+@pytest.fixture(scope="module")
+def pair_of_servers(tmp_path_factory):
+    """Each app under gunicorn (2 sync workers) and under mongrel2 + wsgid (2 workers)."""
+    tmp = tmp_path_factory.mktemp("differential")
+    apps = tmp / "apps"
+    packages = tmp / "packages"
+    apps.mkdir()
+    packages.mkdir()
+    (packages / "demo-1.0.tar.gz").write_bytes(bytes(range(256)) * 8)
+    (apps / "httpbin_app.py").write_text("from httpbin import app as application\n")
+    (apps / "pypi_app.py").write_text(textwrap.dedent(f"""\
+        import pypiserver
+        application = pypiserver.app(roots=[{str(packages)!r}], authenticate=["update"], password_file=".")
+        """))
+    started = []
+    servers = {}
+    try:
+        for name, module in [("httpbin", "httpbin_app:application"), ("pypi", "pypi_app:application")]:
+            port = free_port()
+            gunicorn = subprocess.Popen(
+                [str(VENV / "bin" / "gunicorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}",
+                 "--chdir", str(apps), module],
+                stdout=subprocess.DEVNULL, stderr=open(tmp / f"gunicorn-{name}.log", "wb"))
+            started.append(gunicorn)
+            handler = Handler("/", "tnetstring")
+            m2 = Mongrel2(tmp / f"m2-{name}", [handler])
+            m2.start()
+            started.append(m2)
+            wsgid = Wsgid(tmp / f"wsgid-{name}", handler, m2, apps, ["--wsgi-app", module], workers=2)
+            wsgid.start(wait_path=None)
+            started.append(wsgid)
+            wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/", timeout=2).status_code < 500,
+                     what=f"gunicorn serving {name}")
+            wait_for(lambda: requests.get(m2.url + "/", timeout=2).status_code < 500,
+                     what=f"wsgid serving {name}")
+            servers[name] = (port, m2.port)
+        yield servers
+    finally:
+        for s in started:
+            if isinstance(s, subprocess.Popen):
+                s.send_signal(signal.SIGTERM)
+                s.wait(10)
+            else:
+                s.stop()
+
+
+@pytest.mark.parametrize("app,raw", [("httpbin", r) for r in HTTPBIN_REQUESTS] + [("pypi", r) for r in PYPI_REQUESTS],
+                         ids=lambda v: v if isinstance(v, str) else v.split(b"\r\n")[0].decode())
+def test_same_answer_as_gunicorn(pair_of_servers, app, raw):
+    gunicorn_port, wsgid_port = pair_of_servers[app]
+    theirs = fetch(gunicorn_port, raw)
+    ours = fetch(wsgid_port, raw)
+    assert ours == theirs
+
