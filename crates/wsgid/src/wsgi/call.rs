@@ -115,13 +115,24 @@ impl Write {
     }
 }
 
+/// A body item as bytes. PEP 3333 asks for `bytes`; `bytearray` and `memoryview` are
+/// accepted too, as gunicorn accepts them (httpbin's `/bytes` yields a bytearray).
 fn body_bytes<'py>(chunk: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-    chunk.cast::<PyBytes>().cloned().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "response body items must be bytes, not {}",
-            type_name(chunk)
-        ))
-    })
+    use pyo3::types::{PyByteArray, PyMemoryView};
+    if let Ok(bytes) = chunk.cast::<PyBytes>() {
+        return Ok(bytes.clone());
+    }
+    if chunk.is_instance_of::<PyByteArray>() || chunk.is_instance_of::<PyMemoryView>() {
+        let py = chunk.py();
+        return Ok(py
+            .get_type::<PyBytes>()
+            .call1((chunk,))?
+            .cast_into::<PyBytes>()?);
+    }
+    Err(PyTypeError::new_err(format!(
+        "response body items must be bytes, not {}",
+        type_name(chunk)
+    )))
 }
 
 /// Why a response went wrong: the app (logged, the client gets a 500 or a closed
