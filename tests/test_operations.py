@@ -15,6 +15,15 @@ import requests
 from stack import APPS, ROOT, VENV, WSGID, Handler, Mongrel2, Wsgid, wait_for
 
 
+def running(pid):
+    """Exists and is not a zombie (a daemon's parent may not reap it at once)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def wsgid(*args, **kw):
     return subprocess.run([str(WSGID), *args], capture_output=True, text=True, **kw)
 
@@ -103,8 +112,13 @@ def test_status_stop_in_daemon_mode(make):
     assert os.getsid(master) != os.getsid(0)  # detached into a session of its own
     assert requests.get(server.url + "/hello").status_code == 200
     assert "GET /hello" in (server.folder / "logs" / "wsgid.log").read_text()
+    # A second start on the same folder is refused, unless asked for.
+    second = wsgid("--app-path", str(server.folder), "--recv", server.handler.send_spec,
+                   "--send", server.handler.recv_spec)
+    assert second.returncode == 2 and f"a master (pid {master}) already serves" in second.stderr
+    # stop returns once the master is gone.
     assert wsgid("stop", "--app-path", str(server.folder)).returncode == 0
-    wait_for(lambda: not os.path.exists(f"/proc/{master}"), what="the master to exit")
+    assert not running(master)
     assert wsgid("status", "--app-path", str(server.folder)).stdout.startswith("Status: Stopped")
     assert server.master_pids() == [] and server.worker_pids() == []
 
@@ -146,16 +160,41 @@ def test_killed_worker_is_replaced_under_load(make):
     assert "worker died" in server.log()
 
 
-def test_import_failure_backs_off(make):
-    server = make(app="apps_broken", args=("--wsgi-app", "broken:app"), start=False, workers=1)
+def test_a_worker_that_fails_to_boot_ends_the_master_with_exit_3(make):
+    """gunicorn's "Worker failed to boot": no worker ever loaded the app, so the master
+    stops (exit 3) instead of retrying forever."""
+    server = make(app="apps_broken", args=("--wsgi-app", "broken:app"), start=False, workers=2)
     server.start(wait_path=None)
-    time.sleep(6)
+    assert server.proc.wait(15) == 3
+    log = server.log()
+    assert "this app is broken on purpose" in log and "worker failed to boot" in log
+
+
+def test_a_daemonized_start_of_a_broken_app_says_why_on_the_terminal(make):
+    server = make(app="apps_broken", args=("--wsgi-app", "broken:app"), start=False, foreground=False)
+    server.folder.mkdir(parents=True, exist_ok=True)
+    (server.folder / "app").symlink_to(server.app_source)
+    started = subprocess.run([str(WSGID), *server.command()[1:]], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 3
+    assert "worker failed to boot" in started.stderr
+    assert "this app is broken on purpose" in started.stderr
+    assert str(server.folder / "logs" / "wsgid.log") in started.stderr
+    assert server.master_pids() == []
+
+
+def test_a_broken_reload_backs_off_while_the_old_workers_serve(make):
+    server = make(workers=1, copy_app=True)
+    app_file = server.folder / "app" / "testapp.py"
+    app_file.write_text('raise ImportError("this app is broken on purpose")\n')
+    os.kill(server.proc.pid, signal.SIGHUP)
+    time.sleep(5)
     log = server.log()
     starts = log.count("worker started")
     assert "this app is broken on purpose" in log
     assert "next worker start in" in log
-    assert 2 <= starts <= 6, starts  # 0.5 s, 1 s, 2 s, 4 s... not a tight loop
+    assert 3 <= starts <= 7, starts  # 0.5 s, 1 s, 2 s, 4 s... not a tight loop
     assert server.proc.poll() is None  # the master stays up
+    assert requests.get(server.url + "/hello", timeout=5).text == "Hello, World!"
     with open(f"/proc/{server.proc.pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     cpu_seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

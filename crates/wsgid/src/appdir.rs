@@ -86,8 +86,20 @@ impl Drop for OwnPidFile {
     }
 }
 
+/// Whether `pid` runs: exists and is not a zombie (an exited process not yet reaped).
 pub fn alive(pid: u32) -> bool {
-    i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+    let exists = i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok());
+    exists && !zombie(pid)
+}
+
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(false)
 }
 
 /// Where a worker notes the upload it is serving (`pid/worker/<pid>.upload`), so that the

@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 
 use crate::appdir::{self, Role};
 use crate::config::Settings;
+use crate::daemon::BootReport;
 use crate::link::{LINK_ENV, LISTENER_FD_ENV};
 use crate::upload::UploadPolicy;
 use crate::worker::{Report, EXIT_APP_LOAD, REPORT_FD_ENV, REPORT_LEN};
@@ -74,10 +75,30 @@ pub struct Arbiter {
     next_broker_spawn: Instant,
     /// Stopping: the workers have been told to stop (after the broker exited).
     workers_stopped: bool,
+    /// A worker has been ready since the start: later failures to load the app (a reload
+    /// of broken code) are retried while the others serve; before, they end the master.
+    ever_ready: bool,
+    boot: BootReport,
+    boot_failed: bool,
 }
 
+/// No worker could load the app at the start (gunicorn: "Worker failed to boot").
+#[derive(Debug)]
+pub struct BootFailed;
+
+impl std::fmt::Display for BootFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "worker failed to boot: the app cannot be loaded (see the error above)"
+        )
+    }
+}
+
+impl std::error::Error for BootFailed {}
+
 impl Arbiter {
-    pub fn new(settings: Settings) -> anyhow::Result<Arbiter> {
+    pub fn new(settings: Settings, boot: BootReport) -> anyhow::Result<Arbiter> {
         let (ready_read, ready_write) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).context("pipe")?;
         let broker_endpoint = crate::link::new_name(std::process::id());
@@ -96,6 +117,9 @@ impl Arbiter {
             link_listener: crate::link::listen(&broker_endpoint)
                 .with_context(|| format!("cannot listen on the worker link @{broker_endpoint}"))?,
             broker_endpoint,
+            ever_ready: false,
+            boot,
+            boot_failed: false,
             next_broker_spawn: Instant::now(),
             workers_stopped: false,
         })
@@ -107,8 +131,12 @@ impl Arbiter {
         appdir::sweep_stale(&app_path, &UploadPolicy::from_settings(&self.settings));
         appdir::write_pid(&app_path, Role::Master, pid)
             .context("cannot write the master pid file")?;
-        let result = self.supervise();
+        let mut result = self.supervise();
         appdir::remove_pid(&app_path, Role::Master, pid);
+        if self.boot_failed {
+            self.boot.failed();
+            result = Err(BootFailed.into());
+        }
         tracing::info!("master exiting");
         result
     }
@@ -148,6 +176,10 @@ impl Arbiter {
                 self.workers_stopped = true;
                 // A moment to exit cleanly (pid files, flushed replies), then KILL.
                 self.stopping = Some(Instant::now() + Duration::from_secs(1));
+            }
+            if self.boot_failed && self.stopping.is_none() {
+                tracing::error!("{BootFailed}; stopping");
+                flags.stop.store(true, Ordering::Relaxed);
             }
             if flags.stop.swap(false, Ordering::Relaxed) && self.stopping.is_none() {
                 // The broker first: it stops taking requests from mongrel2 and hands the
@@ -398,6 +430,10 @@ impl Arbiter {
                 "worker died after {:.1}s",
                 lived.as_secs_f64()
             );
+            if code == Some(EXIT_APP_LOAD) && !self.ever_ready {
+                self.boot_failed = true;
+                continue;
+            }
             // A worker that never got ready (or dies at once, again and again) is a failed
             // start: back off. One that served and then died is replaced at once.
             if code == Some(EXIT_APP_LOAD) || !state.ready || lived < FAILED_START {
@@ -454,6 +490,8 @@ impl Arbiter {
                     Some(Report::Ready) => {
                         state.ready = true;
                         self.failures = 0;
+                        self.ever_ready = true;
+                        self.boot.booted();
                     }
                     Some(Report::WantsRetirement) => {
                         tracing::info!(pid, "worker reached --max-requests; replacing it");

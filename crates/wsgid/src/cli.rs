@@ -40,10 +40,14 @@ pub enum Command {
     },
     /// Print whether this app folder's wsgid is running, with master and worker pids.
     Status,
-    /// Stop the master (graceful unless --send-signal says otherwise).
+    /// Stop the master (graceful unless --send-signal says otherwise) and wait until it is
+    /// gone.
     Stop {
         #[command(flatten)]
         signal: SignalArg,
+        /// Seconds to wait for the master to exit.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
     },
     /// Graceful reload: the master starts new workers, then retires the old ones.
     Restart {
@@ -124,6 +128,9 @@ pub struct Options {
     /// Retire a worker gracefully after this many requests.
     #[arg(long, value_name = "N", global = true)]
     pub max_requests: Option<u64>,
+    /// Start even if a master already serves this app folder.
+    #[arg(long, global = true)]
+    pub allow_second_master: bool,
     /// Front-end addresses (comma-separated, `*` for any) whose X-Forwarded-Proto and
     /// X-Forwarded-For are trusted for wsgi.url_scheme and REMOTE_ADDR (default: 127.0.0.1).
     #[arg(long, value_name = "ADDRS", global = true)]

@@ -1,6 +1,7 @@
 //! The subcommands that manage an app folder: `init`, `config`, `status`, `stop`, `restart`.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
@@ -95,18 +96,47 @@ fn pid_list(pids: &[u32]) -> String {
         .join(", ")
 }
 
-/// The original's three lines; "Running" needs a live master and a live worker.
+/// The original's three lines. "Stopped" only when no master lives: a master without a
+/// live worker is running, and says so.
 pub fn status(app_path: &Path) -> String {
     let masters = appdir::pids(app_path, Role::Master);
     let workers = appdir::pids(app_path, Role::Worker);
-    let running =
-        masters.iter().any(|&p| appdir::alive(p)) && workers.iter().any(|&p| appdir::alive(p));
+    let master = masters.iter().any(|&p| appdir::alive(p));
+    let worker = workers.iter().any(|&p| appdir::alive(p));
+    let state = match (master, worker) {
+        (true, true) => "Running",
+        (true, false) => "Running (no live worker)",
+        (false, _) => "Stopped",
+    };
     format!(
         "Status: {}\nMaster pid(s): {}\nWorker pid(s): {}\n",
-        if running { "Running" } else { "Stopped" },
+        state,
         pid_list(&masters),
         pid_list(&workers)
     )
+}
+
+/// A live master of this app folder, if any.
+pub fn live_master(app_path: &Path) -> Option<u32> {
+    appdir::pids(app_path, Role::Master)
+        .into_iter()
+        .find(|&p| appdir::alive(p))
+}
+
+/// Waits until the masters that were signalled have exited, at most `limit`. (Their pid
+/// files go a moment before the processes do: the processes are watched.)
+pub fn wait_for_masters(masters: &[u32], limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while let Some(&pid) = masters.iter().find(|&&p| appdir::alive(p)) {
+        if Instant::now() >= deadline {
+            bail!(
+                "the master (pid {pid}) is still running after {}s",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// A signal by name (`TERM`, `SIGTERM`, `term`) or number.

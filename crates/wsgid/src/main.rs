@@ -19,6 +19,7 @@ mod wsgi;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::Signal;
@@ -54,8 +55,11 @@ fn main() -> ExitCode {
             print!("{}", commands::status(&app_path()));
             Ok(())
         }
-        Some(Command::Stop { signal }) => {
-            send(&app_path(), signal.send_signal.as_deref(), Signal::SIGTERM)
+        Some(Command::Stop { signal, wait }) => {
+            let app_path = app_path();
+            let masters = appdir::pids(&app_path, appdir::Role::Master);
+            send(&app_path, signal.send_signal.as_deref(), Signal::SIGTERM)
+                .and_then(|()| commands::wait_for_masters(&masters, Duration::from_secs(*wait)))
         }
         Some(Command::Restart { signal }) => {
             send(&app_path(), signal.send_signal.as_deref(), Signal::SIGHUP)
@@ -90,6 +94,16 @@ fn serve(cli: &Cli) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if !cli.options.allow_second_master {
+        if let Some(pid) = commands::live_master(&settings.app_path) {
+            eprintln!(
+                "wsgid: error: a master (pid {pid}) already serves {}; stop it first \
+                 (wsgid stop), or pass --allow-second-master",
+                settings.app_path.display()
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     let to_stderr = settings.stdout;
     if let Err(e) = logging::init(&settings.app_path, to_stderr, settings.debug) {
         eprintln!(
@@ -98,12 +112,18 @@ fn serve(cli: &Cli) -> ExitCode {
         );
         return ExitCode::from(EXIT_USAGE);
     }
-    if !settings.no_daemon {
-        if let Err(e) = daemon::daemonize(logging::file_for_stdio()) {
-            eprintln!("wsgid: error: cannot daemonize: {e:#}");
-            return ExitCode::FAILURE;
+    let boot = if settings.no_daemon {
+        daemon::BootReport::none()
+    } else {
+        let log_path = logging::log_path(&settings.app_path);
+        match daemon::daemonize(logging::file_for_stdio(), &log_path) {
+            Ok(boot) => boot,
+            Err(e) => {
+                eprintln!("wsgid: error: cannot daemonize: {e:#}");
+                return ExitCode::FAILURE;
+            }
         }
-    }
+    };
     // With --chroot, workers need root to chroot; they drop privileges themselves after.
     let dropped = if settings.chroot {
         Ok(())
@@ -111,10 +131,14 @@ fn serve(cli: &Cli) -> ExitCode {
         daemon::folder_owner(&settings.app_path).and_then(daemon::drop_privileges)
     };
     let outcome = dropped
-        .and_then(|()| arbiter::Arbiter::new(settings))
+        .and_then(|()| arbiter::Arbiter::new(settings, boot))
         .and_then(arbiter::Arbiter::run);
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<arbiter::BootFailed>() => {
+            tracing::error!("{e}");
+            ExitCode::from(worker::EXIT_APP_LOAD as u8)
+        }
         Err(e) => {
             tracing::error!("master failed: {e:#}");
             ExitCode::FAILURE

@@ -125,6 +125,17 @@ impl UploadPolicy {
                 Some(libc::ELOOP) => {
                     OpenError::Refused(Refusal::Forged("upload path is a symlink"))
                 }
+                // mongrel2 names the file inside its chroot: a wrong --mongrel2-chroot finds
+                // nothing, and mongrel2's temp files pile up where it wrote them.
+                Some(libc::ENOENT) => OpenError::Unavailable(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} does not exist: is --mongrel2-chroot ({}) mongrel2's chroot? The \
+                         file stays where mongrel2 wrote it until that option is right",
+                        host_path.display(),
+                        self.chroot.display()
+                    ),
+                )),
                 _ => OpenError::Unavailable(e),
             })?;
         let meta = file.metadata().map_err(OpenError::Unavailable)?;
