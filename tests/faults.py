@@ -36,8 +36,8 @@ class Reader:
         while b"\r\n\r\n" not in self.buf:
             if not self.more():
                 return None, {}, self.buf, False
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
+        status_and_headers, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = status_and_headers.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
         headers = {}
         for line in lines[1:]:

@@ -541,3 +541,17 @@ def test_a_killed_worker_is_noticed_even_if_its_app_forked(make):
     # wrong request, so the connection is closed.
     assert sock is None and data == b"", "the connection should have been closed, unanswered"
     assert "a worker died while serving (its process is gone)" in server.log()
+
+
+def test_a_fresh_django_startproject_is_served_as_it_is(make, tmp_path):
+    """Today's `django-admin startproject mysite` layout (mysite/manage.py next to the
+    mysite/mysite/ settings package), copied into app/ unchanged, is auto-detected."""
+    source = tmp_path / "src"
+    source.mkdir()
+    subprocess.run([str(VENV / "bin" / "django-admin"), "startproject", "mysite"], cwd=source, check=True)
+    assert (source / "mysite" / "manage.py").exists()
+    server = make(app=str(source), args=(), start=False)
+    server.start(wait_path="/admin/login/")
+    reply = requests.get(server.url + "/admin/login/", timeout=5)
+    assert reply.status_code == 200 and "Django" in reply.text
+    assert "using the Django loader: project 'mysite'" in server.log()

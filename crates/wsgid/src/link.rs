@@ -47,6 +47,8 @@ const INLINE_MAX: usize = 64 * 1024;
 /// A queued request: kind, sequence number (u64 LE), then the message when inline.
 const INLINE: u8 = b'm';
 const IN_FILE: u8 = b'f';
+/// Not a request: the worker that takes it only records it (see `BrokerChannels::probe`).
+const PROBE: u8 = b'p';
 const QUEUE_HEADER: usize = 9;
 
 /// The largest reply payload in one frame: a worker splits larger writes, so the broker
@@ -214,6 +216,13 @@ impl BrokerChannels {
         self.send_frame(IN_FILE, seq, &[], &[file.as_raw_fd()])
     }
 
+    /// Queues a probe: once a worker records it as taken, every request queued before it
+    /// has been taken too (the queue is first in, first out). A worker that died while
+    /// taking leaves a request nobody recorded; the probe tells which one.
+    pub fn probe(&self, seq: u64) -> io::Result<bool> {
+        self.send_frame(PROBE, seq, &[], &[])
+    }
+
     /// One frame of the queue: kind, sequence number, payload (see the constants).
     fn send_frame(&self, kind: u8, seq: u64, payload: &[u8], fds: &[RawFd]) -> io::Result<bool> {
         let mut header = [kind; QUEUE_HEADER];
@@ -339,7 +348,15 @@ impl WorkerChannels {
     }
 
     /// Takes the next request if one is queued (non-blocking), and records it as taken.
+    /// While it runs, the ring says "taking": a worker killed inside leaves that mark.
     pub fn take(&mut self) -> io::Result<Taken> {
+        self.ring.set_taking(true);
+        let taken = self.take_unmarked();
+        self.ring.set_taking(false);
+        taken
+    }
+
+    fn take_unmarked(&mut self) -> io::Result<Taken> {
         loop {
             let mut cmsg = nix::cmsg_space!([RawFd; 1]);
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
@@ -365,6 +382,9 @@ impl WorkerChannels {
             // a request that nobody serves.
             let seq = u64::from_le_bytes(self.buf[1..QUEUE_HEADER].try_into().expect("8 bytes"));
             self.record(seq);
+            if self.buf[0] == PROBE {
+                continue;
+            }
             match self.unpack(len, truncated, fds) {
                 Ok(msg) => return Ok(Taken::Request { seq, msg }),
                 Err(e) => {

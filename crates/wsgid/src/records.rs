@@ -19,10 +19,10 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 /// Records per ring. A worker writes one per request, and the broker reads the ring with
 /// every reply it gets from that worker, so the ring never holds more than a few.
 const CAPACITY: u64 = 1024;
-/// Head (written by the worker) and tail (by the broker) on cache lines of their own, then
-/// the records.
+/// Head (written by the worker), tail (by the broker) and the "taking" mark (by the
+/// worker) on cache lines of their own, then the records.
 const LINE: usize = 64;
-const RING_BYTES: usize = 2 * LINE + CAPACITY as usize * 8;
+const RING_BYTES: usize = 3 * LINE + CAPACITY as usize * 8;
 
 /// One ring's memory, mapped.
 struct Mapping {
@@ -62,8 +62,12 @@ impl Mapping {
         self.word(LINE)
     }
 
+    fn taking(&self) -> &AtomicU64 {
+        self.word(2 * LINE)
+    }
+
     fn entry(&self, index: u64) -> &AtomicU64 {
-        self.word(2 * LINE + (index % CAPACITY) as usize * 8)
+        self.word(3 * LINE + (index % CAPACITY) as usize * 8)
     }
 }
 
@@ -109,6 +113,11 @@ impl RingReader {
         }
         self.map.tail().store(head, Ordering::Release);
     }
+
+    /// The worker is between taking a request from the queue and recording it.
+    pub fn taking(&self) -> bool {
+        self.map.taking().load(Ordering::Acquire) != 0
+    }
 }
 
 /// A worker's end of its ring.
@@ -121,6 +130,13 @@ impl Ring {
         Ok(Ring {
             map: Mapping::new(file)?,
         })
+    }
+
+    /// Marks the start and the end of a take from the queue.
+    pub fn set_taking(&self, taking: bool) {
+        self.map
+            .taking()
+            .store(u64::from(taking), Ordering::Release);
     }
 
     /// Records `seq` as taken; `false` when the ring is full (the broker reads nothing).
@@ -144,6 +160,10 @@ mod tests {
     fn records_round_trip_through_a_ring_and_a_full_ring_says_so() {
         let (reader, file) = RingReader::create().unwrap();
         let ring = Ring::open(&file).unwrap();
+        assert!(!reader.taking());
+        ring.set_taking(true);
+        assert!(reader.taking());
+        ring.set_taking(false);
         assert!(ring.write(7));
         assert!(ring.write(u64::MAX));
         let mut seen = Vec::new();

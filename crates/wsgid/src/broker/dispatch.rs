@@ -53,6 +53,12 @@ impl Requests {
         self.in_flight.values().filter(|f| f.epoch == epoch).count()
     }
 
+    /// A sequence number for something other than a request (a probe).
+    pub fn reserve_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
     /// A new epoch: nothing held or waiting is worth serving; connections are all new.
     pub fn forget_epoch(&mut self) {
         self.waiting.clear();

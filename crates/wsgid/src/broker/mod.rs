@@ -38,7 +38,7 @@ use crate::config::Settings;
 use crate::link::BrokerChannels;
 use dispatch::{Close, Requests, MAX_WAITING};
 use outgoing::Outgoing;
-use workers::Workers;
+use workers::{Probe, Workers};
 
 /// Most bytes queued on the reply connection before the broker stops moving replies to it.
 const MAX_REPLY_BACKLOG: usize = 4 << 20;
@@ -104,6 +104,8 @@ struct Broker {
     next_flush: Option<Instant>,
     /// When to look in on the workers' processes again (see `check_workers`).
     next_liveness_check: Instant,
+    /// Following a worker that died while taking a request (see `settle_probe`).
+    probe: Option<Probe>,
 }
 
 pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
@@ -127,6 +129,7 @@ pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
         requests_closed: false,
         next_flush: None,
         next_liveness_check: Instant::now(),
+        probe: None,
     };
     tracing::info!(recv = %settings.recv, send = %settings.send, "broker ready");
     let graceful = Duration::from_secs(settings.graceful_timeout);
@@ -203,6 +206,7 @@ impl Broker {
         // Replies first: they free connections whose next requests wait.
         self.read_replies(&ready.workers);
         self.check_workers();
+        self.settle_probe();
         self.drive_replies();
         if !self.requests_closed {
             let mut events = Vec::new();
@@ -251,9 +255,15 @@ impl Broker {
         .into_iter()
         .flatten()
         .min();
-        if self.draining.is_some() || !self.queue.in_flight.is_empty() {
-            // Look in on the workers (`check_workers`) and on the drain now and then.
-            let tick = if self.draining.is_some() { 50 } else { 1000 };
+        if self.draining.is_some() || !self.queue.in_flight.is_empty() || self.probe.is_some() {
+            // Look in on the workers (`check_workers`), the drain and a probe now and then.
+            let tick = if self.probe.is_some() {
+                10
+            } else if self.draining.is_some() {
+                50
+            } else {
+                1000
+            };
             let at = now + Duration::from_millis(tick);
             deadline = Some(deadline.map_or(at, |d| d.min(at)));
         }

@@ -262,7 +262,21 @@ impl Broker {
                 "a worker died while serving ({why}); closing those connections"
             );
         }
-        for seq in lost {
+        self.lose(lost);
+        if worker.ring.taking() {
+            // It may have taken a request it never recorded: a probe will tell.
+            tracing::warn!(pid = worker.pid, "a worker died while taking a request");
+            self.probe.get_or_insert(Probe {
+                seq: self.queue.reserve_seq(),
+                queued: false,
+                taken: false,
+            });
+        }
+    }
+
+    /// Requests that will never be answered: their connections are closed.
+    fn lose(&mut self, seqs: Vec<u64>) {
+        for seq in seqs {
             let Some(f) = self.queue.in_flight.get(&seq) else {
                 continue;
             };
@@ -274,4 +288,65 @@ impl Broker {
             }
         }
     }
+
+    /// Follows the probe queued after a worker died while taking: once a live worker has
+    /// taken it, and none is in the middle of taking, every request queued before it that
+    /// nobody recorded was the dead worker's.
+    pub(super) fn settle_probe(&mut self) {
+        let Some(probe) = self.probe.as_mut() else {
+            return;
+        };
+        if !probe.queued {
+            match self.channels.probe(probe.seq) {
+                Ok(true) => probe.queued = true,
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::error!("cannot queue a probe: {e}");
+                    self.probe = None;
+                    return;
+                }
+            }
+        }
+        let probe_seq = probe.seq;
+        let mut taken = probe.taken;
+        let in_flight = &mut self.queue.in_flight;
+        for (&fd, worker) in &self.workers.by_fd {
+            worker.ring.read(&mut |seq| {
+                if seq == probe_seq {
+                    taken = true;
+                } else if let Some(f) = in_flight.get_mut(&seq) {
+                    f.taker = Some(fd);
+                }
+            });
+        }
+        let busy_taking = self.workers.by_fd.values().any(|w| w.ring.taking());
+        if let Some(probe) = self.probe.as_mut() {
+            probe.taken = taken;
+        }
+        if !taken || busy_taking {
+            return;
+        }
+        self.probe = None;
+        let lost: Vec<u64> = self
+            .queue
+            .in_flight
+            .iter()
+            .filter(|(&seq, f)| seq < probe_seq && f.taker.is_none())
+            .map(|(&seq, _)| seq)
+            .collect();
+        if !lost.is_empty() {
+            tracing::warn!(
+                requests = lost.len(),
+                "requests taken by a worker that died while taking them; closing their connections"
+            );
+        }
+        self.lose(lost);
+    }
+}
+
+/// A probe in the queue (see `settle_probe`).
+pub struct Probe {
+    seq: u64,
+    queued: bool,
+    taken: bool,
 }

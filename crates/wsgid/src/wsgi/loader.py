@@ -34,19 +34,35 @@ def import_object(name):
 
 
 def django_project(app_dir):
-    """The first directory (alphabetically, hidden ones skipped) holding __init__.py and a
-    settings.py module or a settings/ package."""
+    """Where the Django project is: `(base, package)`, base being the directory to import
+    from and package the one holding __init__.py and settings.py (or a settings/ package).
+    The package is looked for in app/ itself, then in a directory of app/ holding manage.py:
+    `django-admin startproject mysite` makes mysite/manage.py and mysite/mysite/settings.py,
+    and that directory copied into app/ as it is must work."""
+    def packages(base):
+        try:
+            entries = sorted(e for e in os.listdir(base) if not e.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            project = os.path.join(base, entry)
+            if not os.path.isfile(os.path.join(project, "__init__.py")):
+                continue
+            if os.path.isfile(os.path.join(project, "settings.py")) or os.path.isfile(
+                    os.path.join(project, "settings", "__init__.py")):
+                yield entry
+
+    for entry in packages(app_dir):
+        return app_dir, entry
     try:
         entries = sorted(e for e in os.listdir(app_dir) if not e.startswith("."))
     except FileNotFoundError:
         return None
     for entry in entries:
-        project = os.path.join(app_dir, entry)
-        if not os.path.isfile(os.path.join(project, "__init__.py")):
-            continue
-        if os.path.isfile(os.path.join(project, "settings.py")) or os.path.isfile(
-                os.path.join(project, "settings", "__init__.py")):
-            return entry
+        base = os.path.join(app_dir, entry)
+        if os.path.isfile(os.path.join(base, "manage.py")):
+            for package in packages(base):
+                return base, package
     return None
 
 
@@ -72,11 +88,11 @@ def merge_django_json(settings, path, log):
             setattr(settings, key, value)
 
 
-def load_django(app_path, app_dir, project, log):
+def load_django(app_path, base, project, log):
     os.environ["DJANGO_SETTINGS_MODULE"] = f"{project}.settings"
-    for path in (app_dir, os.path.join(app_dir, project)):
+    for path in (base, os.path.join(base, project)):
         if path not in sys.path:
-            sys.path.append(path)
+            sys.path.insert(0, path)
     from django.conf import settings
     from django.core.wsgi import get_wsgi_application
 
@@ -92,10 +108,11 @@ def load(app_path, wsgi_app, force_django, log):
             sys.path.insert(0, path)
     if wsgi_app:
         return import_object(wsgi_app)
-    project = django_project(app_dir)
-    if project:
-        log(f"using the Django loader: project {project!r} in {app_dir}")
-        return load_django(app_path, app_dir, project, log)
+    found = django_project(app_dir)
+    if found:
+        base, project = found
+        log(f"using the Django loader: project {project!r} in {base}")
+        return load_django(app_path, base, project, log)
     if force_django:
         raise LoaderError(
             f"--django given, but no Django project in {app_dir} "
