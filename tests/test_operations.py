@@ -405,8 +405,7 @@ def test_mongrel2_restart_is_survived(make):
     for _ in range(20):
         assert requests.get(server.url + "/hello", timeout=5).status_code == 200
     log = server.log()
-    assert "request connection to mongrel2 lost" in log
-    assert "reply connection to mongrel2 lost" in log
+    assert "connection to mongrel2 lost" in log
     assert "a new epoch" in log
 
 
@@ -498,13 +497,13 @@ def test_a_client_pipelining_too_much_is_closed_and_others_are_served(make):
 
 
 def test_many_pipelining_clients_cannot_stop_the_reading(make):
-    """18 connections pipelining 16 slow requests each would hold 270 requests, more than the
-    broker reads ahead (256): past 128 held in all, connections are closed instead, and a
-    plain request is still served at once."""
+    """40 connections pipelining 16 slow requests each would hold 640 requests behind their
+    first ones: past 512 held in all (half of what the broker keeps waiting), connections are
+    closed instead, and a plain request is still served at once."""
     import socket
     server = make(workers=2)
     burst = b"".join(b"GET /sleep?0.1 HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(16))
-    socks = [socket.create_connection(("127.0.0.1", server.mongrel2.port)) for _ in range(18)]
+    socks = [socket.create_connection(("127.0.0.1", server.mongrel2.port)) for _ in range(40)]
     try:
         for s in socks:
             s.sendall(burst)

@@ -376,14 +376,20 @@ impl Worker {
             ended: Cell::new(false),
         });
         let served = Python::attach(|py| self.handle(py, msg, &reply));
-        let ended = served.and_then(|()| {
-            if !reply.ended.get() {
-                reply.send(b"", Piece::Last)?;
+        if let Err(e) = &served {
+            tracing::error!(seq, "cannot answer a request: {e:#}");
+        }
+        if !reply.ended.get() {
+            // Unanswered (a notice) or failed half-way (then the client cannot be answered
+            // honestly: its connection is closed).
+            let piece = if served.is_ok() {
+                Piece::Last
+            } else {
+                Piece::LastThenClose
+            };
+            if let Err(e) = reply.send(b"", piece) {
+                tracing::error!(seq, "cannot send a response to the broker: {e}");
             }
-            Ok(())
-        });
-        if let Err(e) = ended {
-            tracing::error!(seq, "cannot send a response to the broker: {e:#}");
         }
     }
 

@@ -195,19 +195,20 @@ impl Peer {
 
     /// Half-closes the connection: the peer stops sending to us once it sees our end, and
     /// what it had sent can still be read.
+    /// Queued output goes first: the half-close happens once it is written.
     pub fn shutdown_write(&mut self) {
-        if let Some(c) = self.connection.as_mut() {
-            if c.stage == Stage::Ready {
-                self.flush_now();
-            }
+        match self.connection.as_mut() {
+            Some(c) if c.stage == Stage::Ready => c.stage = Stage::Draining,
+            Some(_) => self.connection = None,
+            None => {}
         }
-        if let Some(c) = self.connection.as_mut() {
-            let _ = c.socket.shutdown(std::net::Shutdown::Write);
-            if c.stage == Stage::Ready {
-                c.stage = Stage::Draining;
-            } else {
-                self.connection = None;
-            }
+        self.flush_now();
+    }
+
+    /// Drops the connection, if there is one, and connects anew after the backoff.
+    pub fn restart(&mut self, reason: &str, events: &mut Vec<PeerEvent>) {
+        if self.connection.is_some() {
+            self.reset(reason, events);
         }
     }
 
@@ -387,6 +388,8 @@ impl Peer {
                         self.warned = false;
                         events.push(PeerEvent::Up);
                     }
+                    // Half-closed by us: nothing more may be written (the peer drains us).
+                    b"PING" if *stage == Stage::Draining => {}
                     b"PING" => self.wbuf.extend_from_slice(&codec::pong_for(data)),
                     b"ERROR" => {
                         let reason = data.get(1..).unwrap_or_default();
@@ -441,6 +444,10 @@ impl Peer {
         if self.wpos == self.wbuf.len() {
             self.wbuf.clear();
             self.wpos = 0;
+            if c.stage == Stage::Draining {
+                // Idempotent: repeated on each flush of a draining connection.
+                let _ = c.socket.shutdown(std::net::Shutdown::Write);
+            }
         } else if self.wpos > 1 << 20 {
             self.wbuf.drain(..self.wpos);
             self.wpos = 0;

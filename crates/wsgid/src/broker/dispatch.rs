@@ -8,13 +8,16 @@ use m2wire::{is_notice, parse_address, ConnId};
 
 use crate::link::BrokerChannels;
 
-/// Most messages held back (behind a connection in service, or by a full queue) before
-/// reading from mongrel2 pauses.
-pub const MAX_WAITING: usize = 256;
+/// Most messages held back (behind a connection in service, or by a full queue); past
+/// this, new requests are answered 503. Reading from mongrel2 never pauses: its credits
+/// and disconnect notices must get through, and a heartbeating peer's PINGs answered.
+pub const MAX_WAITING: usize = 1024;
 /// Most requests held back for one connection, and for all connections together; past
 /// these the connection is closed, so that held requests never stop the reading.
 const PIPELINE_LIMIT: usize = 16;
 const MAX_HELD: usize = MAX_WAITING / 2;
+/// Most closed connections remembered (a bound on memory; ids only grow within an epoch).
+const MAX_CLOSED: usize = 1 << 16;
 
 /// A queued request, until its worker has sent the last piece of its response.
 pub struct InFlight {
@@ -43,6 +46,9 @@ pub struct Requests {
     /// Connections to close once their requests in flight are answered; their other
     /// requests are dropped.
     closing: HashMap<ConnId, Rc<[u8]>>,
+    /// Connections closed in this epoch: what else they sent is dropped (mongrel2 does not
+    /// reuse an id before it restarts).
+    closed: HashSet<ConnId>,
     /// The handler's UUID, shared by the requests that carry it.
     sender: Option<Rc<[u8]>>,
 }
@@ -64,6 +70,21 @@ impl Requests {
         self.waiting.clear();
         self.busy.clear();
         self.closing.clear();
+        self.closed.clear();
+    }
+
+    /// `conn` is closed (or its client gone): nothing more is served on it.
+    pub fn mark_closed(&mut self, conn: ConnId) {
+        if self.closed.len() >= MAX_CLOSED {
+            self.closed.clear();
+        }
+        self.closed.insert(conn);
+        self.drop_waiting(conn);
+    }
+
+    /// The client of `conn` went away (mongrel2 said so): its id is done with.
+    pub fn forget_conn(&mut self, conn: ConnId) {
+        self.closed.remove(&conn);
     }
 
     fn shared_sender(&mut self, sender: &[u8]) -> Rc<[u8]> {
@@ -92,6 +113,7 @@ impl Requests {
         }
         self.busy.remove(&done.conn);
         let sender = self.closing.remove(&done.conn)?;
+        self.mark_closed(done.conn);
         Some(Close(sender, done.conn))
     }
 
@@ -109,6 +131,7 @@ impl Requests {
             self.closing.insert(conn, sender);
             None
         } else {
+            self.mark_closed(conn);
             Some(Close(sender, conn))
         }
     }
@@ -126,6 +149,7 @@ impl Requests {
         let mut held: HashMap<ConnId, usize> = HashMap::new();
         let mut held_total = 0;
         let mut refused = HashSet::new();
+        let mut full = false;
         let mut i = 0;
         while i < self.waiting.len() {
             if is_notice(&self.waiting[i]) {
@@ -139,7 +163,11 @@ impl Requests {
                 self.waiting.remove(i);
                 continue;
             };
-            if self.closing.contains_key(&conn) {
+            // A closed connection's requests are dropped, but for an upload's end: its
+            // temp file is ours to remove (mongrel2 sends it even after we refused the
+            // upload's start), and the worker does that.
+            let gone = self.closing.contains_key(&conn) || self.closed.contains(&conn);
+            if gone && !is_upload_done(&self.waiting[i]) {
                 self.waiting.remove(i);
                 continue;
             }
@@ -162,12 +190,18 @@ impl Requests {
                 verdicts.extend(self.close_when_done(&msg[..sender_len], conn));
                 continue;
             }
+            if full {
+                // Queue full: requests wait, but notices behind them are still handled.
+                i += 1;
+                continue;
+            }
             let seq = self.next_seq;
             match channels.enqueue(seq, &self.waiting[i]) {
                 Ok(true) => {}
                 Ok(false) => {
-                    self.queue_full = true;
-                    return;
+                    full = true;
+                    i += 1;
+                    continue;
                 }
                 Err(e) => {
                     tracing::error!(conn, "cannot queue a request ({e}); closing its connection");
@@ -191,6 +225,15 @@ impl Requests {
                 },
             );
         }
-        self.queue_full = false;
+        self.queue_full = full;
     }
+}
+
+/// Whether a message is mongrel2's upload-done (its headers name the header).
+fn is_upload_done(msg: &[u8]) -> bool {
+    let headers = super::headers_of(msg);
+    let needle = b"x-mongrel2-upload-done";
+    headers
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }

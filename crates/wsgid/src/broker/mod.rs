@@ -160,7 +160,12 @@ impl Broker {
     /// graceful timeout is ours; the workers, stopped after us, need the rest.
     fn start_draining(&mut self, graceful: Duration) {
         tracing::info!("stopping: no new requests from mongrel2, serving those sent");
-        self.requests.shutdown_write();
+        if self.requests.is_up() {
+            self.requests.shutdown_write();
+        } else {
+            // Not connected now: nothing was sent to us that we have not read.
+            self.requests_closed = true;
+        }
         self.draining = Some(Instant::now() + graceful / 2);
     }
 
@@ -183,17 +188,14 @@ impl Broker {
             && self.replies.backlog() == 0
     }
 
-    /// Requests are read while there is room for them (as libzmq reads up to its high-water
-    /// mark: reading also answers a heartbeating peer's PINGs, which it drops us without).
-    fn wants_requests(&self) -> bool {
-        !self.requests_closed
-            && self.queue.waiting.len() < MAX_WAITING
-            && self.replies.backlog() < MAX_REPLY_BACKLOG
-    }
-
     /// One turn of the loop: wait for something to happen, then do all there is to do.
     fn turn(&mut self, listener: &UnixListener, signals: &Signals) -> anyhow::Result<()> {
-        self.requests.set_reading(self.wants_requests());
+        // Workers whose connections have room again: their buffered replies first.
+        for fd in self.workers.unblocked(&self.outgoing) {
+            if let Err(e) = self.take_frames(fd, false) {
+                self.remove_worker(fd, &e);
+            }
+        }
         let ready = self.wait(listener, signals)?;
         if ready.signal {
             signals.drain();
@@ -221,7 +223,7 @@ impl Broker {
     }
 
     fn wait(&mut self, listener: &UnixListener, signals: &Signals) -> anyhow::Result<Ready> {
-        let streams = self.workers.readable_fds(&self.outgoing);
+        let streams = self.workers.readable_fds();
         let mut polled = vec![
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
             PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
@@ -232,8 +234,11 @@ impl Broker {
                 PollFlags::POLLOUT,
             ));
         }
-        for peer in [&self.requests, &self.replies] {
-            if let Some((fd, read, write)) = peer.poll_interest() {
+        let requests = (!self.requests_closed).then_some(&self.requests);
+        for peer in [requests, Some(&self.replies)].into_iter().flatten() {
+            // A socket polled for nothing still reports hang-ups, and would spin the loop.
+            if let Some((fd, read @ true, write) | (fd, read, write @ true)) = peer.poll_interest()
+            {
                 let mut flags = PollFlags::empty();
                 flags.set(PollFlags::POLLIN, read);
                 flags.set(PollFlags::POLLOUT, write);
@@ -247,14 +252,11 @@ impl Broker {
                 .map(|&fd| PollFd::new(borrow(fd), PollFlags::POLLIN)),
         );
         let now = Instant::now();
-        let mut deadline = [
-            self.requests.deadline(),
-            self.replies.deadline(),
-            self.next_flush,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let requests_deadline = self.requests.deadline().filter(|_| !self.requests_closed);
+        let mut deadline = [requests_deadline, self.replies.deadline(), self.next_flush]
+            .into_iter()
+            .flatten()
+            .min();
         if self.draining.is_some() || !self.queue.in_flight.is_empty() || self.probe.is_some() {
             // Look in on the workers (`check_workers`), the drain and a probe now and then.
             let tick = if self.probe.is_some() {
@@ -266,9 +268,6 @@ impl Broker {
             };
             let at = now + Duration::from_millis(tick);
             deadline = Some(deadline.map_or(at, |d| d.min(at)));
-        }
-        if self.requests.has_buffered_input() && self.wants_requests() {
-            deadline = Some(now);
         }
         let timeout = match deadline {
             None => PollTimeout::NONE,
@@ -296,8 +295,16 @@ impl Broker {
         })
     }
 
-    /// A new epoch: nothing from before may reach the new connections.
+    /// A new epoch: nothing from before may reach the new connections. Both connections
+    /// start anew, so that no byte read from here on comes from the old mongrel2.
     fn new_epoch(&mut self, why: &str) {
+        let mut ignored = Vec::new();
+        self.requests.restart(why, &mut ignored);
+        self.replies.restart(why, &mut ignored);
+        self.subscribed = false;
+        if self.draining.is_some() {
+            self.requests_closed = true;
+        }
         self.epoch += 1;
         let waiting = self.queue.waiting.len();
         let unanswered = self.queue.unanswered(self.epoch - 1);
@@ -346,7 +353,11 @@ impl Broker {
         match event {
             PeerEvent::Message(msg) => {
                 self.note_initial_credits(&msg);
-                self.queue.waiting.push_back(msg);
+                if self.queue.waiting.len() >= MAX_WAITING && !m2wire::is_notice(&msg) {
+                    self.refuse(&msg, SERVICE_UNAVAILABLE, "too many requests waiting: 503");
+                } else {
+                    self.queue.waiting.push_back(msg);
+                }
             }
             PeerEvent::Oversized { head, size } => self.refuse_oversized(&head, size),
             PeerEvent::Down(_) if self.draining.is_some() => self.requests_closed = true,
@@ -359,13 +370,24 @@ impl Broker {
 
     /// A request over the message cap: answered 413 and closed, never read into memory.
     fn refuse_oversized(&mut self, head: &[u8], size: u64) {
-        let Some((sender, conn)) = parse_address(head) else {
-            return tracing::warn!(size, "dropped an oversized message without an address");
+        tracing::warn!(size, "a request message over the size cap");
+        self.refuse(
+            head,
+            PAYLOAD_TOO_LARGE,
+            "request message over the size cap: 413",
+        );
+    }
+
+    /// Answers a request the broker will not queue with `response`, and closes its
+    /// connection (after what is in flight for it, when it is busy).
+    fn refuse(&mut self, msg: &[u8], response: &[u8], why: &str) {
+        let Some((sender, conn)) = parse_address(msg) else {
+            return tracing::warn!("{why}; the message has no address");
         };
-        tracing::warn!(conn, size, "request message over the size cap: 413");
-        let close = self.queue.close_when_done(sender, conn);
-        if let Some(Close(sender, conn)) = close {
-            self.outgoing.push(&sender, conn, PAYLOAD_TOO_LARGE, true);
+        tracing::warn!(conn, "{why}");
+        // A busy connection is closed once its requests in flight are answered.
+        if let Some(Close(sender, conn)) = self.queue.close_when_done(sender, conn) {
+            self.outgoing.push(&sender, conn, response, true);
         }
     }
 
@@ -398,6 +420,8 @@ impl Broker {
             },
             MessageKind::Disconnect => {
                 let dropped = self.outgoing.forget(notice.conn_id);
+                self.queue.drop_waiting(notice.conn_id);
+                self.queue.forget_conn(notice.conn_id);
                 tracing::debug!(conn = notice.conn_id, dropped, "client disconnected");
             }
             other => tracing::debug!(conn = notice.conn_id, kind = ?other, "notice"),
@@ -442,6 +466,10 @@ impl Broker {
         }
     }
 }
+
+const SERVICE_UNAVAILABLE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Retry-After: 1\r\nContent-Length: 21\r\nConnection: close\r\n\r\ntoo many requests\r\n\r\n";
 
 const PAYLOAD_TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain\r\n\
 Content-Length: 24\r\nConnection: close\r\n\r\nrequest body too large\r\n";

@@ -91,9 +91,16 @@ impl Outgoing {
         }
     }
 
-    /// Appends reply bytes for `conn`, and closes it after them when `close`.
+    /// Appends reply bytes for `conn`, and closes it after them when `close`. Nothing is
+    /// added after a close: it would reach the client as part of the previous response.
     pub fn push(&mut self, sender: &[u8], conn: ConnId, data: &[u8], close: bool) {
         if let Some(out) = self.entry(sender, conn) {
+            if out.close {
+                if !data.is_empty() {
+                    tracing::debug!(conn, "dropped a reply to a connection being closed");
+                }
+                return;
+            }
             out.pending.extend_from_slice(data);
             out.close |= close;
             if !out.pending.is_empty() || out.close {
@@ -300,6 +307,12 @@ mod tests {
         rec.refuse = false;
         out.flush(now, &mut rec);
         assert_eq!(rec.sent, [(b"u 1:1, ".to_vec(), b"abcd".to_vec())]);
+        // Nothing goes out after a close.
+        out.push(b"u", 1, b"", true);
+        out.push(b"u", 1, b"late", false);
+        out.flush(now, &mut rec);
+        assert_eq!(rec.sent.last().unwrap().1, b"");
+        assert!(!rec.sent.iter().any(|m| m.1 == b"late"));
         assert_eq!(out.forget(1), 0);
         out.push(b"u", 2, b"lost", false);
         assert_eq!(out.clear(), 4);

@@ -62,19 +62,29 @@ impl Workers {
         }
     }
 
-    /// The streams to read: all but those whose connection is still backed up.
-    pub fn readable_fds(&mut self, outgoing: &Outgoing) -> Vec<RawFd> {
-        self.by_fd
-            .iter_mut()
-            .filter_map(|(&fd, w)| {
-                if let Some(conn) = w.blocked_on {
-                    if outgoing.pending(conn) >= PENDING_CAP / 2 {
-                        return None;
-                    }
+    /// Unblocks the workers whose connection has room again; returns those that have
+    /// frames buffered, to be forwarded before anything else is read.
+    pub fn unblocked(&mut self, outgoing: &Outgoing) -> Vec<RawFd> {
+        let mut ready = Vec::new();
+        for (&fd, w) in &mut self.by_fd {
+            if let Some(conn) = w.blocked_on {
+                if outgoing.pending(conn) < PENDING_CAP / 2 {
                     w.blocked_on = None;
+                    if !w.rbuf.is_empty() {
+                        ready.push(fd);
+                    }
                 }
-                Some(fd)
-            })
+            }
+        }
+        ready
+    }
+
+    /// The streams to read: all but those whose connection is still backed up.
+    pub fn readable_fds(&self) -> Vec<RawFd> {
+        self.by_fd
+            .iter()
+            .filter(|(_, w)| w.blocked_on.is_none())
+            .map(|(&fd, _)| fd)
             .collect()
     }
 
@@ -103,19 +113,21 @@ impl Broker {
     /// Reads and forwards the replies of the workers whose streams are readable.
     pub(super) fn read_replies(&mut self, fds: &[RawFd]) {
         for &fd in fds {
-            if let Stream::Gone(why) = self.read_worker(fd) {
+            if let Stream::Gone(why) = self.read_worker(fd, false) {
                 self.remove_worker(fd, &why);
             }
         }
     }
 
-    fn read_worker(&mut self, fd: RawFd) -> Stream {
+    /// Reads worker `fd`'s stream and forwards whole frames, until it would block, its
+    /// connection backs up (`ignore_cap` false), or the budget is spent.
+    fn read_worker(&mut self, fd: RawFd, ignore_cap: bool) -> Stream {
         let mut budget = READ_BUDGET;
         loop {
             let Some(worker) = self.workers.by_fd.get_mut(&fd) else {
                 return Stream::Open;
             };
-            if worker.blocked_on.is_some() || budget == 0 {
+            if (worker.blocked_on.is_some() && !ignore_cap) || budget == 0 {
                 return Stream::Open;
             }
             let start = worker.rbuf.len();
@@ -139,21 +151,32 @@ impl Broker {
                 }
             }
             // Records first: they say which requests this worker holds.
-            let ring = &worker.ring;
-            let in_flight = &mut self.queue.in_flight;
-            ring.read(&mut |seq| {
-                if let Some(f) = in_flight.get_mut(&seq) {
-                    f.taker = Some(fd);
-                }
-            });
-            if let Err(e) = self.take_frames(fd) {
+            self.read_records(fd);
+            if let Err(e) = self.take_frames(fd, ignore_cap) {
                 return Stream::Gone(e);
             }
         }
     }
 
-    /// Forwards every whole frame read from worker `fd`.
-    fn take_frames(&mut self, fd: RawFd) -> Result<(), String> {
+    /// Reads worker `fd`'s records: who took what, and whether it took the probe.
+    fn read_records(&mut self, fd: RawFd) {
+        let Some(worker) = self.workers.by_fd.get(&fd) else {
+            return;
+        };
+        let in_flight = &mut self.queue.in_flight;
+        let probe = &mut self.probe;
+        worker.ring.read(&mut |seq| {
+            if let Some(p) = probe.as_mut().filter(|p| p.seq == seq) {
+                p.taken = true;
+            } else if let Some(f) = in_flight.get_mut(&seq) {
+                f.taker = Some(fd);
+            }
+        });
+    }
+
+    /// Forwards every whole frame read from worker `fd`, stopping where its connection
+    /// backs up unless `ignore_cap` (a worker that is gone: what it sent is all there is).
+    pub(super) fn take_frames(&mut self, fd: RawFd, ignore_cap: bool) -> Result<(), String> {
         let mut rbuf = match self.workers.by_fd.get_mut(&fd) {
             Some(w) => std::mem::take(&mut w.rbuf),
             None => return Ok(()),
@@ -174,7 +197,7 @@ impl Broker {
             }
             let blocked = self.on_reply(&header, &rbuf[at + ReplyHeader::LEN..end]);
             at = end;
-            if let Some(conn) = blocked {
+            if let Some(conn) = blocked.filter(|_| !ignore_cap) {
                 if let Some(w) = self.workers.by_fd.get_mut(&fd) {
                     w.blocked_on = Some(conn);
                 }
@@ -216,7 +239,7 @@ impl Broker {
                 self.outgoing.push(&sender, conn, b"", true);
             }
             if close {
-                self.queue.drop_waiting(conn);
+                self.queue.mark_closed(conn);
             }
         }
         (self.outgoing.pending(conn) >= PENDING_CAP).then_some(conn)
@@ -236,16 +259,16 @@ impl Broker {
 
     /// A worker is gone: what it took and did not finish will never be answered, so those
     /// connections are closed (a later response would answer the wrong request).
-    fn remove_worker(&mut self, fd: RawFd, why: &str) {
+    pub(super) fn remove_worker(&mut self, fd: RawFd, why: &str) {
+        // What it wrote before it went is forwarded first: its last responses may be whole.
+        if self.workers.by_fd.contains_key(&fd) {
+            let _ = self.read_worker(fd, true);
+            let _ = self.take_frames(fd, true);
+        }
+        self.read_records(fd);
         let Some(worker) = self.workers.by_fd.remove(&fd) else {
             return;
         };
-        let in_flight = &mut self.queue.in_flight;
-        worker.ring.read(&mut |seq| {
-            if let Some(f) = in_flight.get_mut(&seq) {
-                f.taker = Some(fd);
-            }
-        });
         let lost: Vec<u64> = self
             .queue
             .in_flight
@@ -264,9 +287,10 @@ impl Broker {
         }
         self.lose(lost);
         if worker.ring.taking() {
-            // It may have taken a request it never recorded: a probe will tell.
+            // It may have taken a request it never recorded: a probe will tell. A new probe
+            // replaces one on its way (it is queued later, so it covers what that one did).
             tracing::warn!(pid = worker.pid, "a worker died while taking a request");
-            self.probe.get_or_insert(Probe {
+            self.probe = Some(Probe {
                 seq: self.queue.reserve_seq(),
                 queued: false,
                 taken: false,
@@ -283,7 +307,7 @@ impl Broker {
             let (sender, conn, current) = (f.sender.clone(), f.conn, f.epoch == self.epoch);
             self.queue.finish(seq, self.epoch);
             if current {
-                self.queue.drop_waiting(conn);
+                self.queue.mark_closed(conn);
                 self.outgoing.push(&sender, conn, b"", true);
             }
         }
@@ -307,26 +331,19 @@ impl Broker {
                 }
             }
         }
-        let probe_seq = probe.seq;
-        let mut taken = probe.taken;
-        let in_flight = &mut self.queue.in_flight;
-        for (&fd, worker) in &self.workers.by_fd {
-            worker.ring.read(&mut |seq| {
-                if seq == probe_seq {
-                    taken = true;
-                } else if let Some(f) = in_flight.get_mut(&seq) {
-                    f.taker = Some(fd);
-                }
-            });
+        let fds: Vec<RawFd> = self.workers.by_fd.keys().copied().collect();
+        for &fd in &fds {
+            self.read_records(fd);
         }
-        let busy_taking = self.workers.by_fd.values().any(|w| w.ring.taking());
-        if let Some(probe) = self.probe.as_mut() {
-            probe.taken = taken;
-        }
-        if !taken || busy_taking {
+        let taken = self.probe.as_ref().is_some_and(|p| p.taken);
+        if !taken || self.workers.by_fd.values().any(|w| w.ring.taking()) {
             return;
         }
-        self.probe = None;
+        // No worker is taking: what any of them took is recorded by now; read it last.
+        for &fd in &fds {
+            self.read_records(fd);
+        }
+        let probe_seq = self.probe.take().map_or(0, |p| p.seq);
         let lost: Vec<u64> = self
             .queue
             .in_flight
