@@ -86,13 +86,8 @@ pub struct Peer {
     wpos: usize,
     decoder: Decoder,
     max_message: u64,
-    /// Reading paused by the caller (its queue is full).
-    reading: bool,
     /// When the last bytes arrived.
     last_input: Instant,
-    /// Decoding stopped because reading was paused, with whole frames perhaps still
-    /// buffered: a resumed `drive` has work to do without any new input.
-    paused_with_input: bool,
     /// The peer's greeting has been read.
     greeted: bool,
     /// Since when the peer has not been up, and whether we said so.
@@ -117,9 +112,7 @@ impl Peer {
             wpos: 0,
             decoder: Decoder::new(max_message),
             max_message,
-            reading: true,
             last_input: Instant::now(),
-            paused_with_input: false,
             greeted: false,
             down_since: Instant::now(),
             warned: false,
@@ -142,7 +135,7 @@ impl Peer {
     pub fn poll_interest(&self) -> Option<(RawFd, bool, bool)> {
         let c = self.connection.as_ref()?;
         let write = c.stage == Stage::Connecting || self.wpos < self.wbuf.len();
-        let read = c.stage != Stage::Connecting && (self.reading || c.stage == Stage::Greeting);
+        let read = c.stage != Stage::Connecting;
         Some((c.socket.as_raw_fd(), read, write))
     }
 
@@ -155,16 +148,6 @@ impl Peer {
             }
             Some(_) => None,
         }
-    }
-
-    /// Pauses or resumes reading (back-pressure towards the peer).
-    pub fn set_reading(&mut self, on: bool) {
-        self.reading = on;
-    }
-
-    /// Whether input is buffered that a resumed `drive` would decode without reading.
-    pub fn has_buffered_input(&self) -> bool {
-        self.paused_with_input && self.rpos < self.rbuf.len()
     }
 
     /// When bytes last arrived.
@@ -237,8 +220,10 @@ impl Peer {
     }
 
     /// Makes progress: connects when due, completes the handshake, reads what arrived (up
-    /// to a budget) and writes what is queued. Events are appended to `events`.
-    pub fn drive(&mut self, events: &mut Vec<PeerEvent>) {
+    /// to a budget; only when `readable`, as the caller's poll said, so that an idle
+    /// connection costs no system call) and writes what is queued. Events are appended to
+    /// `events`.
+    pub fn drive(&mut self, events: &mut Vec<PeerEvent>, readable: bool) {
         let now = Instant::now();
         if self.connection.is_none() {
             if now < self.retry_at {
@@ -255,12 +240,12 @@ impl Peer {
                 Err(e) => return self.reset(&e.to_string(), events),
             }
         }
-        if let Err(e) = self.progress(events) {
+        if let Err(e) = self.progress(events, readable) {
             self.reset(&e, events);
         }
     }
 
-    fn progress(&mut self, events: &mut Vec<PeerEvent>) -> Result<(), String> {
+    fn progress(&mut self, events: &mut Vec<PeerEvent>, readable: bool) -> Result<(), String> {
         let c = self.connection.as_mut().expect("connected");
         if c.stage == Stage::Connecting {
             match c.socket.take_error() {
@@ -289,7 +274,7 @@ impl Peer {
         {
             return Err("handshake timed out".into());
         }
-        if self.reading || greeting_stage {
+        if readable {
             self.read_and_decode(events)?;
         }
         self.flush_now_checked()
@@ -299,7 +284,7 @@ impl Peer {
         let mut budget = READ_BUDGET;
         loop {
             self.decode_buffered(events)?;
-            if self.connection.is_none() || !self.reading && self.is_up() || budget == 0 {
+            if self.connection.is_none() || budget == 0 {
                 return Ok(());
             }
             // Room for the frame in progress, or a good read's worth.
@@ -324,9 +309,14 @@ impl Peer {
                     return Err("the peer closed the connection".into());
                 }
                 Ok(n) => {
+                    let asked = self.rbuf.len() - start;
                     self.rbuf.truncate(start + n);
                     budget = budget.saturating_sub(n);
                     self.last_input = Instant::now();
+                    if n < asked {
+                        // The socket is drained: no read just to hear EAGAIN.
+                        return self.decode_buffered(events);
+                    }
                 }
                 Err(e) => {
                     self.rbuf.truncate(start);
@@ -355,18 +345,11 @@ impl Peer {
                 self.greeted = true;
                 continue;
             }
-            if !self.reading && *stage != Stage::Greeting {
-                self.paused_with_input = true;
-                return Ok(());
-            }
             let (used, event) = self.decoder.decode(&self.rbuf[self.rpos..])?;
             self.rpos += used;
             match event {
                 Some(event) => self.on_event(event, events)?,
-                None if used == 0 => {
-                    self.paused_with_input = false;
-                    return Ok(());
-                }
+                None if used == 0 => return Ok(()),
                 None => {}
             }
         }

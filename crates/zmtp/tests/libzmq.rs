@@ -13,7 +13,7 @@ fn drive_until(
     let deadline = Instant::now() + limit;
     let mut events = Vec::new();
     while Instant::now() < deadline {
-        peer.drive(&mut events);
+        peer.drive(&mut events, true);
         if until(&events) {
             return events;
         }
@@ -108,7 +108,7 @@ fn publishes_to_a_sub_after_its_subscription() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while peer.backlog() > 0 && Instant::now() < deadline {
         let mut events = Vec::new();
-        peer.drive(&mut events);
+        peer.drive(&mut events, true);
         std::thread::sleep(Duration::from_millis(5));
     }
     let got = receiver.join().unwrap();
@@ -166,7 +166,7 @@ fn a_silent_listener_does_not_block() {
     let start = Instant::now();
     for _ in 0..20 {
         let mut events = Vec::new();
-        peer.drive(&mut events);
+        peer.drive(&mut events, true);
         assert!(events.is_empty());
         std::thread::sleep(Duration::from_millis(5));
     }

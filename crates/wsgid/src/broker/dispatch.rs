@@ -54,6 +54,11 @@ pub struct Requests {
 }
 
 impl Requests {
+    /// Whether a request of `conn` is in flight.
+    pub fn is_busy(&self, conn: ConnId) -> bool {
+        self.busy.contains_key(&conn)
+    }
+
     /// Requests of the current epoch not yet answered in full.
     pub fn unanswered(&self, epoch: u64) -> usize {
         self.in_flight.values().filter(|f| f.epoch == epoch).count()

@@ -209,10 +209,10 @@ impl Broker {
         self.read_replies(&ready.workers);
         self.check_workers();
         self.settle_probe();
-        self.drive_replies();
+        self.drive_replies(ready.replies);
         if !self.requests_closed {
             let mut events = Vec::new();
-            self.requests.drive(&mut events);
+            self.requests.drive(&mut events, ready.requests);
             for event in events {
                 self.on_request_event(event);
             }
@@ -235,13 +235,17 @@ impl Broker {
             ));
         }
         let requests = (!self.requests_closed).then_some(&self.requests);
-        for peer in [requests, Some(&self.replies)].into_iter().flatten() {
+        // Where each peer's entry is, if it is polled.
+        let mut peer_at = [None, None];
+        for (i, peer) in [requests, Some(&self.replies)].into_iter().enumerate() {
             // A socket polled for nothing still reports hang-ups, and would spin the loop.
-            if let Some((fd, read @ true, write) | (fd, read, write @ true)) = peer.poll_interest()
+            if let Some((fd, read @ true, write) | (fd, read, write @ true)) =
+                peer.and_then(Peer::poll_interest)
             {
                 let mut flags = PollFlags::empty();
                 flags.set(PollFlags::POLLIN, read);
                 flags.set(PollFlags::POLLOUT, write);
+                peer_at[i] = Some(polled.len());
                 polled.push(PollFd::new(borrow(fd), flags));
             }
         }
@@ -283,9 +287,12 @@ impl Broker {
             Err(e) => return Err(e.into()),
         }
         let hit = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+        let peer_hit = |at: Option<usize>| at.is_some_and(|i| hit(&polled[i]));
         Ok(Ready {
             accept: hit(&polled[0]),
             signal: hit(&polled[1]),
+            requests: peer_hit(peer_at[0]),
+            replies: peer_hit(peer_at[1]),
             workers: streams
                 .iter()
                 .zip(&polled[workers_at..])
@@ -322,9 +329,9 @@ impl Broker {
         }
     }
 
-    fn drive_replies(&mut self) {
+    fn drive_replies(&mut self, readable: bool) {
         let mut events = Vec::new();
-        self.replies.drive(&mut events);
+        self.replies.drive(&mut events, readable);
         for event in events {
             match event {
                 PeerEvent::Subscribed(prefix) => {
@@ -353,6 +360,11 @@ impl Broker {
         match event {
             PeerEvent::Message(msg) => {
                 self.note_initial_credits(&msg);
+                if let Some((_, conn)) = parse_address(&msg).filter(|_| !m2wire::is_notice(&msg)) {
+                    if !self.queue.is_busy(conn) {
+                        self.outgoing.fresh_request(conn);
+                    }
+                }
                 if self.queue.waiting.len() >= MAX_WAITING && !m2wire::is_notice(&msg) {
                     self.refuse(&msg, SERVICE_UNAVAILABLE, "too many requests waiting: 503");
                 } else {
@@ -456,7 +468,7 @@ impl Broker {
             .flush(Instant::now(), &mut ToMongrel2(&mut self.replies));
         if self.replies.backlog() > 0 {
             let mut events = Vec::new();
-            self.replies.drive(&mut events);
+            self.replies.drive(&mut events, false);
             for event in events {
                 if let PeerEvent::Down(reason) = event {
                     self.subscribed = false;
@@ -512,6 +524,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 struct Ready {
     accept: bool,
     signal: bool,
+    /// mongrel2's connections have something to read (or an error to report).
+    requests: bool,
+    replies: bool,
     workers: Vec<RawFd>,
 }
 

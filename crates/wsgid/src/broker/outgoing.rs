@@ -109,6 +109,18 @@ impl Outgoing {
         }
     }
 
+    /// A request arrived on `conn` while nothing was in service for it: its client has read
+    /// the previous responses (it did not pipeline), so none of our messages wait in
+    /// mongrel2 for it, and the window starts afresh. Without this, a keep-alive client
+    /// would be held to `WINDOW_MESSAGES` responses per `WINDOW`.
+    pub fn fresh_request(&mut self, conn: ConnId) {
+        if let Some(out) = self.conns.get_mut(&conn) {
+            if out.pending.is_empty() {
+                out.sent.clear();
+            }
+        }
+    }
+
     /// Flow control: mongrel2's initial grant (`initial`) or credits given back.
     pub fn grant(&mut self, sender: &[u8], conn: ConnId, credits: u64, initial: bool) {
         if let Some(out) = self.entry(sender, conn) {
@@ -273,6 +285,24 @@ mod tests {
         assert_eq!(body, expected);
         assert_eq!(rec.sent.last().unwrap().1, b"");
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_fresh_request_opens_the_window() {
+        let (mut out, mut rec) = (Outgoing::default(), Recorder::default());
+        let now = Instant::now();
+        for _ in 0..WINDOW_MESSAGES {
+            out.push(b"u", 4, b"response", false);
+            out.flush(now, &mut rec);
+        }
+        out.push(b"u", 4, b"held", false);
+        assert!(out.flush(now, &mut rec).is_some());
+        assert_eq!(rec.sent.len(), WINDOW_MESSAGES);
+        out.flush(now + WINDOW, &mut rec);
+        out.fresh_request(4);
+        out.push(b"u", 4, b"next", false);
+        assert_eq!(out.flush(now + WINDOW, &mut rec), None);
+        assert_eq!(rec.sent.last().unwrap().1, b"next");
     }
 
     #[test]

@@ -130,9 +130,10 @@ impl Broker {
             if (worker.blocked_on.is_some() && !ignore_cap) || budget == 0 {
                 return Stream::Open;
             }
+            const READ: usize = 64 * 1024;
             let start = worker.rbuf.len();
-            worker.rbuf.resize(start + 64 * 1024, 0);
-            match worker.stream.read(&mut worker.rbuf[start..]) {
+            worker.rbuf.resize(start + READ, 0);
+            let drained = match worker.stream.read(&mut worker.rbuf[start..]) {
                 Ok(0) => {
                     worker.rbuf.truncate(start);
                     return Stream::Gone("its stream ended".into());
@@ -140,6 +141,8 @@ impl Broker {
                 Ok(n) => {
                     worker.rbuf.truncate(start + n);
                     budget = budget.saturating_sub(n);
+                    // A short read drained the stream: no read just to hear EAGAIN.
+                    n < READ && !ignore_cap
                 }
                 Err(e) => {
                     worker.rbuf.truncate(start);
@@ -149,11 +152,14 @@ impl Broker {
                         _ => Stream::Gone(format!("reading its stream failed: {e}")),
                     };
                 }
-            }
+            };
             // Records first: they say which requests this worker holds.
             self.read_records(fd);
             if let Err(e) = self.take_frames(fd, ignore_cap) {
                 return Stream::Gone(e);
+            }
+            if drained {
+                return Stream::Open;
             }
         }
     }
