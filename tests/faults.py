@@ -134,9 +134,9 @@ class FakeMongrel2:
             self.monitors.append(m)
         self.events = []
 
-    def request(self, conn_id, path, body=b"", extra=()):
+    def request(self, conn_id, path, body=b"", extra=(), remote=b"127.0.0.1"):
         headers = tnetstring_dict([
-            (b"REMOTE_ADDR", b"127.0.0.1"), (b"METHOD", b"POST" if body else b"GET"),
+            (b"REMOTE_ADDR", remote), (b"METHOD", b"POST" if body else b"GET"),
             (b"URL_SCHEME", b"http"), (b"PATTERN", b"/"), (b"URI", path), (b"VERSION", b"HTTP/1.1"),
             (b"PATH", path.split(b"?")[0]), (b"QUERY", path.partition(b"?")[2]), (b"host", b"localhost"),
             *extra,

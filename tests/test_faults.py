@@ -284,3 +284,18 @@ def test_flow_control_lets_a_slow_client_receive_everything(make):
     assert tail.endswith(b"\r\n0\r\n\r\n"), (received, tail)
     assert received > size
     assert growth < 16 * 1024, f"worker grew by {growth} KiB"
+
+
+def test_forwarded_for_is_believed_only_from_a_trusted_peer(fake):
+    """mongrel2 with no_clobber_xff passes the client's X-Forwarded-For on: it names the
+    client only when the peer mongrel2 saw is a trusted front end."""
+    import json
+    m2, _ = fake()
+    time.sleep(1.0)
+    forwarded = ((b"x-forwarded-for", b"198.51.100.1, 203.0.113.9"), (b"x-forwarded-proto", b"https"))
+    m2.send(m2.request(1, b"/env", extra=forwarded))
+    m2.send(m2.request(2, b"/env", extra=forwarded, remote=b"192.0.2.50"))
+    replies = dict(m2.replies(2))
+    env = {conn: json.loads(body.split(b"\r\n\r\n", 1)[1]) for conn, body in replies.items()}
+    assert (env[1]["REMOTE_ADDR"], env[1]["wsgi.url_scheme"]) == ("203.0.113.9", "https")
+    assert (env[2]["REMOTE_ADDR"], env[2]["wsgi.url_scheme"]) == ("192.0.2.50", "http")

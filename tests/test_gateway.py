@@ -301,3 +301,42 @@ def test_cli_spec_validation_and_version():
     assert version.returncode == 0 and version.stdout.startswith("wsgid ")
     help_ = subprocess.run([str(WSGID), "-h"], capture_output=True, text=True)
     assert help_.returncode == 0 and "--wsgi-app" in help_.stdout and "--mongrel2-chroot" in help_.stdout
+
+
+@pytest.mark.parametrize("status", ["099 Odd", "100 Continue", "101 Switching Protocols", "600 Too Big"])
+def test_statuses_outside_200_599_answer_500(server, status):
+    """A final 1xx or an out-of-range status would leave the client waiting: 500 instead."""
+    reply = requests.get(server.url + "/status?" + status.replace(" ", "%20"), timeout=5)
+    assert reply.status_code == 500
+    assert "a response's status must be 200-599" in server.log()
+
+
+@pytest.mark.parametrize("header", ["X-Bad=a%01b", "X-Bad=a%7Fb", "Content-Length=%2B5", "Content-Length=5%205"])
+def test_bad_header_values_answer_500(server, header):
+    reply = requests.get(server.url + "/header?" + header, timeout=5)
+    assert reply.status_code == 500
+
+
+def test_no_length_on_204_and_no_hop_by_hop_headers_from_the_app(server):
+    route = server.handler.route.rstrip("/")
+    for status in ("204%20No%20Content", "304%20Not%20Modified"):
+        data, _ = raw_exchange(server.mongrel2.port,
+                               f"GET {route}/status?{status} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert b"content-length" not in data.lower(), data
+    for name in ("Keep-Alive=timeout%3D5", "Upgrade=h2c", "TE=trailers", "Trailer=X", "Proxy-Connection=keep-alive"):
+        reply = requests.get(server.url + "/header?" + name, timeout=5)
+        assert reply.status_code == 200
+        assert name.split("=")[0].lower() not in {k.lower() for k in reply.headers}
+
+
+def test_forwarded_headers_count_only_from_trusted_front_ends(server, make):
+    """X-Forwarded-Proto/-For set wsgi.url_scheme and REMOTE_ADDR from 127.0.0.1 (the
+    default --forwarded-allow-ips, and where mongrel2 sees this client), never otherwise."""
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    env = requests.get(server.url + "/env", headers=headers, timeout=5).json()
+    assert env["wsgi.url_scheme"] == "https"
+    # mongrel2 replaces the client's X-Forwarded-For with the address it saw.
+    assert env["REMOTE_ADDR"] == "127.0.0.1"
+    untrusting = make(args=("--wsgi-app", "testapp:application", "--forwarded-allow-ips", "192.0.2.1"))
+    env = requests.get(untrusting.url + "/env", headers=headers, timeout=5).json()
+    assert (env["wsgi.url_scheme"], env["REMOTE_ADDR"]) == ("http", "127.0.0.1")

@@ -173,3 +173,34 @@ fn a_silent_listener_does_not_block() {
     assert!(start.elapsed() < Duration::from_secs(1));
     assert!(!peer.is_up());
 }
+
+/// A peer that sends ZMTP ERROR (RFC 37) ends the connection: we report it down and
+/// connect again later, as libzmq does.
+#[test]
+fn an_error_command_ends_the_connection() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("tcp://{}", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(&zmtp::codec::greeting()).unwrap();
+        conn.write_all(&zmtp::codec::ready_command(b"PUSH"))
+            .unwrap();
+        let mut theirs = [0u8; 64];
+        conn.read_exact(&mut theirs).unwrap();
+        let mut error = Vec::new();
+        zmtp::codec::push_command(&mut error, b"ERROR", b"\x0bgo away now");
+        std::thread::sleep(Duration::from_millis(200));
+        conn.write_all(&error).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let mut peer = Peer::new(&endpoint, SocketType::Pull, 1 << 20).unwrap();
+    let events = drive_until(&mut peer, Duration::from_secs(5), |e| {
+        e.iter().any(|e| matches!(e, PeerEvent::Down(_)))
+    });
+    assert!(events.contains(&PeerEvent::Up));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, PeerEvent::Down(r) if r.contains("go away now"))));
+    server.join().unwrap();
+}
