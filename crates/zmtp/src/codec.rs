@@ -149,14 +149,14 @@ impl Decoder {
             Some((_, size)) => *size,
             None => self.parts.len() as u64,
         };
-        if self.oversized.is_some() || so_far + len > self.max_message {
+        if self.oversized.is_some() || so_far.saturating_add(len) > self.max_message {
             // Over the cap: keep the message's first bytes, skip the rest as it comes.
             let (head, size) = self.oversized.get_or_insert_with(|| {
                 let mut head = std::mem::take(&mut self.parts);
                 head.truncate(OVERSIZED_HEAD);
                 (head, 0)
             });
-            *size = so_far + len;
+            *size = so_far.saturating_add(len);
             let available = &input[header..];
             let keep = (OVERSIZED_HEAD.saturating_sub(head.len()) as u64)
                 .min(len)
@@ -306,6 +306,24 @@ mod tests {
         assert_eq!(*size, 10 + 10000);
         assert_eq!(events[1], Event::Message(b"next".to_vec()));
         assert!(decoder.parts.is_empty());
+    }
+
+    /// Found by the fuzzer: a 64-bit frame length near the top overflowed the cap check.
+    #[test]
+    fn a_frame_length_near_u64_max_is_oversized_not_an_overflow() {
+        let mut input = vec![FLAG_LONG];
+        input.extend_from_slice(&(u64::MAX - 1).to_be_bytes());
+        input.extend_from_slice(b"uuid 1 /x ");
+        let mut decoder = Decoder::new(100);
+        let mut parts = Decoder::new(100);
+        let (used, event) = decoder.decode(&input).unwrap();
+        assert_eq!((used, event), (input.len(), None));
+        // Also when earlier frames of the same message count towards the cap.
+        let mut more = vec![FLAG_MORE, 2, b'a', b'b', FLAG_LONG];
+        more.extend_from_slice(&u64::MAX.to_be_bytes());
+        let (used, _) = parts.decode(&more).unwrap();
+        assert_eq!(used, 4);
+        assert!(parts.decode(&more[4..]).is_ok());
     }
 
     #[test]
