@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +61,14 @@ def main():
             server.start(wait_path="/hello")
             pids = family(server.proc.pid)
             peak = {pid: rss_kib(pid) for pid in pids}
+            done = threading.Event()
+
+            def sample():
+                while not done.wait(0.05):
+                    for pid in pids:
+                        peak[pid] = max(peak[pid], rss_kib(pid))
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             sock = socket.create_connection(("127.0.0.1", m2.port), timeout=30)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             sock.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -74,12 +83,14 @@ def main():
                         break
                     got += len(chunk)
                     tail = (tail + chunk)[-16:]
+                    if tail.endswith(b"\r\n0\r\n\r\n"):
+                        break
                 received += got
                 if got == 0 or tail.endswith(b"\r\n0\r\n\r\n"):
                     break
-                for pid in pids:
-                    peak[pid] = max(peak[pid], rss_kib(pid))
                 time.sleep(max(0.0, 0.1 - (time.time() - tick)))
+            done.set()
+            sampler.join()
             whole = tail.endswith(b"\r\n0\r\n\r\n") and received > size
             print(f"flow control: {'off' if args.no_flow_control else 'on'}; {args.mib} MiB at "
                   f"{args.rate_kib} KiB/s: {'whole' if whole else 'CUT'} after {received / 2**20:.1f} MiB, "
