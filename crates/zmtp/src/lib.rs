@@ -12,6 +12,8 @@
 
 pub mod codec;
 pub mod peer;
+pub mod readbuf;
 
 pub use codec::{Decoder, Event};
 pub use peer::{Peer, PeerEvent, SocketType};
+pub use readbuf::ReadBuf;

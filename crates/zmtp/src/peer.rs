@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockAddr, Socket, TcpKeepalive, Type};
 
 use crate::codec::{self, Decoder, Event};
+use crate::readbuf::ReadBuf;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(2);
@@ -78,9 +79,7 @@ pub struct Peer {
     connection: Option<Connection>,
     retry_at: Instant,
     backoff: Duration,
-    /// Unconsumed input from `rpos` on.
-    rbuf: Vec<u8>,
-    rpos: usize,
+    rbuf: ReadBuf,
     /// Output not yet written, from `wpos` on.
     wbuf: Vec<u8>,
     wpos: usize,
@@ -106,8 +105,7 @@ impl Peer {
             connection: None,
             retry_at: Instant::now(),
             backoff: FIRST_RETRY,
-            rbuf: Vec::with_capacity(256 * 1024),
-            rpos: 0,
+            rbuf: ReadBuf::new(256 * 1024),
             wbuf: Vec::with_capacity(64 * 1024),
             wpos: 0,
             decoder: Decoder::new(max_message),
@@ -211,7 +209,6 @@ impl Peer {
         self.connection = None;
         self.greeted = false;
         self.rbuf.clear();
-        self.rpos = 0;
         self.wbuf.clear();
         self.wpos = 0;
         self.decoder = Decoder::new(self.max_message);
@@ -288,29 +285,18 @@ impl Peer {
                 return Ok(());
             }
             // Room for the frame in progress, or a good read's worth.
-            if self.rpos > 0
-                && (self.rpos == self.rbuf.len() || self.rpos > self.rbuf.capacity() / 2)
-            {
-                self.rbuf.drain(..self.rpos);
-                self.rpos = 0;
-            }
             let wanted = self
                 .decoder
-                .wanted(&self.rbuf[self.rpos..])
-                .unwrap_or(0)
-                .max(64 * 1024);
-            let start = self.rbuf.len();
-            self.rbuf.resize(start + wanted.min(budget).max(4096), 0);
+                .wanted(self.rbuf.data())
+                .map_or(0, |w| w.saturating_sub(self.rbuf.data().len()))
+                .clamp(64 * 1024, budget.max(64 * 1024));
             let c = self.connection.as_mut().expect("connected");
-            let result = (&c.socket).read(&mut self.rbuf[start..]);
-            match result {
-                Ok(0) => {
-                    self.rbuf.truncate(start);
-                    return Err("the peer closed the connection".into());
-                }
+            let space = self.rbuf.space(wanted);
+            let asked = space.len();
+            match (&c.socket).read(space) {
+                Ok(0) => return Err("the peer closed the connection".into()),
                 Ok(n) => {
-                    let asked = self.rbuf.len() - start;
-                    self.rbuf.truncate(start + n);
+                    self.rbuf.filled(n);
                     budget = budget.saturating_sub(n);
                     self.last_input = Instant::now();
                     if n < asked {
@@ -319,7 +305,6 @@ impl Peer {
                     }
                 }
                 Err(e) => {
-                    self.rbuf.truncate(start);
                     return match e.kind() {
                         io::ErrorKind::WouldBlock => Ok(()),
                         io::ErrorKind::Interrupted => continue,
@@ -337,16 +322,16 @@ impl Peer {
                 None => return Ok(()),
             };
             if *stage == Stage::Greeting && !self.greeted {
-                if self.rbuf.len() - self.rpos < 64 {
+                if self.rbuf.data().len() < 64 {
                     return Ok(());
                 }
-                codec::check_greeting(&self.rbuf[self.rpos..self.rpos + 64])?;
-                self.rpos += 64;
+                codec::check_greeting(&self.rbuf.data()[..64])?;
+                self.rbuf.consume(64);
                 self.greeted = true;
                 continue;
             }
-            let (used, event) = self.decoder.decode(&self.rbuf[self.rpos..])?;
-            self.rpos += used;
+            let (used, event) = self.decoder.decode(self.rbuf.data())?;
+            self.rbuf.consume(used);
             match event {
                 Some(event) => self.on_event(event, events)?,
                 None if used == 0 => return Ok(()),

@@ -13,19 +13,22 @@ use super::outgoing::Outgoing;
 use super::Broker;
 use crate::link::{self, BrokerChannels, Piece, ReplyHeader};
 use crate::records::RingReader;
+use zmtp::ReadBuf;
 
 /// A connection with this much waiting for mongrel2 stops the reading of the worker that
 /// writes to it: the worker then blocks on its stream (flat memory for slow clients).
 const PENDING_CAP: usize = 1 << 20;
 /// Most bytes read from one worker in one turn of the loop.
 const READ_BUDGET: usize = 1 << 20;
+/// A worker's read buffer: a whole reply frame fits, and a few hello replies per read.
+const READ_BUFFER: usize = ReplyHeader::LEN + link::MAX_REPLY_PIECE + 64 * 1024;
 
 struct Worker {
     stream: UnixStream,
     pid: i32,
     ring: RingReader,
     /// Bytes read and not yet a whole frame.
-    rbuf: Vec<u8>,
+    rbuf: ReadBuf,
     /// The connection whose backlog stopped our reading, if any.
     blocked_on: Option<ConnId>,
 }
@@ -52,7 +55,7 @@ impl Workers {
                     stream,
                     pid,
                     ring,
-                    rbuf: Vec::new(),
+                    rbuf: ReadBuf::new(READ_BUFFER),
                     blocked_on: None,
                 };
                 self.by_fd.insert(worker.stream.as_raw_fd(), worker);
@@ -130,22 +133,17 @@ impl Broker {
             if (worker.blocked_on.is_some() && !ignore_cap) || budget == 0 {
                 return Stream::Open;
             }
-            const READ: usize = 64 * 1024;
-            let start = worker.rbuf.len();
-            worker.rbuf.resize(start + READ, 0);
-            let drained = match worker.stream.read(&mut worker.rbuf[start..]) {
-                Ok(0) => {
-                    worker.rbuf.truncate(start);
-                    return Stream::Gone("its stream ended".into());
-                }
+            let space = worker.rbuf.space(64 * 1024);
+            let asked = space.len();
+            let drained = match worker.stream.read(space) {
+                Ok(0) => return Stream::Gone("its stream ended".into()),
                 Ok(n) => {
-                    worker.rbuf.truncate(start + n);
+                    worker.rbuf.filled(n);
                     budget = budget.saturating_sub(n);
                     // A short read drained the stream: no read just to hear EAGAIN.
-                    n < READ && !ignore_cap
+                    n < asked && !ignore_cap
                 }
                 Err(e) => {
-                    worker.rbuf.truncate(start);
                     return match e.kind() {
                         io::ErrorKind::WouldBlock => Stream::Open,
                         io::ErrorKind::Interrupted => continue,
@@ -184,12 +182,12 @@ impl Broker {
     /// backs up unless `ignore_cap` (a worker that is gone: what it sent is all there is).
     pub(super) fn take_frames(&mut self, fd: RawFd, ignore_cap: bool) -> Result<(), String> {
         let mut rbuf = match self.workers.by_fd.get_mut(&fd) {
-            Some(w) => std::mem::take(&mut w.rbuf),
+            Some(w) => std::mem::replace(&mut w.rbuf, ReadBuf::new(0)),
             None => return Ok(()),
         };
         let mut at = 0;
         let mut result = Ok(());
-        while let Some(header) = ReplyHeader::decode(&rbuf[at..]) {
+        while let Some(header) = ReplyHeader::decode(&rbuf.data()[at..]) {
             let header = match header {
                 Ok(h) => h,
                 Err(e) => {
@@ -198,10 +196,10 @@ impl Broker {
                 }
             };
             let end = at + ReplyHeader::LEN + header.len as usize;
-            if rbuf.len() < end {
+            if rbuf.data().len() < end {
                 break;
             }
-            let blocked = self.on_reply(&header, &rbuf[at + ReplyHeader::LEN..end]);
+            let blocked = self.on_reply(&header, &rbuf.data()[at + ReplyHeader::LEN..end]);
             at = end;
             if let Some(conn) = blocked.filter(|_| !ignore_cap) {
                 if let Some(w) = self.workers.by_fd.get_mut(&fd) {
@@ -210,7 +208,7 @@ impl Broker {
                 break;
             }
         }
-        rbuf.drain(..at);
+        rbuf.consume(at);
         if let Some(w) = self.workers.by_fd.get_mut(&fd) {
             w.rbuf = rbuf;
         }
