@@ -554,3 +554,12 @@ def test_a_fresh_django_startproject_is_served_as_it_is(make, tmp_path):
     reply = requests.get(server.url + "/admin/login/", timeout=5)
     assert reply.status_code == 200 and "Django" in reply.text
     assert "using the Django loader: project 'mysite'" in server.log()
+
+
+def test_workers_that_crash_before_serving_end_the_master_too(make):
+    """Not the app-load exit code but a crash (SIGABRT at import): after 3 failed starts in
+    a row with no worker ever ready, the master stops with exit 3."""
+    server = make(app="apps_crashing", args=("--wsgi-app", "crashing:app"), start=False, workers=1)
+    server.start(wait_path=None)
+    assert server.proc.wait(20) == 3
+    assert "worker failed to boot" in server.log()

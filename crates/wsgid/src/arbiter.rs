@@ -35,6 +35,8 @@ pub const SETTINGS_ENV: &str = "WSGID_SETTINGS";
 /// A worker that dies sooner than this after its start counts as a failed start.
 const FAILED_START: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Failed starts in a row, before any worker served, that end the master (exit 3).
+const BOOT_ATTEMPTS: u32 = 3;
 
 struct WorkerState {
     generation: u64,
@@ -376,6 +378,8 @@ impl Arbiter {
     }
 
     fn reap(&mut self) {
+        // Reports first: a worker that said it was ready before another died counts.
+        self.read_reports();
         loop {
             let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -438,6 +442,12 @@ impl Arbiter {
             // start: back off. One that served and then died is replaced at once.
             if code == Some(EXIT_APP_LOAD) || !state.ready || lived < FAILED_START {
                 self.backoff();
+                // Before any worker served, dying again and again is a failed boot too (a
+                // crash in an extension, a bad --virtualenv): the command that waits for
+                // the start must not wait forever.
+                if !self.ever_ready && self.failures >= BOOT_ATTEMPTS {
+                    self.boot_failed = true;
+                }
             } else {
                 self.failures = 0;
             }
@@ -476,6 +486,12 @@ impl Arbiter {
         }
         let mut sink = [0u8; 256];
         while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
+        self.read_reports();
+        Ok(())
+    }
+
+    /// Reads what workers reported on the pipe.
+    fn read_reports(&mut self) {
         let mut reports = [0u8; REPORT_LEN * 64];
         while let Ok(n) = nix::unistd::read(&self.ready_read, &mut reports) {
             if n == 0 {
@@ -483,24 +499,27 @@ impl Arbiter {
             }
             for report in reports[..n].chunks_exact(REPORT_LEN) {
                 let pid = u32::from_le_bytes(report[1..].try_into().expect("4 bytes")) as i32;
-                let Some(state) = self.workers.get_mut(&pid) else {
-                    continue;
-                };
                 match Report::from_byte(report[0]) {
                     Some(Report::Ready) => {
-                        state.ready = true;
+                        // Counted even for a worker already reaped: it did serve.
+                        if let Some(state) = self.workers.get_mut(&pid) {
+                            state.ready = true;
+                        }
                         self.failures = 0;
                         self.ever_ready = true;
-                        self.boot.booted();
+                        if !self.boot_failed && self.stopping.is_none() {
+                            self.boot.booted();
+                        }
                     }
                     Some(Report::WantsRetirement) => {
-                        tracing::info!(pid, "worker reached --max-requests; replacing it");
-                        state.wants_retirement = true;
+                        if let Some(state) = self.workers.get_mut(&pid) {
+                            tracing::info!(pid, "worker reached --max-requests; replacing it");
+                            state.wants_retirement = true;
+                        }
                     }
                     None => tracing::warn!(pid, "unknown report from a worker"),
                 }
             }
         }
-        Ok(())
     }
 }

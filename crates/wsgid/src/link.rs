@@ -49,6 +49,9 @@ const INLINE: u8 = b'm';
 const IN_FILE: u8 = b'f';
 /// Not a request: the worker that takes it only records it (see `BrokerChannels::probe`).
 const PROBE: u8 = b'p';
+/// An upload's end for a connection that is gone: its temp file is removed, the app is not
+/// called, and nothing is answered.
+const DISCARD: u8 = b'd';
 const QUEUE_HEADER: usize = 9;
 
 /// The largest reply payload in one frame: a worker splits larger writes, so the broker
@@ -202,6 +205,11 @@ impl BrokerChannels {
         Ok(())
     }
 
+    /// Queues an upload's end whose connection is gone, for a worker to remove its file.
+    pub fn discard(&self, seq: u64, msg: &[u8]) -> io::Result<bool> {
+        self.send_frame(DISCARD, seq, &msg[..msg.len().min(INLINE_MAX)], &[])
+    }
+
     /// Queues a request; `Ok(false)` when the queue is full (poll `queue_fd` for room).
     pub fn enqueue(&self, seq: u64, msg: &[u8]) -> io::Result<bool> {
         if msg.len() <= INLINE_MAX {
@@ -249,6 +257,10 @@ pub struct WorkerChannels {
 pub enum Taken {
     Request {
         seq: u64,
+        msg: Vec<u8>,
+    },
+    /// An upload's end whose connection is gone: remove its file, answer nothing.
+    Discard {
         msg: Vec<u8>,
     },
     /// Nothing queued now.
@@ -384,6 +396,11 @@ impl WorkerChannels {
             self.record(seq);
             if self.buf[0] == PROBE {
                 continue;
+            }
+            if self.buf[0] == DISCARD {
+                return Ok(Taken::Discard {
+                    msg: self.buf[QUEUE_HEADER..len].to_vec(),
+                });
             }
             match self.unpack(len, truncated, fds) {
                 Ok(msg) => return Ok(Taken::Request { seq, msg }),

@@ -166,12 +166,12 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
             retirement_asked = true;
         }
         match broker.next(&signals)? {
-            Some((seq, msg)) => worker.answer(seq, msg, broker.channels.replier()),
+            Some(taken) => worker.take(taken, broker.channels.replier()),
             None => signals.drain(),
         }
     }
     tracing::info!(served = worker.served, "stopping gracefully");
-    broker.stop(|seq, msg, replier| worker.answer(seq, msg, replier))?;
+    broker.stop(|taken, replier| worker.take(taken, replier))?;
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
 }
@@ -228,13 +228,13 @@ impl BrokerLink {
         }
     }
 
-    /// The next request, or `None` when a signal woke us. Under load the request is
-    /// already queued and is taken without sleeping. When the broker has gone (it is
-    /// restarted by the master) and its queue is empty, the new broker is joined.
-    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<(u64, Vec<u8>)>> {
+    /// The next request (or upload to discard), or `None` when a signal woke us. Under
+    /// load it is already queued and is taken without sleeping. When the broker has gone
+    /// (it is restarted by the master) and its queue is empty, the new broker is joined.
+    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<Taken>> {
         loop {
             match self.channels.take()? {
-                Taken::Request { seq, msg } => return Ok(Some((seq, msg))),
+                taken @ (Taken::Request { .. } | Taken::Discard { .. }) => return Ok(Some(taken)),
                 Taken::Closed => {
                     // On a stop the broker goes first, and our signal follows at once.
                     if signals.stopping() || signal_within(signals, Duration::from_millis(500))? {
@@ -268,10 +268,12 @@ impl BrokerLink {
     /// Stops gracefully. Nothing was assigned to us ahead of time, so while the broker runs
     /// there is nothing to finish: other workers take what is queued. When the broker has
     /// gone (the whole instance stops, the broker first), the workers serve what it queued.
-    fn stop(&mut self, mut answer: impl FnMut(u64, Vec<u8>, Arc<Replier>)) -> anyhow::Result<()> {
+    fn stop(&mut self, mut answer: impl FnMut(Taken, Arc<Replier>)) -> anyhow::Result<()> {
         if self.channels.broker_gone() {
-            while let Taken::Request { seq, msg } = self.channels.take()? {
-                answer(seq, msg, self.channels.replier());
+            while let taken @ (Taken::Request { .. } | Taken::Discard { .. }) =
+                self.channels.take()?
+            {
+                answer(taken, self.channels.replier());
             }
         }
         Ok(())
@@ -367,6 +369,40 @@ impl ReplySink for Reply {
 }
 
 impl Worker {
+    /// Does what was taken from the queue.
+    fn take(&mut self, taken: Taken, replier: Arc<Replier>) {
+        match taken {
+            Taken::Request { seq, msg } => self.answer(seq, msg, replier),
+            Taken::Discard { msg } => self.discard_upload(&msg),
+            Taken::Empty | Taken::Closed => {}
+        }
+    }
+
+    /// An upload's end whose client is gone: the temp file is removed (when it is genuine),
+    /// the app is not called.
+    fn discard_upload(&self, msg: &[u8]) {
+        let Ok(req) = Request::parse(msg) else {
+            return;
+        };
+        if let UploadMarker::Done(path) = req.upload() {
+            match self.policy.open(&req, path) {
+                Ok(file) => {
+                    if let Err(e) = file.remove() {
+                        tracing::error!("cannot remove upload {}: {e}", file.path.display());
+                    }
+                    tracing::debug!(
+                        conn_id = req.conn_id,
+                        "removed the upload of a closed connection"
+                    );
+                }
+                Err(_) => tracing::debug!(
+                    conn_id = req.conn_id,
+                    "an upload of a closed connection was not ours"
+                ),
+            }
+        }
+    }
+
     /// Serves request `seq`. Whatever happens, its response ends, so the broker can free its
     /// connection; a response that cannot reach the broker is logged, and the worker lives on.
     fn answer(&mut self, seq: u64, msg: Vec<u8>, replier: Arc<Replier>) {

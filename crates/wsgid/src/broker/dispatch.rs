@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 
-use m2wire::{is_notice, parse_address, ConnId};
+use m2wire::{is_notice, parse_address, ConnId, Request};
 
 use crate::link::BrokerChannels;
 
@@ -51,6 +51,8 @@ pub struct Requests {
     closed: HashSet<ConnId>,
     /// The handler's UUID, shared by the requests that carry it.
     sender: Option<Rc<[u8]>>,
+    /// Upload ends of connections that are gone: only their temp files are to be removed.
+    discards: VecDeque<Vec<u8>>,
 }
 
 impl Requests {
@@ -72,7 +74,9 @@ impl Requests {
 
     /// A new epoch: nothing held or waiting is worth serving; connections are all new.
     pub fn forget_epoch(&mut self) {
-        self.waiting.clear();
+        let waiting = std::mem::take(&mut self.waiting);
+        self.discards
+            .extend(waiting.into_iter().filter_map(upload_done));
         self.busy.clear();
         self.closing.clear();
         self.closed.clear();
@@ -122,10 +126,23 @@ impl Requests {
         Some(Close(sender, done.conn))
     }
 
-    /// Drops the requests waiting for `conn` (it is being closed).
+    /// Drops the requests waiting for `conn` (it is being closed); an upload's end among
+    /// them still has its temp file removed.
     pub fn drop_waiting(&mut self, conn: ConnId) {
-        self.waiting
-            .retain(|m| is_notice(m) || parse_address(m).is_none_or(|(_, c)| c != conn));
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for msg in self.waiting.drain(..) {
+            if is_notice(&msg) || parse_address(&msg).is_none_or(|(_, c)| c != conn) {
+                kept.push_back(msg);
+            } else {
+                self.discards.extend(upload_done(msg));
+            }
+        }
+        self.waiting = kept;
+    }
+
+    /// An upload's end that will not be served still has its temp file removed.
+    pub fn discard(&mut self, msg: Vec<u8>) {
+        self.discards.extend(upload_done(msg));
     }
 
     /// Closes `conn` once what is in flight for it is answered, and drops what waits.
@@ -155,6 +172,17 @@ impl Requests {
         let mut held_total = 0;
         let mut refused = HashSet::new();
         let mut full = false;
+        while let Some(msg) = self.discards.front() {
+            match channels.discard(self.next_seq, msg) {
+                Ok(true) => self.next_seq += 1,
+                Ok(false) => {
+                    full = true;
+                    break;
+                }
+                Err(e) => tracing::error!("cannot queue an upload's removal: {e}"),
+            }
+            self.discards.pop_front();
+        }
         let mut i = 0;
         while i < self.waiting.len() {
             if is_notice(&self.waiting[i]) {
@@ -168,12 +196,11 @@ impl Requests {
                 self.waiting.remove(i);
                 continue;
             };
-            // A closed connection's requests are dropped, but for an upload's end: its
-            // temp file is ours to remove (mongrel2 sends it even after we refused the
-            // upload's start), and the worker does that.
-            let gone = self.closing.contains_key(&conn) || self.closed.contains(&conn);
-            if gone && !is_upload_done(&self.waiting[i]) {
-                self.waiting.remove(i);
+            // A closed connection's requests are dropped, but an upload's end has its temp
+            // file removed (mongrel2 sends it even after we refused the upload's start).
+            if self.closing.contains_key(&conn) || self.closed.contains(&conn) {
+                let msg = self.waiting.remove(i).expect("index in range");
+                self.discard(msg);
                 continue;
             }
             if self.busy.contains_key(&conn) {
@@ -234,11 +261,9 @@ impl Requests {
     }
 }
 
-/// Whether a message is mongrel2's upload-done (its headers name the header).
-fn is_upload_done(msg: &[u8]) -> bool {
-    let headers = super::headers_of(msg);
-    let needle = b"x-mongrel2-upload-done";
-    headers
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+/// The message, when it is a genuine upload's end (mongrel2's upload-done).
+fn upload_done(msg: Vec<u8>) -> Option<Vec<u8>> {
+    let done =
+        Request::parse(&msg).is_ok_and(|r| matches!(r.upload(), m2wire::UploadMarker::Done(_)));
+    done.then_some(msg)
 }

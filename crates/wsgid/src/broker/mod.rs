@@ -191,10 +191,16 @@ impl Broker {
     /// One turn of the loop: wait for something to happen, then do all there is to do.
     fn turn(&mut self, listener: &UnixListener, signals: &Signals) -> anyhow::Result<()> {
         // Workers whose connections have room again: their buffered replies first.
-        for fd in self.workers.unblocked(&self.outgoing) {
+        let unblocked = self.workers.unblocked(&self.outgoing);
+        for &fd in &unblocked {
             if let Err(e) = self.take_frames(fd, false) {
                 self.remove_worker(fd, &e);
             }
+        }
+        if !unblocked.is_empty() {
+            // What they forwarded goes out now, not at the next wake-up.
+            self.dispatch();
+            self.flush();
         }
         let ready = self.wait(listener, signals)?;
         if ready.signal {
@@ -401,6 +407,7 @@ impl Broker {
         if let Some(Close(sender, conn)) = self.queue.close_when_done(sender, conn) {
             self.outgoing.push(&sender, conn, response, true);
         }
+        self.queue.discard(msg.to_vec());
     }
 
     /// Queues what waits, handles mongrel2's notices, and closes what must be closed. Not
