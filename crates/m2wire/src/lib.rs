@@ -20,5 +20,6 @@ pub use error::WireError;
 pub use headers::{HeaderValue, Headers};
 pub use reply::{encode_close, encode_prefix, encode_reply, ReplyError, MAX_TARGETS};
 pub use request::{
-    is_notice, parse_address, ConnId, HeaderEncoding, MessageKind, Request, UploadMarker,
+    is_notice, parse_address, raw_headers, ConnId, HeaderEncoding, MessageKind, Request,
+    UploadMarker,
 };

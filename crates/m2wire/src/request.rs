@@ -81,6 +81,16 @@ pub fn is_notice(msg: &[u8]) -> bool {
     msg.splitn(4, |&b| b == b' ').nth(2) == Some(b"@*")
 }
 
+/// The raw header section of a message (JSON text or a tnetstring dict's payload), found
+/// without parsing it: lets a router look for one header name cheaply.
+pub fn raw_headers(msg: &[u8]) -> Option<&[u8]> {
+    let rest = msg.splitn(4, |&b| b == b' ').nth(3)?;
+    let base = msg.len() - rest.len();
+    crate::netstring::split_tagged(rest, base)
+        .ok()
+        .map(|(payload, _, _)| payload)
+}
+
 fn parse_conn_id(digits: &[u8]) -> Option<ConnId> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
@@ -402,5 +412,19 @@ mod tests {
             prop_assert_eq!(req.body, &body[..]);
             prop_assert_eq!(req.conn_id, id);
         }
+    }
+
+    #[test]
+    fn raw_headers_without_parsing() {
+        assert_eq!(
+            raw_headers(b"u 1 /p 11:{\"A\":\"b c\"},2:hi,"),
+            Some(&b"{\"A\":\"b c\"}"[..])
+        );
+        assert_eq!(
+            raw_headers(b"u 1 /p 8:1:A,1:b,}0:,"),
+            Some(&b"1:A,1:b,"[..])
+        );
+        assert_eq!(raw_headers(b"u 1 /p 99:short"), None);
+        assert_eq!(raw_headers(b"u 1"), None);
     }
 }

@@ -450,7 +450,7 @@ impl Broker {
     /// The first request of a connection under flow control carries its initial credits.
     /// A request is parsed here only when its headers name them.
     fn note_initial_credits(&mut self, msg: &[u8]) {
-        if !contains(headers_of(msg), b"DOWNLOAD_CREDITS") {
+        if !m2wire::raw_headers(msg).is_some_and(|h| contains(h, b"DOWNLOAD_CREDITS")) {
             return;
         }
         if let Ok(req) = Request::parse(msg) {
@@ -500,27 +500,6 @@ fn credits_of(req: &Request<'_>) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// The headers of a message (`UUID ID PATH LEN:HEADERS,BODY`), or nothing.
-fn headers_of(msg: &[u8]) -> &[u8] {
-    let mut spaces = msg
-        .iter()
-        .enumerate()
-        .filter(|(_, &b)| b == b' ')
-        .map(|(i, _)| i);
-    let Some(start) = spaces.nth(2).map(|i| i + 1) else {
-        return &[];
-    };
-    let rest = &msg[start..];
-    let Some(colon) = rest.iter().take(12).position(|&b| b == b':') else {
-        return &[];
-    };
-    let len = std::str::from_utf8(&rest[..colon])
-        .ok()
-        .and_then(|l| l.parse::<usize>().ok());
-    len.and_then(|len| rest.get(colon + 1..colon + 1 + len))
-        .unwrap_or_default()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
