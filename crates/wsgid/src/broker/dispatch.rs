@@ -172,17 +172,6 @@ impl Requests {
         let mut held_total = 0;
         let mut refused = HashSet::new();
         let mut full = false;
-        while let Some(msg) = self.discards.front() {
-            match channels.discard(self.next_seq, msg) {
-                Ok(true) => self.next_seq += 1,
-                Ok(false) => {
-                    full = true;
-                    break;
-                }
-                Err(e) => tracing::error!("cannot queue an upload's removal: {e}"),
-            }
-            self.discards.pop_front();
-        }
         let mut i = 0;
         while i < self.waiting.len() {
             if is_notice(&self.waiting[i]) {
@@ -256,6 +245,18 @@ impl Requests {
                     taker,
                 },
             );
+        }
+        // Last: the loop above may have added some (requests of closed connections).
+        while let Some(msg) = self.discards.front().filter(|_| !full) {
+            match channels.discard(self.next_seq, msg) {
+                Ok(true) => self.next_seq += 1,
+                Ok(false) => {
+                    full = true;
+                    break;
+                }
+                Err(e) => tracing::error!("cannot queue an upload's removal: {e}"),
+            }
+            self.discards.pop_front();
         }
         self.queue_full = full;
     }
