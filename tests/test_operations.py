@@ -502,7 +502,9 @@ def test_many_pipelining_clients_cannot_stop_the_reading(make):
     closed instead, and a plain request is still served at once."""
     import socket
     server = make(workers=2)
-    burst = b"".join(b"GET /sleep?0.1 HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(16))
+    # Each connection's first request is queued ahead of the plain one: 40 x 0.05 s over
+    # 2 workers is 1 s of waiting for it, whatever the broker does.
+    burst = b"".join(b"GET /sleep?0.05 HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(16))
     socks = [socket.create_connection(("127.0.0.1", server.mongrel2.port)) for _ in range(40)]
     try:
         for s in socks:
