@@ -8,9 +8,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-use crate::appdir::{self, Role};
 use crate::cli::Options;
-use crate::config::{read_config_file, validate_spec, CONFIG_FILE};
+use gateway::appdir::{self, Role};
+use gateway::config::{read_config_file, validate_spec, CONFIG_FILE};
 
 pub fn init(app_path: &Path) -> anyhow::Result<()> {
     eprintln!("Initializing wsgid app folder in {}...", app_path.display());

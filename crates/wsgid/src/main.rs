@@ -3,19 +3,10 @@
 //! `main` only dispatches: subcommands (`commands`), the master (`arbiter`), or a worker
 //! (`worker`, started by the master as `wsgid worker`).
 
-mod appdir;
-mod arbiter;
-mod broker;
 mod cli;
 mod commands;
-mod config;
-mod daemon;
-mod link;
-mod logging;
-mod records;
-mod upload;
-mod worker;
-mod wsgi;
+
+use gateway::{appdir, arbiter, broker, daemon, link, logging, worker};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +16,7 @@ use clap::Parser;
 use nix::sys::signal::Signal;
 
 use crate::cli::{Cli, Command};
-use crate::config::Settings;
+use gateway::config::Settings;
 
 /// Usage errors (bad options, a malformed wsgid.json) exit 2, as argparse did.
 const EXIT_USAGE: u8 = 2;

@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use super::response::{ResponseWriter, StartError};
+use crate::response::{ResponseWriter, StartError};
 
 type SharedWriter = Rc<RefCell<ResponseWriter>>;
 

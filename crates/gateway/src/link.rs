@@ -25,11 +25,11 @@ use std::sync::Arc;
 use nix::errno::Errno;
 
 use crate::records::Ring;
-pub use crate::wsgi::response::Piece;
 use nix::sys::socket::{
     recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned,
     MsgFlags, SockFlag, SockType,
 };
+pub use wsgi::response::Piece;
 
 /// Environment variable carrying the link's name from the master to the workers.
 pub const LINK_ENV: &str = "WSGID_LINK";

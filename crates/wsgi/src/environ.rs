@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
 use pyo3::{ffi, intern};
 
-use super::response::SERVER;
+use crate::response::SERVER;
 
 /// The environ keys that are the same for every request of a worker.
 pub struct EnvironTemplate {

@@ -9,8 +9,6 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyCFunction;
 
-use crate::config::Settings;
-
 /// Initialises CPython. With a virtualenv, the interpreter is told that its executable is
 /// the venv's python, so `sys.prefix`, `pyvenv.cfg` and `.pth` files behave exactly as when
 /// that python runs. Python installs no signal handlers: the worker handles signals.
@@ -49,7 +47,12 @@ pub fn init_python(virtualenv: Option<&Path>) -> anyhow::Result<()> {
 }
 
 /// Imports the app: `--wsgi-app`, else auto-detection in `<app_path>/app` (loader.py).
-pub fn load_app(py: Python<'_>, settings: &Settings) -> anyhow::Result<Py<PyAny>> {
+pub fn load_app(
+    py: Python<'_>,
+    app_path: &Path,
+    wsgi_app: Option<&str>,
+    django: bool,
+) -> anyhow::Result<Py<PyAny>> {
     let code = CString::new(include_str!("loader.py"))?;
     let result = (|| -> PyResult<Py<PyAny>> {
         let module = PyModule::from_code(py, &code, c"wsgid_loader.py", c"wsgid_loader")?;
@@ -58,12 +61,9 @@ pub fn load_app(py: Python<'_>, settings: &Settings) -> anyhow::Result<Py<PyAny>
             tracing::info!("{message}");
             Ok(())
         })?;
-        let app = module.getattr("load")?.call1((
-            &settings.app_path,
-            settings.wsgi_app.as_deref(),
-            settings.django,
-            log,
-        ))?;
+        let app = module
+            .getattr("load")?
+            .call1((app_path, wsgi_app, django, log))?;
         Ok(app.unbind())
     })();
     result
@@ -77,7 +77,7 @@ pub fn load_app(py: Python<'_>, settings: &Settings) -> anyhow::Result<Py<PyAny>
             } else {
                 anyhow!(
                     "the app failed to import:\n{}",
-                    super::call::format_exception(py, &e)
+                    crate::call::format_exception(py, &e)
                 )
             }
         })

@@ -22,12 +22,12 @@ use pyo3::prelude::*;
 use crate::config::Settings;
 use crate::link::{self, Replier, Taken, WorkerChannels, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
-use crate::wsgi::environ::{self, BodyInfo, EnvironTemplate};
-use crate::wsgi::input::{Body, Input};
-use crate::wsgi::response::{Piece, ReplySink, RequestFacts, ResponseWriter};
-use crate::wsgi::types::{Errors, FileWrapper};
-use crate::wsgi::{call, loader};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use wsgi::environ::{self, BodyInfo, EnvironTemplate};
+use wsgi::input::{Body, Input};
+use wsgi::response::{Piece, ReplySink, RequestFacts, ResponseWriter};
+use wsgi::types::{Errors, FileWrapper};
+use wsgi::{call, loader};
 
 /// Exit code of a worker whose app cannot be loaded: the master backs off before retrying.
 pub const EXIT_APP_LOAD: i32 = 3;
@@ -118,7 +118,12 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     let _pid_file = crate::appdir::OwnPidFile::worker(&settings.app_path);
     loader::init_python(settings.virtualenv.as_deref())?;
     let (app, template) = Python::attach(|py| -> anyhow::Result<_> {
-        let app = match loader::load_app(py, &settings) {
+        let app = match loader::load_app(
+            py,
+            &settings.app_path,
+            settings.wsgi_app.as_deref(),
+            settings.django,
+        ) {
             Ok(app) => app,
             Err(e) => {
                 tracing::error!("{e:#}");

@@ -1,0 +1,16 @@
+//! The gateway: a master (`arbiter`) that starts a broker and N workers by re-executing
+//! the binary; the broker (`broker`) is the only process that talks to the front end, and
+//! hands requests to idle workers over a shared queue (`link`, `records`); each worker
+//! (`worker`) embeds CPython and runs the app through the `wsgi` crate. `upload`, `appdir`,
+//! `config`, `daemon` and `logging` serve all three roles.
+
+pub mod appdir;
+pub mod arbiter;
+pub mod broker;
+pub mod config;
+pub mod daemon;
+pub mod link;
+pub mod logging;
+pub mod records;
+pub mod upload;
+pub mod worker;
