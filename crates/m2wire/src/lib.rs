@@ -6,8 +6,10 @@
 //! * [`netstring`] and [`tnetstring`]: the framing both directions use;
 //! * [`json`]: mongrel2's JSON headers, which are not always valid JSON, parsed leniently;
 //! * [`request`]: request messages (`UUID ID PATH HEADERS BODY`) and what kind they are;
-//! * [`reply`]: reply messages (`UUID LEN:IDS, BODY`) to one or many connections.
+//! * [`reply`]: reply messages (`UUID LEN:IDS, BODY`) to one or many connections;
+//! * [`encode`]: request and notice messages, as a front end writes them.
 
+pub mod encode;
 pub mod error;
 pub mod headers;
 pub mod json;
@@ -16,9 +18,10 @@ pub mod reply;
 pub mod request;
 pub mod tnetstring;
 
+pub use encode::{encode_notice, encode_request, Notice};
 pub use error::WireError;
 pub use headers::{HeaderValue, Headers};
-pub use reply::{encode_close, encode_prefix, encode_reply, ReplyError, MAX_TARGETS};
+pub use reply::{encode_close, encode_prefix, encode_reply, Reply, ReplyError, MAX_TARGETS};
 pub use request::{
     is_notice, parse_address, raw_headers, ConnId, HeaderEncoding, MessageKind, Request,
     UploadMarker,

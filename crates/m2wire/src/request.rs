@@ -91,7 +91,7 @@ pub fn raw_headers(msg: &[u8]) -> Option<&[u8]> {
         .map(|(payload, _, _)| payload)
 }
 
-fn parse_conn_id(digits: &[u8]) -> Option<ConnId> {
+pub(crate) fn parse_conn_id(digits: &[u8]) -> Option<ConnId> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }

@@ -1,5 +1,6 @@
-//! ZeroMQ's wire protocol, for the peers wsgid needs: a PULL connected to mongrel2's PUSH
-//! (requests) and a PUB connected to its SUB (replies).
+//! ZeroMQ's wire protocol, for the peers wsgid needs: on the handler's side a PULL connected
+//! to mongrel2's PUSH (requests) and a PUB connected to its SUB (replies); on the front end's
+//! side the bound PUSH and SUB that handlers connect to.
 //!
 //! Why not libzmq: measured with perf, a third of a worker's CPU per hello request went to
 //! libzmq's I/O thread. Speaking ZMTP ourselves makes us answerable for what libzmq does for
@@ -15,5 +16,5 @@ pub mod peer;
 pub mod readbuf;
 
 pub use codec::{Decoder, Event};
-pub use peer::{Peer, PeerEvent, SocketType};
+pub use peer::{bind, Peer, PeerEvent, SocketType};
 pub use readbuf::ReadBuf;

@@ -1,10 +1,12 @@
-//! One connection to one bound libzmq socket, driven by the caller's poll loop.
+//! One ZMTP connection, driven by the caller's poll loop: either one we dial to a bound
+//! libzmq socket (a handler's side), or one a bound socket of ours accepted (a front end's).
 //!
 //! Nothing here blocks: connecting, the handshake, reading and writing all progress when the
 //! caller says the socket is ready, and a peer that stalls mid-frame holds up nothing but
-//! itself. A lost connection becomes `Down` and is retried with backoff (100 ms doubling to
-//! 2 s, as libzmq's `reconnect_ivl`), as a state of the loop: the caller goes on supervising
-//! while mongrel2 is away.
+//! itself. A lost dialed connection becomes `Down` and is retried with backoff (100 ms
+//! doubling to 2 s, as libzmq's `reconnect_ivl`), as a state of the loop: the caller goes on
+//! supervising while mongrel2 is away. A lost accepted connection is over: the peer dials
+//! again, and the caller drops this one ([`Peer::is_dead`]).
 
 use std::io::{self, Read, Write};
 use std::net::ToSocketAddrs;
@@ -32,6 +34,8 @@ const READ_BUDGET: usize = 1 << 20;
 pub enum SocketType {
     Pull,
     Pub,
+    Push,
+    Sub,
 }
 
 impl SocketType {
@@ -39,6 +43,8 @@ impl SocketType {
         match self {
             SocketType::Pull => b"PULL",
             SocketType::Pub => b"PUB",
+            SocketType::Push => b"PUSH",
+            SocketType::Sub => b"SUB",
         }
     }
 }
@@ -92,6 +98,9 @@ pub struct Peer {
     /// Since when the peer has not been up, and whether we said so.
     down_since: Instant,
     warned: bool,
+    /// Accepted by a bound socket of ours: never redialed, dead once lost.
+    accepted: bool,
+    dead: bool,
 }
 
 impl Peer {
@@ -114,7 +123,65 @@ impl Peer {
             greeted: false,
             down_since: Instant::now(),
             warned: false,
+            accepted: false,
+            dead: false,
         })
+    }
+
+    /// A peer over a connection that a bound socket of ours accepted; `name` is for logs
+    /// (the bound endpoint). Our greeting is queued at once.
+    pub fn accepted(
+        socket: Socket,
+        name: &str,
+        kind: SocketType,
+        max_message: u64,
+    ) -> io::Result<Peer> {
+        socket.set_nonblocking(true)?;
+        if !socket.local_addr()?.is_unix() {
+            tune_tcp(&socket)?;
+        }
+        let mut peer = Peer {
+            spec: name.to_string(),
+            kind,
+            connection: None,
+            retry_at: Instant::now(),
+            backoff: FIRST_RETRY,
+            rbuf: ReadBuf::new(256 * 1024),
+            wbuf: Vec::with_capacity(64 * 1024),
+            wpos: 0,
+            decoder: Decoder::new(max_message),
+            max_message,
+            last_input: Instant::now(),
+            greeted: false,
+            down_since: Instant::now(),
+            warned: false,
+            accepted: true,
+            dead: false,
+        };
+        peer.connection = Some(Connection {
+            socket,
+            stage: Stage::Greeting,
+            since: Instant::now(),
+        });
+        peer.queue_greeting();
+        Ok(peer)
+    }
+
+    /// An accepted connection that ended: the caller drops it.
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// Queues a PING (RFC 37, no TTL, no context). A live libzmq peer answers with PONG,
+    /// which moves [`Peer::last_input`]: how a front end notices a handler host that was cut
+    /// off without closing its connections.
+    pub fn ping(&mut self) {
+        if matches!(
+            self.connection.as_ref().map(|c| &c.stage),
+            Some(Stage::Ready)
+        ) {
+            codec::push_command(&mut self.wbuf, b"PING", &[0, 0]);
+        }
     }
 
     pub fn spec(&self) -> &str {
@@ -196,6 +263,16 @@ impl Peer {
     /// Drops the connection now (and retries later). `Down` is reported only for a
     /// connection that was up; failed attempts are logged once they last 2 s.
     pub fn reset(&mut self, reason: &str, events: &mut Vec<PeerEvent>) {
+        if self.accepted {
+            if !self.dead {
+                events.push(PeerEvent::Down(reason.to_string()));
+            }
+            self.dead = true;
+            self.connection = None;
+            self.wbuf = Vec::new();
+            self.wpos = 0;
+            return;
+        }
         if self.is_up() {
             events.push(PeerEvent::Down(reason.to_string()));
             self.down_since = Instant::now();
@@ -222,6 +299,9 @@ impl Peer {
     /// `events`.
     pub fn drive(&mut self, events: &mut Vec<PeerEvent>, readable: bool) {
         let now = Instant::now();
+        if self.dead {
+            return;
+        }
         if self.connection.is_none() {
             if now < self.retry_at {
                 return;
@@ -258,11 +338,7 @@ impl Peer {
             }
             c.stage = Stage::Greeting;
             c.since = Instant::now();
-            self.wbuf.clear();
-            self.wpos = 0;
-            self.wbuf.extend_from_slice(&codec::greeting());
-            self.wbuf
-                .extend_from_slice(&codec::ready_command(self.kind.name()));
+            self.queue_greeting();
         }
         self.flush_now_checked()?;
         let greeting_stage = self.connection.as_ref().map(|c| &c.stage) == Some(&Stage::Greeting);
@@ -387,6 +463,14 @@ impl Peer {
         Ok(())
     }
 
+    fn queue_greeting(&mut self) {
+        self.wbuf.clear();
+        self.wpos = 0;
+        self.wbuf.extend_from_slice(&codec::greeting());
+        self.wbuf
+            .extend_from_slice(&codec::ready_command(self.kind.name()));
+    }
+
     /// Writes what is queued, as far as the socket takes it.
     fn flush_now(&mut self) {
         if let Err(e) = self.flush_now_checked() {
@@ -424,6 +508,40 @@ impl Peer {
     }
 }
 
+/// No Nagle delay; keepalive probes and a user timeout, so that a vanished host is noticed.
+fn tune_tcp(socket: &Socket) -> io::Result<()> {
+    socket.set_nodelay(true)?;
+    socket.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(USER_TIMEOUT))
+}
+
+/// Binds `spec` for peers to dial (a front end's PUSH and SUB sockets), non-blocking. An
+/// `ipc://` path left by a previous run is removed first, as libzmq does.
+pub fn bind(spec: &str) -> io::Result<Socket> {
+    let address = endpoint(spec)?;
+    let domain = if address.is_unix() {
+        if let Some(path) = address.as_pathname() {
+            let _ = std::fs::remove_file(path);
+        }
+        Domain::UNIX
+    } else {
+        Domain::for_address(address.as_socket().expect("an IP address"))
+    };
+    let socket = Socket::new(domain, Type::STREAM.cloexec(), None)?;
+    if !address.is_unix() {
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&address)?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
 /// Where `spec` points.
 fn endpoint(spec: &str) -> io::Result<SockAddr> {
     if let Some(address) = spec.strip_prefix("tcp://") {
@@ -452,14 +570,7 @@ fn connect(spec: &str) -> io::Result<Socket> {
     let socket = Socket::new(domain, Type::STREAM.cloexec(), None)?;
     socket.set_nonblocking(true)?;
     if !address.is_unix() {
-        socket.set_nodelay(true)?;
-        socket.set_tcp_keepalive(
-            &TcpKeepalive::new()
-                .with_time(KEEPALIVE_IDLE)
-                .with_interval(KEEPALIVE_INTERVAL)
-                .with_retries(3),
-        )?;
-        socket.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+        tune_tcp(&socket)?;
     }
     match socket.connect(&address) {
         Ok(()) => Ok(socket),

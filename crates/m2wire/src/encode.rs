@@ -1,0 +1,242 @@
+//! Request messages as a front end writes them: `UUID SP ID SP PATH SP HEADERS BODY`, the
+//! grammar of [`crate::request`], byte for byte what mongrel2 sends, except that JSON headers
+//! are always valid JSON (mongrel2 escapes only `"` and `\`, reference §2.4).
+
+use crate::netstring::{push_decimal, write, write_tagged};
+use crate::request::{ConnId, HeaderEncoding};
+
+/// A request message. `headers` are in arrival order; a repeated name becomes a list, as
+/// mongrel2 sends it. Upper-case keys (`PATH`, `METHOD`, ...) are the caller's to include.
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    sender: &[u8],
+    id: ConnId,
+    path: &[u8],
+    encoding: HeaderEncoding,
+    headers: &[(&[u8], &[u8])],
+    body: &[u8],
+) {
+    address(out, sender, id, path);
+    let mut payload = Vec::with_capacity(64 * headers.len() + 16);
+    match encoding {
+        HeaderEncoding::Json => {
+            json_object(&mut payload, headers);
+            write(out, &payload);
+        }
+        HeaderEncoding::Tnetstring => {
+            tnetstring_dict(&mut payload, headers);
+            write_tagged(out, &payload, b'}');
+        }
+    }
+    write(out, body);
+}
+
+/// What a notice (path `@*`) tells a handler about a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The client went away.
+    Disconnect,
+    /// `download.flow_control`: this many bytes were written to the client.
+    Credits(u64),
+}
+
+/// A notice message, as mongrel2 writes them (reference §5).
+pub fn encode_notice(
+    out: &mut Vec<u8>,
+    sender: &[u8],
+    id: ConnId,
+    encoding: HeaderEncoding,
+    notice: Notice,
+) {
+    let mut credits = Vec::new();
+    let (headers, body): (Vec<(&[u8], &[u8])>, &[u8]) = match notice {
+        Notice::Disconnect => (vec![(b"METHOD", b"JSON")], b"{\"type\":\"disconnect\"}"),
+        Notice::Credits(n) => {
+            push_decimal(&mut credits, n);
+            (
+                vec![(b"METHOD", b"JSON"), (b"DOWNLOAD_CREDITS", &credits)],
+                b"{\"type\":\"credits\"}",
+            )
+        }
+    };
+    encode_request(out, sender, id, b"@*", encoding, &headers, body);
+}
+
+fn address(out: &mut Vec<u8>, sender: &[u8], id: ConnId, path: &[u8]) {
+    out.extend_from_slice(sender);
+    out.push(b' ');
+    push_decimal(out, id);
+    out.push(b' ');
+    out.extend_from_slice(path);
+    out.push(b' ');
+}
+
+/// Header names in first-seen order, each with all its values.
+fn grouped<'h>(headers: &[(&'h [u8], &'h [u8])]) -> Vec<(&'h [u8], Vec<&'h [u8]>)> {
+    let mut groups: Vec<(&[u8], Vec<&[u8]>)> = Vec::with_capacity(headers.len());
+    for &(name, value) in headers {
+        match groups.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, values)) => values.push(value),
+            None => groups.push((name, vec![value])),
+        }
+    }
+    groups
+}
+
+fn json_object(out: &mut Vec<u8>, headers: &[(&[u8], &[u8])]) {
+    out.push(b'{');
+    for (i, (name, values)) in grouped(headers).iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_string(out, name);
+        out.push(b':');
+        match values.as_slice() {
+            [one] => json_string(out, one),
+            many => {
+                out.push(b'[');
+                for (j, v) in many.iter().enumerate() {
+                    if j > 0 {
+                        out.push(b',');
+                    }
+                    json_string(out, v);
+                }
+                out.push(b']');
+            }
+        }
+    }
+    out.push(b'}');
+}
+
+/// A JSON string of `bytes`. Control characters are escaped; a byte that is not part of
+/// valid UTF-8 becomes `\u00XX`, the character of the same number (Latin-1, as PEP 3333
+/// decodes header bytes), so the text is always valid JSON.
+fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'"');
+    for chunk in bytes.utf8_chunks() {
+        for &b in chunk.valid().as_bytes() {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0..=0x1f | 0x7f => unicode_escape(out, b),
+                _ => out.push(b),
+            }
+        }
+        for &b in chunk.invalid() {
+            unicode_escape(out, b);
+        }
+    }
+    out.push(b'"');
+}
+
+fn unicode_escape(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\\u00");
+    out.push(HEX[usize::from(b >> 4)]);
+    out.push(HEX[usize::from(b & 15)]);
+}
+
+fn tnetstring_dict(out: &mut Vec<u8>, headers: &[(&[u8], &[u8])]) {
+    for (name, values) in grouped(headers) {
+        write(out, name);
+        match values.as_slice() {
+            [one] => write(out, one),
+            many => {
+                let mut list = Vec::new();
+                for v in many {
+                    write(&mut list, v);
+                }
+                write_tagged(out, &list, b']');
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Request;
+    use proptest::prelude::*;
+
+    #[test]
+    fn writes_mongrel2s_json_request() {
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            b"snd",
+            34,
+            b"/h/form",
+            HeaderEncoding::Json,
+            &[
+                (b"PATH", b"/h/form"),
+                (b"cookie", b"a=1"),
+                (b"cookie", b"b=2"),
+                (b"METHOD", b"POST"),
+            ],
+            b"x=1",
+        );
+        assert_eq!(
+            out,
+            &b"snd 34 /h/form 57:{\"PATH\":\"/h/form\",\"cookie\":[\"a=1\",\"b=2\"],\"METHOD\":\"POST\"},3:x=1,"[..]
+        );
+    }
+
+    #[test]
+    fn writes_mongrel2s_tnetstring_request_and_notices() {
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            b"snd",
+            1,
+            b"/",
+            HeaderEncoding::Tnetstring,
+            &[(b"PATH", b"/"), (b"x", b"1"), (b"x", b"2")],
+            b"",
+        );
+        assert_eq!(out, &b"snd 1 / 26:4:PATH,1:/,1:x,8:1:1,1:2,]}0:,"[..]);
+        out.clear();
+        encode_notice(&mut out, b"snd", 7, HeaderEncoding::Json, Notice::Disconnect);
+        assert_eq!(
+            out,
+            &b"snd 7 @* 17:{\"METHOD\":\"JSON\"},21:{\"type\":\"disconnect\"},"[..]
+        );
+        out.clear();
+        encode_notice(&mut out, b"snd", 1, HeaderEncoding::Json, Notice::Credits(1067));
+        assert_eq!(
+            out,
+            &b"snd 1 @* 43:{\"METHOD\":\"JSON\",\"DOWNLOAD_CREDITS\":\"1067\"},18:{\"type\":\"credits\"},"[..]
+        );
+    }
+
+    #[test]
+    fn json_is_valid_for_control_characters_and_bytes_that_are_not_utf8() {
+        let mut out = Vec::new();
+        json_string(&mut out, b"a\tb\"\\\xc3\xa9\xff\x7f");
+        assert_eq!(out, &b"\"a\\u0009b\\\"\\\\\xc3\xa9\\u00ff\\u007f\""[..]);
+    }
+
+    proptest! {
+        /// Whatever the header bytes, the message parses back (m2wire's own parser, both
+        /// encodings) with the same names, and JSON values are exactly recovered when they
+        /// are UTF-8 (bytes that are not come back as their Latin-1 characters).
+        #[test]
+        fn round_trips(values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 1..6), body in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let names: Vec<Vec<u8>> = (0..values.len()).map(|i| format!("h{}", i % 3).into_bytes()).collect();
+            let headers: Vec<(&[u8], &[u8])> = names.iter().zip(&values).map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
+            for encoding in [HeaderEncoding::Json, HeaderEncoding::Tnetstring] {
+                let mut out = Vec::new();
+                encode_request(&mut out, b"s-1", 9, b"/p", encoding, &headers, &body);
+                let req = Request::parse(&out).unwrap();
+                prop_assert_eq!(req.conn_id, 9);
+                prop_assert_eq!(req.body, &body[..]);
+                for (name, value) in &headers {
+                    let got = req.headers.get(name).unwrap();
+                    let all = got.joined(b"\x00");
+                    if encoding == HeaderEncoding::Tnetstring || std::str::from_utf8(value).is_ok() {
+                        prop_assert!(all.windows(value.len().max(1)).any(|w| w == *value) || value.is_empty());
+                    }
+                }
+            }
+        }
+    }
+}
