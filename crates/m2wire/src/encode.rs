@@ -49,14 +49,13 @@ pub fn encode_notice(
     notice: Notice,
 ) {
     let mut credits = Vec::new();
-    let (headers, body): (Vec<(&[u8], &[u8])>, &[u8]) = match notice {
-        Notice::Disconnect => (vec![(b"METHOD", b"JSON")], b"{\"type\":\"disconnect\"}"),
+    let mut headers: Vec<(&[u8], &[u8])> = vec![(b"METHOD", b"JSON")];
+    let body: &[u8] = match notice {
+        Notice::Disconnect => b"{\"type\":\"disconnect\"}",
         Notice::Credits(n) => {
             push_decimal(&mut credits, n);
-            (
-                vec![(b"METHOD", b"JSON"), (b"DOWNLOAD_CREDITS", &credits)],
-                b"{\"type\":\"credits\"}",
-            )
+            headers.push((b"DOWNLOAD_CREDITS", &credits));
+            b"{\"type\":\"credits\"}"
         }
     };
     encode_request(out, sender, id, b"@*", encoding, &headers, body);
@@ -195,13 +194,25 @@ mod tests {
         );
         assert_eq!(out, &b"snd 1 / 26:4:PATH,1:/,1:x,8:1:1,1:2,]}0:,"[..]);
         out.clear();
-        encode_notice(&mut out, b"snd", 7, HeaderEncoding::Json, Notice::Disconnect);
+        encode_notice(
+            &mut out,
+            b"snd",
+            7,
+            HeaderEncoding::Json,
+            Notice::Disconnect,
+        );
         assert_eq!(
             out,
             &b"snd 7 @* 17:{\"METHOD\":\"JSON\"},21:{\"type\":\"disconnect\"},"[..]
         );
         out.clear();
-        encode_notice(&mut out, b"snd", 1, HeaderEncoding::Json, Notice::Credits(1067));
+        encode_notice(
+            &mut out,
+            b"snd",
+            1,
+            HeaderEncoding::Json,
+            Notice::Credits(1067),
+        );
         assert_eq!(
             out,
             &b"snd 1 @* 43:{\"METHOD\":\"JSON\",\"DOWNLOAD_CREDITS\":\"1067\"},18:{\"type\":\"credits\"},"[..]

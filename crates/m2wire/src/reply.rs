@@ -5,8 +5,8 @@
 
 use std::fmt;
 
-use crate::netstring::push_decimal;
 use crate::error::WireError;
+use crate::netstring::push_decimal;
 use crate::request::{parse_conn_id, valid_sender, ConnId};
 
 /// mongrel2's `limits.handler_targets` default: more ids and the whole message is dropped.
@@ -101,9 +101,10 @@ impl<'a> Reply<'a> {
             return Err(WireError::at(0, "reply UUID must be [A-Za-z0-9-]+"));
         }
         let (list, rest) = crate::netstring::split(&msg[space + 1..], space + 1)?;
-        let body = rest
-            .strip_prefix(b" ")
-            .ok_or(WireError::at(msg.len() - rest.len(), "no space after the id list"))?;
+        let body = rest.strip_prefix(b" ").ok_or(WireError::at(
+            msg.len() - rest.len(),
+            "no space after the id list",
+        ))?;
         let (extended, ids) = match list.strip_prefix(b"X ") {
             Some(ids) => (true, ids),
             None => (false, list),
@@ -133,9 +134,7 @@ impl<'a> Reply<'a> {
 
     /// The connection ids, in the order given.
     pub fn ids(&self) -> impl Iterator<Item = ConnId> + 'a {
-        self.ids
-            .split(|&b| b == b' ')
-            .filter_map(parse_conn_id)
+        self.ids.split(|&b| b == b' ').filter_map(parse_conn_id)
     }
 }
 
@@ -174,7 +173,10 @@ mod tests {
     #[test]
     fn parses_what_mongrel2_accepts_and_nothing_else() {
         let r = Reply::parse(b"ab-1 2:42, hi").unwrap();
-        assert_eq!((r.uuid, r.extended, r.body), (&b"ab-1"[..], false, &b"hi"[..]));
+        assert_eq!(
+            (r.uuid, r.extended, r.body),
+            (&b"ab-1"[..], false, &b"hi"[..])
+        );
         assert_eq!(r.ids().collect::<Vec<_>>(), [42]);
         let r = Reply::parse(b"u 8:48 49 50, ").unwrap();
         assert_eq!(r.ids().collect::<Vec<_>>(), [48, 49, 50]);
@@ -193,7 +195,11 @@ mod tests {
             b"u 1:a, X",
             b"nospace",
         ] {
-            assert!(Reply::parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                Reply::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let ids: Vec<ConnId> = (1..=129).collect();
         assert!(Reply::parse(&encode_reply(b"u", &ids[..128], b"").unwrap()).is_ok());
@@ -201,7 +207,8 @@ mod tests {
             let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
             let list = list.join(" ");
             format!("{}:{}, ", list.len(), list).into_bytes()
-        }].concat();
+        }]
+        .concat();
         assert!(Reply::parse(&many).is_err());
     }
 

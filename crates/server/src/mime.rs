@@ -169,7 +169,10 @@ impl MimeTypes {
         for (ext, ctype) in overrides {
             let ext = ext.trim().to_ascii_lowercase();
             let ctype = ctype.trim();
-            if ext.is_empty() || ext == "." || ctype.is_empty() || ctype.chars().any(char::is_control)
+            if ext.is_empty()
+                || ext == "."
+                || ctype.is_empty()
+                || ctype.chars().any(char::is_control)
             {
                 tracing::warn!(ext = %ext, ctype = %ctype, "mimetypes: entry ignored");
                 continue;

@@ -52,6 +52,14 @@ pub enum Command {
         #[command(flatten)]
         signal: SignalArg,
     },
+    /// Serve HTTP as mongrel2 would, from its config: `wsgid server config.sqlite UUID` (the
+    /// arguments mongrel2 takes) or `wsgid server mongrel2.conf [UUID]`.
+    Server {
+        /// A config.sqlite written by `m2sh load`, or a mongrel2 .conf file.
+        config: std::path::PathBuf,
+        /// The server's uuid; may be left out when the config declares one server.
+        uuid: Option<String>,
+    },
     /// Internal: run one worker (started by the master, never by hand).
     #[command(hide = true)]
     Worker,

@@ -38,6 +38,16 @@ fn main() -> ExitCode {
                 broker::run(&settings, link::inherited_listener()?)
             })
         }
+        Some(Command::Server { config, uuid }) => {
+            return match server::run::run(config, uuid.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("wsgid server: error: {e:#}");
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Init) => commands::init(&app_path()),
         Some(Command::Config { no_debug }) => {
             commands::config(&app_path(), &cli.options, *no_debug)

@@ -104,7 +104,10 @@ impl Config {
                 many => anyhow::bail!(
                     "the config declares {} servers ({}): name one by its uuid",
                     many.len(),
-                    many.iter().map(|s| s.uuid.as_str()).collect::<Vec<_>>().join(", ")
+                    many.iter()
+                        .map(|s| s.uuid.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             },
         }

@@ -65,14 +65,12 @@ impl Decoder {
     }
 
     /// Consumes framing from `input` and passes body bytes to `data`.
-    pub fn decode(
-        &mut self,
-        input: &[u8],
-        data: &mut dyn FnMut(&[u8]),
-    ) -> Result<Step, BodyError> {
+    pub fn decode(&mut self, input: &[u8], data: &mut dyn FnMut(&[u8])) -> Result<Step, BodyError> {
         match self {
             Decoder::Length { remaining } => {
-                let n = input.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                let n = input
+                    .len()
+                    .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                 if n > 0 {
                     data(&input[..n]);
                 }
@@ -93,7 +91,8 @@ impl Chunked {
         while at < input.len() && self.state != State::Done {
             match self.state {
                 State::Data { remaining } => {
-                    let n = (input.len() - at).min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    let n =
+                        (input.len() - at).min(usize::try_from(remaining).unwrap_or(usize::MAX));
                     data(&input[at..at + n]);
                     at += n;
                     self.state = if remaining == n as u64 {
@@ -185,9 +184,9 @@ fn parse_size(line: &[u8]) -> Result<u64, BodyError> {
     if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err(BodyError("malformed chunk size"));
     }
-    Ok(digits
-        .iter()
-        .fold(0u64, |n, &d| n * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))))
+    Ok(digits.iter().fold(0u64, |n, &d| {
+        n * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))
+    }))
 }
 
 #[cfg(test)]
@@ -195,7 +194,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn run(decoder: &mut Decoder, input: &[u8], step: usize) -> Result<(Vec<u8>, usize), BodyError> {
+    fn run(
+        decoder: &mut Decoder,
+        input: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, usize), BodyError> {
         let mut out = Vec::new();
         let mut used = 0;
         for piece in input.chunks(step.max(1)) {
@@ -235,7 +238,11 @@ mod tests {
             b"0\r\n folded\r\n\r\n",
             b"0\r\nnocolon\r\n\r\n",
         ] {
-            assert!(run(&mut Decoder::chunked(), bad, 1000).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                run(&mut Decoder::chunked(), bad, 1000).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

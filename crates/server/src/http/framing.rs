@@ -20,6 +20,8 @@ pub struct ResponseFraming {
     head: Vec<u8>,
     /// The response asked to close the connection after it.
     close: bool,
+    /// The final head's status code, once seen (for the access log).
+    status: u16,
 }
 
 #[derive(Debug)]
@@ -47,12 +49,18 @@ impl ResponseFraming {
             state: State::Head,
             head: Vec::new(),
             close: false,
+            status: 0,
         }
     }
 
     /// The response must be followed by a close: it said so, or it has no framing.
     pub fn close_after(&self) -> bool {
         self.close || matches!(self.state, State::UntilClose)
+    }
+
+    /// The final status code, 0 until the head is seen (or when it is not HTTP).
+    pub fn status(&self) -> u16 {
+        self.status
     }
 
     /// Whether the response's head has been seen whole.
@@ -127,20 +135,28 @@ impl ResponseFraming {
         let mut close = response.version == Some(0);
         for h in response.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                let parsed = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                let parsed = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok());
                 if parsed.is_none() || length.is_some_and(|l| Some(l) != parsed) {
                     self.unframed("malformed Content-Length in a response");
                     return Some(len);
                 }
                 length = parsed;
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = h.value.split(|&b| b == b',').next_back().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                chunked = h
+                    .value
+                    .split(|&b| b == b',')
+                    .next_back()
+                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             } else if h.name.eq_ignore_ascii_case("connection") {
                 for option in h.value.split(|&b| b == b',') {
                     let option = option.trim_ascii();
                     if option.eq_ignore_ascii_case(b"close") {
                         close = true;
-                    } else if option.eq_ignore_ascii_case(b"keep-alive") && response.version == Some(0) {
+                    } else if option.eq_ignore_ascii_case(b"keep-alive")
+                        && response.version == Some(0)
+                    {
                         close = false;
                     }
                 }
@@ -150,6 +166,7 @@ impl ResponseFraming {
             State::Head
         } else {
             self.close |= close;
+            self.status = code;
             if self.request_is_head || code == 204 || code == 304 {
                 State::Done
             } else if chunked {
@@ -193,27 +210,50 @@ mod tests {
     #[test]
     fn content_length_chunked_and_bodyless() {
         let r = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA";
-        assert_eq!(feed_all(&mut ResponseFraming::new(false), r, 1000), Some(r.len() - 5));
+        assert_eq!(
+            feed_all(&mut ResponseFraming::new(false), r, 1000),
+            Some(r.len() - 5)
+        );
         let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-        assert_eq!(feed_all(&mut ResponseFraming::new(false), r, 3), Some(r.len()));
+        assert_eq!(
+            feed_all(&mut ResponseFraming::new(false), r, 3),
+            Some(r.len())
+        );
         let r = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
-        assert_eq!(feed_all(&mut ResponseFraming::new(true), r, 1000), Some(r.len()));
+        assert_eq!(
+            feed_all(&mut ResponseFraming::new(true), r, 1000),
+            Some(r.len())
+        );
         let r = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n";
-        assert_eq!(feed_all(&mut ResponseFraming::new(false), r, 1000), Some(r.len()));
+        assert_eq!(
+            feed_all(&mut ResponseFraming::new(false), r, 1000),
+            Some(r.len())
+        );
         let r = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(feed_all(&mut ResponseFraming::new(false), r, 2), Some(r.len()));
+        assert_eq!(
+            feed_all(&mut ResponseFraming::new(false), r, 2),
+            Some(r.len())
+        );
     }
 
     #[test]
     fn unframed_responses_last_until_close() {
         let mut f = ResponseFraming::new(false);
-        assert_eq!(feed_all(&mut f, b"HTTP/1.0 200 OK\r\n\r\nbody...", 1000), None);
+        assert_eq!(
+            feed_all(&mut f, b"HTTP/1.0 200 OK\r\n\r\nbody...", 1000),
+            None
+        );
         assert!(f.close_after());
         let mut f = ResponseFraming::new(false);
         assert_eq!(feed_all(&mut f, b"garbage\r\n\r\n", 1000), None);
         assert!(f.close_after());
         let mut f = ResponseFraming::new(false);
-        feed_all(&mut f, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", 1000).unwrap();
+        feed_all(
+            &mut f,
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            1000,
+        )
+        .unwrap();
         assert!(f.close_after());
     }
 

@@ -224,7 +224,10 @@ fn split_target(head: &mut Head, target: Range<usize>) -> Result<(), HeadError> 
             .position(|&b| b == b'/' || b == b'?' || b == b'#')
             .map_or(target.end, |p| after + p);
         if end == after {
-            return Err(refuse(Status::BAD_REQUEST, "absolute target without a host"));
+            return Err(refuse(
+                Status::BAD_REQUEST,
+                "absolute target without a host",
+            ));
         }
         head.authority = Some(after..end);
         start = end;
@@ -286,7 +289,10 @@ fn check_fields(head: &mut Head) -> Result<(), HeadError> {
         }
     }
     if chunked && length.is_some() {
-        return Err(refuse(Status::BAD_REQUEST, "Content-Length with Transfer-Encoding"));
+        return Err(refuse(
+            Status::BAD_REQUEST,
+            "Content-Length with Transfer-Encoding",
+        ));
     }
     if chunked && head.version_minor == 0 {
         return Err(refuse(Status::BAD_REQUEST, "Transfer-Encoding in HTTP/1.0"));
@@ -349,14 +355,20 @@ mod tests {
 
     #[test]
     fn parses_target_parts_and_lowercases_names() {
-        let h = ok(b"GET /a/b%20c?x=1&y#frag HTTP/1.1\r\nHost: ex:80\r\nX-Dup: 1\r\nx-dup:  2 \r\n\r\n");
+        let h = ok(
+            b"GET /a/b%20c?x=1&y#frag HTTP/1.1\r\nHost: ex:80\r\nX-Dup: 1\r\nx-dup:  2 \r\n\r\n",
+        );
         assert_eq!(h.method(), b"GET");
         assert_eq!(h.path(), b"/a/b%20c");
         assert_eq!(h.query(), Some(&b"x=1&y"[..]));
         assert_eq!(h.fragment(), Some(&b"frag"[..]));
         assert_eq!(h.uri(), b"/a/b%20c?x=1&y");
         assert_eq!(h.host(), Some(&b"ex:80"[..]));
-        let dups: Vec<_> = h.headers().filter(|(n, _)| *n == b"x-dup").map(|(_, v)| v).collect();
+        let dups: Vec<_> = h
+            .headers()
+            .filter(|(n, _)| *n == b"x-dup")
+            .map(|(_, v)| v)
+            .collect();
         assert_eq!(dups, [&b"1"[..], b"2"]);
         assert!(h.keep_alive);
         assert_eq!(h.framing, Framing::Length(0));
@@ -380,8 +392,14 @@ mod tests {
 
     #[test]
     fn framing_is_strict() {
-        assert_eq!(ok(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n").framing, Framing::Length(12));
-        assert_eq!(ok(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n").framing, Framing::Chunked);
+        assert_eq!(
+            ok(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n").framing,
+            Framing::Length(12)
+        );
+        assert_eq!(
+            ok(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n").framing,
+            Framing::Chunked
+        );
         for bad in [
             &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
@@ -407,19 +425,38 @@ mod tests {
             status(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
             Status::NOT_IMPLEMENTED
         );
-        assert_eq!(status(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue-x\r\n\r\n"), Status::EXPECTATION_FAILED);
-        assert!(ok(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").expects_continue);
+        assert_eq!(
+            status(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue-x\r\n\r\n"),
+            Status::EXPECTATION_FAILED
+        );
+        assert!(
+            ok(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n")
+                .expects_continue
+        );
     }
 
     #[test]
     fn limits_answer_414_and_431() {
         let long_line = [&b"GET /"[..], &vec![b'a'; 5000]].concat();
-        assert_eq!(parse(&long_line, LIMITS).unwrap_err().status, Status::URI_TOO_LONG);
+        assert_eq!(
+            parse(&long_line, LIMITS).unwrap_err().status,
+            Status::URI_TOO_LONG
+        );
         let mut big = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
         big.extend_from_slice(&b"X: yyyyyyyyyyyyyyyyyyyyyyyyyyyyy\r\n".repeat(200));
-        assert_eq!(parse(&big, LIMITS).unwrap_err().status, Status::HEADERS_TOO_LARGE);
-        let many = [&b"GET / HTTP/1.1\r\nHost: a\r\n"[..], &b"X: y\r\n".repeat(70), b"\r\n"].concat();
+        assert_eq!(
+            parse(&big, LIMITS).unwrap_err().status,
+            Status::HEADERS_TOO_LARGE
+        );
+        let many = [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n"[..],
+            &b"X: y\r\n".repeat(70),
+            b"\r\n",
+        ]
+        .concat();
         assert_eq!(status(&many), Status::HEADERS_TOO_LARGE);
-        assert!(parse(b"GET / HTTP/1.1\r\nHost: a\r\n", LIMITS).unwrap().is_none());
+        assert!(parse(b"GET / HTTP/1.1\r\nHost: a\r\n", LIMITS)
+            .unwrap()
+            .is_none());
     }
 }

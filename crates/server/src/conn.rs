@@ -1,0 +1,255 @@
+//! One client connection: what has been read and not yet parsed, what is queued for the
+//! client (bytes, or a file range sent with `sendfile`), and the phase of the request in
+//! service. Requests are served one at a time, in order: the next pipelined one is parsed
+//! only when the previous response has been queued whole, so responses can never overtake
+//! one another, whatever served them.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::http::body::Decoder;
+use crate::http::framing::ResponseFraming;
+use crate::http::request::Head;
+use crate::upload::Spool;
+
+/// Pipelined input buffered beyond the head limit while a response is pending: past this,
+/// reading stops until the connection takes its next request.
+const READ_AHEAD: usize = 64 * 1024;
+
+pub enum Out {
+    Bytes {
+        data: Vec<u8>,
+        pos: usize,
+        /// Came from a handler: counts towards its download credits.
+        from_handler: bool,
+    },
+    File {
+        file: File,
+        pos: u64,
+        end: u64,
+    },
+}
+
+/// Where a request body goes.
+pub enum Sink {
+    Inline(Vec<u8>),
+    Spool(Spool),
+    /// Read and dropped (a Dir request with a body).
+    Discard,
+}
+
+/// What happens once a body is in.
+pub enum AfterBody {
+    /// Send the request to the handler (inline body), or the upload-done message.
+    Handler {
+        handler: usize,
+        head: Box<Head>,
+        key: String,
+        host: String,
+    },
+    /// Nothing: the response is already queued.
+    Nothing,
+}
+
+pub enum Phase {
+    /// Waiting for (the rest of) a request head.
+    Head,
+    Body {
+        decoder: Decoder,
+        sink: Sink,
+        then: AfterBody,
+    },
+    /// Waiting for, or relaying, a handler's response.
+    Handler {
+        handler: usize,
+        framing: ResponseFraming,
+        /// No reply by then: 504.
+        deadline: Option<Instant>,
+    },
+    /// Nothing more is read; the connection closes once its output is written.
+    Closing,
+}
+
+/// What the access log needs about the request in service.
+pub struct LogFacts {
+    pub host: String,
+    pub method: Vec<u8>,
+    pub path: Vec<u8>,
+    pub version: &'static [u8],
+    pub status: u16,
+    pub bytes: u64,
+}
+
+pub struct Conn {
+    pub id: u64,
+    pub stream: TcpStream,
+    pub remote: SocketAddr,
+    pub input: Vec<u8>,
+    pub out: VecDeque<Out>,
+    pub out_bytes: usize,
+    pub phase: Phase,
+    /// The handler this connection last used: told when the client goes away.
+    pub handler: Option<usize>,
+    /// The client asked to keep the connection after the request in service.
+    pub keep_alive: bool,
+    pub first_request: bool,
+    /// Reading stopped before the socket said WouldBlock: try again when input is wanted.
+    pub read_pending: bool,
+    /// The client closed its end (or the socket failed).
+    pub read_closed: bool,
+    pub write_failed: bool,
+    /// When the phase last made progress, for the timeouts.
+    pub progress: Instant,
+    pub last_write: Instant,
+    /// Handler bytes written since credits were last sent.
+    pub written_for_credits: u64,
+    pub log: Option<LogFacts>,
+}
+
+impl Conn {
+    pub fn new(id: u64, stream: TcpStream, remote: SocketAddr) -> Conn {
+        let now = Instant::now();
+        Conn {
+            id,
+            stream,
+            remote,
+            input: Vec::new(),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            phase: Phase::Head,
+            handler: None,
+            keep_alive: true,
+            first_request: true,
+            read_pending: false,
+            read_closed: false,
+            write_failed: false,
+            progress: now,
+            last_write: now,
+            written_for_credits: 0,
+            log: None,
+        }
+    }
+
+    /// Reads what the socket has, up to what the phase can use: all of a body as it
+    /// streams, but only `head_limit` + read-ahead while a head or a response is pending.
+    pub fn fill(&mut self, head_limit: usize) {
+        self.read_pending = false;
+        let cap = match self.phase {
+            Phase::Body { .. } => 256 * 1024,
+            _ => head_limit + READ_AHEAD,
+        };
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if self.input.len() >= cap {
+                self.read_pending = true;
+                return;
+            }
+            let want = chunk.len().min(cap - self.input.len());
+            match self.stream.read(&mut chunk[..want]) {
+                Ok(0) => {
+                    self.read_closed = true;
+                    return;
+                }
+                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.read_closed = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn push(&mut self, data: Vec<u8>, from_handler: bool) {
+        if data.is_empty() {
+            return;
+        }
+        self.out_bytes += data.len();
+        if let Some(log) = self.log.as_mut() {
+            log.bytes += data.len() as u64;
+        }
+        self.out.push_back(Out::Bytes {
+            data,
+            pos: 0,
+            from_handler,
+        });
+    }
+
+    pub fn push_file(&mut self, file: File, start: u64, end: u64) {
+        if let Some(log) = self.log.as_mut() {
+            log.bytes += end - start;
+        }
+        self.out.push_back(Out::File {
+            file,
+            pos: start,
+            end,
+        });
+    }
+
+    /// Writes what is queued, as far as the socket takes it.
+    pub fn flush(&mut self) {
+        while let Some(front) = self.out.front_mut() {
+            let result = match front {
+                Out::Bytes {
+                    data,
+                    pos,
+                    from_handler,
+                } => match self.stream.write(&data[*pos..]) {
+                    Ok(n) => {
+                        *pos += n;
+                        self.out_bytes -= n;
+                        if *from_handler {
+                            self.written_for_credits += n as u64;
+                        }
+                        Ok(*pos == data.len())
+                    }
+                    Err(e) => Err(e),
+                },
+                Out::File { file, pos, end } => send_file(&self.stream, file, pos, *end),
+            };
+            match result {
+                Ok(true) => {
+                    self.out.pop_front();
+                    self.last_write = Instant::now();
+                }
+                Ok(false) => self.last_write = Instant::now(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.write_failed = true;
+                    self.out.clear();
+                    self.out_bytes = 0;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Done with: closing and flushed, or unable to go on.
+    pub fn finished(&self) -> bool {
+        self.write_failed || (matches!(self.phase, Phase::Closing) && self.out.is_empty())
+    }
+}
+
+/// One `sendfile` step: true once the range is sent.
+fn send_file(stream: &TcpStream, file: &File, pos: &mut u64, end: u64) -> io::Result<bool> {
+    let mut offset = *pos as libc::off_t;
+    let count = (end - *pos).min(1 << 30) as usize;
+    // SAFETY: both descriptors are open for the call; `offset` is a valid pointer.
+    let n = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut offset, count) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 && count > 0 {
+        return Err(io::Error::other("file shrank while being sent"));
+    }
+    *pos = offset as u64;
+    Ok(*pos >= end)
+}
