@@ -5,10 +5,31 @@ import signal
 
 import pytest
 
+import stack as stack_module
 from stack import APPS, ROOT, UPLOAD_TEMPLATE, VENV, WSGID, Handler, Mongrel2, Wsgid, free_port, wait_for  # noqa: F401
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mongrel2_only: tests mongrel2's own behaviour (its bugs), not ours")
+    config.addinivalue_line("markers", "one_front: needs no front end of the suite's, so runs once")
+
+
+@pytest.fixture(scope="session", params=stack_module.FRONTS, autouse=True)
+def front(request):
+    """The whole suite runs once behind the real mongrel2 and once behind `wsgid server`."""
+    stack_module.DEFAULT_FRONT = request.param
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _front_markers(request, front):
+    if front == "wsgid" and request.node.get_closest_marker("mongrel2_only"):
+        pytest.skip("tests mongrel2's own behaviour")
+    if front != stack_module.FRONTS[0] and request.node.get_closest_marker("one_front"):
+        pytest.skip("does not depend on the front end: run once")
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, front):
     """One mongrel2 with five handler routes, each served by its own wsgid."""
     tmp = tmp_path_factory.mktemp("stack")
     handlers = {

@@ -1,5 +1,6 @@
-"""Real processes for tests and benchmarks: mongrel2 (Debian mongrel2-core) in a scratch
-chroot, and wsgid (target/debug/wsgid unless WSGID_BIN says otherwise) serving an app."""
+"""Real processes for tests and benchmarks: a front end in a scratch chroot, either the real
+mongrel2 (Debian mongrel2-core) or our own (`wsgid server`) on the same config.sqlite, and
+wsgid (target/debug/wsgid unless WSGID_BIN says otherwise) serving an app."""
 import os
 import shutil
 import signal
@@ -17,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WSGID = Path(os.environ.get("WSGID_BIN", ROOT / "target" / "debug" / "wsgid"))
 VENV = Path(sys.prefix)
 UPLOAD_TEMPLATE = "/tmp/upload.XXXXXX"
+# Which front end a Mongrel2() runs unless told: "mongrel2" or "wsgid" (conftest sets it
+# for each parametrized run of the suite).
+FRONTS = ("mongrel2", "wsgid")
+DEFAULT_FRONT = os.environ.get("WSGID_FRONT", "mongrel2")
 
 
 def free_port():
@@ -62,9 +67,12 @@ class Handler:
 
 
 class Mongrel2:
-    """The real mongrel2, chrooted in `root` (which holds run/, logs/, tmp/)."""
+    """A front end chrooted in `root` (which holds run/, logs/, tmp/): the real mongrel2, or
+    `wsgid server` started with mongrel2's own arguments on the same config.sqlite."""
 
-    def __init__(self, root, handlers, content_length=20480, extra_settings=None, upload_template=UPLOAD_TEMPLATE):
+    def __init__(self, root, handlers, content_length=20480, extra_settings=None, upload_template=UPLOAD_TEMPLATE,
+                 front=None):
+        self.front = front or DEFAULT_FRONT
         self.root = Path(root)
         self.upload_template = upload_template
         self.handlers = handlers
@@ -100,7 +108,8 @@ class Mongrel2:
         subprocess.run(["m2sh", "load", "-config", "main.conf", "-db", "config.sqlite"],
                        cwd=self.root, env=env, check=True, capture_output=True)
         self.log = open(self.root / "mongrel2.out", "wb")
-        self.proc = subprocess.Popen(["mongrel2", "config.sqlite", self.server_uuid], cwd=self.root,
+        program = ["mongrel2"] if self.front == "mongrel2" else [str(WSGID), "server"]
+        self.proc = subprocess.Popen([*program, "config.sqlite", self.server_uuid], cwd=self.root,
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close() or True,
                  what="mongrel2 to listen")

@@ -109,7 +109,8 @@ fn json_object(out: &mut Vec<u8>, headers: &[(&[u8], &[u8])]) {
 
 /// A JSON string of `bytes`. Control characters are escaped; a byte that is not part of
 /// valid UTF-8 becomes `\u00XX`, the character of the same number (Latin-1, as PEP 3333
-/// decodes header bytes), so the text is always valid JSON.
+/// decodes header bytes), so the text is always valid JSON. m2wire's parser reads such an
+/// escape back as the byte, so the round trip is exact.
 fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
     for chunk in bytes.utf8_chunks() {
@@ -243,9 +244,7 @@ mod tests {
                 for (name, value) in &headers {
                     let got = req.headers.get(name).unwrap();
                     let all = got.joined(b"\x00");
-                    if encoding == HeaderEncoding::Tnetstring || std::str::from_utf8(value).is_ok() {
-                        prop_assert!(all.windows(value.len().max(1)).any(|w| w == *value) || value.is_empty());
-                    }
+                    prop_assert!(all.windows(value.len().max(1)).any(|w| w == *value) || value.is_empty());
                 }
             }
         }

@@ -177,8 +177,14 @@ impl<'a> Cursor<'a> {
             b't' => b'\t',
             b'u' => {
                 let c = self.unicode_escape()?;
-                let mut buf = [0u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                // `\u0080`-`\u00ff` stand for single bytes that are not UTF-8: that is how
+                // `encode` keeps JSON valid (mongrel2 itself never writes `\u`).
+                if ('\u{80}'..='\u{ff}').contains(&c) {
+                    out.push(c as u8);
+                } else {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                }
                 return Ok(());
             }
             // Lenient: an unknown escape keeps both bytes, as written.
@@ -237,14 +243,16 @@ mod tests {
 
     #[test]
     fn decodes_escapes_and_lists() {
-        let text = br#"{"x-quote":"say \"hi\" \\ back","x-dup":["one","two"],"u":"\u00e9\ud83d\ude00","n":42}"#;
+        let text = br#"{"x-quote":"say \"hi\" \\ back","x-dup":["one","two"],"u":"\u0101\ud83d\ude00","l":"\u00e9\u00ff","n":42}"#;
         let headers = parse_header_object(text, 0).unwrap();
         assert_eq!(headers.first(b"x-quote"), Some(&br#"say "hi" \ back"#[..]));
         assert_eq!(
             headers.get(b"x-dup").unwrap().joined(b", ").as_ref(),
             b"one, two"
         );
-        assert_eq!(headers.first(b"u"), Some("é😀".as_bytes()));
+        assert_eq!(headers.first(b"u"), Some("ā😀".as_bytes()));
+        // U+0080-U+00FF are single bytes (what `encode` writes for bytes that are not UTF-8).
+        assert_eq!(headers.first(b"l"), Some(&b"\xe9\xff"[..]));
         assert_eq!(headers.first(b"n"), Some(&b"42"[..]));
     }
 

@@ -232,6 +232,11 @@ impl Conn {
         }
     }
 
+    /// Whether input is of use now: a head or a body is being read.
+    pub fn wants_input(&self) -> bool {
+        matches!(self.phase, Phase::Head | Phase::Body { .. })
+    }
+
     /// Done with: closing and flushed, or unable to go on.
     pub fn finished(&self) -> bool {
         self.write_failed || (matches!(self.phase, Phase::Closing) && self.out.is_empty())

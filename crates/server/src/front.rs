@@ -67,7 +67,10 @@ pub struct Front {
     ids: HashMap<u64, usize>,
     next_id: u64,
     hub: Hub,
+    /// Handler peers that read input at their last turn: they may have more.
     hot: Vec<usize>,
+    /// Clients that stopped reading at their budget, to be served again after the others.
+    ready: Vec<usize>,
 }
 
 impl Front {
@@ -82,6 +85,7 @@ impl Front {
             next_id: 1,
             hub,
             hot: Vec::new(),
+            ready: Vec::new(),
         })
     }
 
@@ -116,6 +120,9 @@ impl Front {
             }
             for index in std::mem::take(&mut self.hot) {
                 self.aux_event(index, true);
+            }
+            for index in std::mem::take(&mut self.ready) {
+                self.client_event(index);
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
@@ -201,11 +208,20 @@ impl Front {
                 }
             }
         }
-        if conn.read_closed && matches!(conn.phase, Phase::Head) && conn.out.is_empty() {
-            conn.phase = Phase::Closing;
+        if conn.read_closed {
+            match conn.phase {
+                // The client went away mid-request: nobody is left to answer.
+                Phase::Body { .. } | Phase::Handler { .. } => {
+                    conn.write_failed = true;
+                }
+                Phase::Head if conn.out.is_empty() => conn.phase = Phase::Closing,
+                _ => {}
+            }
         }
         if conn.finished() {
             self.close(index);
+        } else if conn.read_pending && conn.wants_input() && !self.ready.contains(&index) {
+            self.ready.push(index);
         }
     }
 
@@ -330,19 +346,14 @@ impl Hub {
         }
     }
 
-    /// Serves the connection's buffered input as far as it goes.
+    /// Serves the connection's buffered input as far as it goes (reading is the loop's:
+    /// a client gets one read budget per turn, so a fast upload cannot starve the others).
     fn advance(&mut self, conn: &mut Conn) {
         loop {
             match &conn.phase {
                 Phase::Head => {
                     if conn.input.is_empty() {
-                        if !conn.read_pending {
-                            return;
-                        }
-                        conn.fill(self.settings.buffer_size);
-                        if conn.input.is_empty() {
-                            return;
-                        }
+                        return;
                     }
                     match request::parse(&conn.input, self.limits()) {
                         Ok(Some((head, len))) => {
@@ -350,7 +361,6 @@ impl Hub {
                             conn.progress = Instant::now();
                             self.start_request(conn, head);
                         }
-                        Ok(None) if conn.read_pending => conn.fill(self.settings.buffer_size),
                         Ok(None) => return,
                         Err(e) => {
                             tracing::debug!(conn = conn.id, "bad request: {}", e.reason);
@@ -362,16 +372,9 @@ impl Hub {
                 }
                 Phase::Body { .. } => {
                     self.feed_body(conn);
-                    if !matches!(conn.phase, Phase::Body { .. }) {
-                        continue;
+                    if matches!(conn.phase, Phase::Body { .. }) {
+                        return;
                     }
-                    if conn.read_pending {
-                        conn.fill(self.settings.buffer_size);
-                        if !conn.input.is_empty() {
-                            continue;
-                        }
-                    }
-                    return;
                 }
                 Phase::Handler { .. } | Phase::Closing => return,
             }
@@ -397,6 +400,10 @@ impl Hub {
             bytes: 0,
         });
         let has_body = head.framing != Framing::Length(0);
+        if is_websocket_upgrade(&head) {
+            tracing::info!(conn = conn.id, "a websocket upgrade: not implemented yet, 501");
+            return self.refuse(conn, Status::NOT_IMPLEMENTED, true, "");
+        }
         match routed {
             None => self.refuse(conn, Status::NOT_FOUND, has_body, ""),
             Some((RouteTarget::Proxy, ..)) => {
@@ -995,6 +1002,15 @@ impl Hub {
             Phase::Closing
         };
     }
+}
+
+/// An RFC 6455 upgrade request (mongrel2's test: `upgrade: websocket` and a `connection`
+/// that lists `upgrade`).
+fn is_websocket_upgrade(head: &Head) -> bool {
+    head.header(b"upgrade").is_some_and(|u| u.eq_ignore_ascii_case(b"websocket"))
+        && head.header(b"connection").is_some_and(|c| {
+            c.split(|&b| b == b',').any(|o| o.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        })
 }
 
 /// Whether a tnetstring dict's payload has `key` (a cheap look, for `ctl` commands).
