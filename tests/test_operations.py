@@ -409,8 +409,10 @@ def test_mongrel2_restart_is_survived(make):
     assert "a new epoch" in log
 
 
+@pytest.mark.mongrel2_only
 def test_unanswerable_recv_ident_is_reported(tmp_path):
-    """mongrel2 drops replies that do not start with its recv_ident: say so in the log."""
+    """mongrel2 drops replies that do not start with its recv_ident: say so in the log.
+    (Our front end subscribes with the recv_ident, which wsgid then uses for its replies.)"""
     handler = Handler("/", "tnetstring", recv_ident="only-this-prefix")
     m2 = Mongrel2(tmp_path / "m2", [handler])
     server = Wsgid(tmp_path / "app", handler, m2, APPS["testapp"], ["--wsgi-app", "testapp:application"], workers=1)
@@ -478,9 +480,10 @@ def test_ipc_endpoints(make):
     assert requests.post(server.url + "/echo", data=body, timeout=5).content == body
 
 
-def test_a_client_pipelining_too_much_is_closed_and_others_are_served(make):
+def test_a_client_pipelining_too_much_is_closed_and_others_are_served(make, front):
     """The broker holds at most 16 requests behind one connection's request in service; a
-    client that pipelines more has its connection closed, and nobody else waits on it."""
+    client that pipelines more has its connection closed, and nobody else waits on it. Our
+    front end hands a connection's requests over one at a time: all 60 are answered."""
     from http_util import raw_exchange
     server = make(workers=2)
     reqs = b"".join(b"GET /sleep?0.05 HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(60))
@@ -491,12 +494,15 @@ def test_a_client_pipelining_too_much_is_closed_and_others_are_served(make):
     assert requests.get(server.url + "/hello", timeout=2).text == "Hello, World!"
     t.join()
     data, sock = result["r"]
+    if front == "wsgid":
+        assert data.count(b"HTTP/1.1 200 OK") == 60
+        return
     assert sock is None, "the connection should have been closed"
     assert data.count(b"HTTP/1.1 200 OK") < 60  # closed at once, answered or not
     assert "closing a connection that pipelined too many requests" in server.log()
 
 
-def test_many_pipelining_clients_cannot_stop_the_reading(make):
+def test_many_pipelining_clients_cannot_stop_the_reading(make, front):
     """40 connections pipelining 16 slow requests each would hold 640 requests behind their
     first ones: past 512 held in all (half of what the broker keeps waiting), connections are
     closed instead, and a plain request is still served at once."""
@@ -513,7 +519,8 @@ def test_many_pipelining_clients_cannot_stop_the_reading(make):
         started = time.time()
         assert requests.get(server.url + "/hello", timeout=5).text == "Hello, World!"
         assert time.time() - started < 2
-        assert "closing a connection that pipelined too many requests" in server.log()
+        if front == "mongrel2":  # ours hands over one request per connection at a time
+            assert "closing a connection that pipelined too many requests" in server.log()
     finally:
         for s in socks:
             s.close()

@@ -65,6 +65,14 @@ pub enum Phase {
         sink: Sink,
         then: AfterBody,
     },
+    /// The request message waits for a handler to connect (after a restart of either
+    /// side); 503 at `until`.
+    Queued {
+        handler: usize,
+        message: Vec<u8>,
+        is_head: bool,
+        until: Instant,
+    },
     /// Waiting for, or relaying, a handler's response.
     Handler {
         handler: usize,

@@ -211,7 +211,7 @@ impl Front {
         if conn.read_closed {
             match conn.phase {
                 // The client went away mid-request: nobody is left to answer.
-                Phase::Body { .. } | Phase::Handler { .. } => {
+                Phase::Body { .. } | Phase::Handler { .. } | Phase::Queued { .. } => {
                     conn.write_failed = true;
                 }
                 Phase::Head if conn.out.is_empty() => conn.phase = Phase::Closing,
@@ -262,6 +262,7 @@ impl Front {
                 }
                 for event in events {
                     match event {
+                        PeerEvent::Up if role == Role::Push => self.send_queued(handler),
                         PeerEvent::Message(msg) if role == Role::Sub => {
                             self.on_reply(handler, &msg)
                         }
@@ -302,6 +303,21 @@ impl Front {
                 self.hub.control(conn, reply.body);
             } else {
                 self.hub.deliver(conn, reply.body);
+            }
+            self.settle(index);
+        }
+    }
+
+    fn send_queued(&mut self, handler: usize) {
+        let queued: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Queued { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        for index in queued {
+            if let Some(conn) = self.conns.get_mut(index) {
+                self.hub.send_queued(conn, handler);
             }
             self.settle(index);
         }
@@ -376,7 +392,7 @@ impl Hub {
                         return;
                     }
                 }
-                Phase::Handler { .. } | Phase::Closing => return,
+                Phase::Handler { .. } | Phase::Queued { .. } | Phase::Closing => return,
             }
         }
     }
@@ -401,7 +417,10 @@ impl Hub {
         });
         let has_body = head.framing != Framing::Length(0);
         if is_websocket_upgrade(&head) {
-            tracing::info!(conn = conn.id, "a websocket upgrade: not implemented yet, 501");
+            tracing::info!(
+                conn = conn.id,
+                "a websocket upgrade: not implemented yet, 501"
+            );
             return self.refuse(conn, Status::NOT_IMPLEMENTED, true, "");
         }
         match routed {
@@ -453,14 +472,6 @@ impl Hub {
         key: String,
         host: String,
     ) {
-        let has_body = head.framing != Framing::Length(0);
-        if !self.handlers.available(handler) {
-            tracing::warn!(
-                "no handler connected to {}: 503",
-                self.handlers.list[handler].config.send_spec
-            );
-            return self.refuse(conn, Status::UNAVAILABLE, has_body, "Retry-After: 1\r\n");
-        }
         conn.handler = Some(handler);
         let limit = self.settings.content_length;
         let (decoder, sink) = match head.framing {
@@ -472,6 +483,10 @@ impl Hub {
                 Sink::Inline(Vec::with_capacity(n as usize)),
             ),
             Framing::Length(n) => {
+                if !self.handlers.available(handler) {
+                    // An upload is announced at once: a handler must be there to hear it.
+                    return self.unavailable(conn, handler, true);
+                }
                 let Some(spool) = self.spool(conn) else {
                     return;
                 };
@@ -648,7 +663,8 @@ impl Hub {
         }
     }
 
-    /// Sends the request to its handler and waits for the reply.
+    /// Sends the request to its handler and waits for the reply; with no handler
+    /// connected, the request waits for one (`limits.handler_wait_ms`), then 503.
     fn dispatch(
         &mut self,
         conn: &mut Conn,
@@ -660,14 +676,50 @@ impl Hub {
     ) {
         let message = self.message(conn, handler, head, key, body, upload);
         conn.first_request = false;
-        if !self.handlers.send(handler, &message) {
-            return self.refuse(conn, Status::UNAVAILABLE, true, "Retry-After: 1\r\n");
+        if self.handlers.send(handler, &message) {
+            self.await_reply(conn, handler, head.is_head());
+        } else {
+            conn.phase = Phase::Queued {
+                handler,
+                message,
+                is_head: head.is_head(),
+                until: Instant::now() + self.settings.handler_wait,
+            };
         }
+    }
+
+    fn await_reply(&mut self, conn: &mut Conn, handler: usize, is_head: bool) {
         conn.phase = Phase::Handler {
             handler,
-            framing: ResponseFraming::new(head.is_head()),
+            framing: ResponseFraming::new(is_head),
             deadline: Some(Instant::now() + self.settings.handler_timeout),
         };
+    }
+
+    /// A handler connected: the request waiting for it goes out.
+    fn send_queued(&mut self, conn: &mut Conn, connected: usize) {
+        let Phase::Queued {
+            handler,
+            message,
+            is_head,
+            ..
+        } = &conn.phase
+        else {
+            return;
+        };
+        let (handler, is_head) = (*handler, *is_head);
+        if handler == connected && self.handlers.send(handler, message) {
+            self.await_reply(conn, handler, is_head);
+        }
+    }
+
+    fn unavailable(&mut self, conn: &mut Conn, handler: usize, close: bool) {
+        tracing::warn!(
+            conn = conn.id,
+            "no handler connected to {}: 503",
+            self.handlers.list[handler].config.send_spec
+        );
+        self.refuse(conn, Status::UNAVAILABLE, close, "Retry-After: 1\r\n");
     }
 
     /// The request message, in mongrel2's format.
@@ -886,6 +938,11 @@ impl Hub {
                 conn.phase = Phase::Closing;
                 true
             }
+            Phase::Queued { handler, until, .. } if Instant::now() > *until => {
+                let handler = *handler;
+                self.unavailable(conn, handler, false);
+                true
+            }
             Phase::Body { .. } if since > s.body_timeout => {
                 self.abandon_body(conn, Status::REQUEST_TIMEOUT);
                 true
@@ -1007,9 +1064,11 @@ impl Hub {
 /// An RFC 6455 upgrade request (mongrel2's test: `upgrade: websocket` and a `connection`
 /// that lists `upgrade`).
 fn is_websocket_upgrade(head: &Head) -> bool {
-    head.header(b"upgrade").is_some_and(|u| u.eq_ignore_ascii_case(b"websocket"))
+    head.header(b"upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case(b"websocket"))
         && head.header(b"connection").is_some_and(|c| {
-            c.split(|&b| b == b',').any(|o| o.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+            c.split(|&b| b == b',')
+                .any(|o| o.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
         })
 }
 

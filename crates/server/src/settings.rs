@@ -41,6 +41,9 @@ pub struct Settings {
     pub keepalive_timeout: Duration,
     /// Ours: a client that takes nothing of its response for this long is dropped.
     pub write_timeout: Duration,
+    /// Ours: a request for a handler that nobody serves waits this long for one to connect
+    /// (a restart of either side), then is answered 503.
+    pub handler_wait: Duration,
     /// Ours: a handler request without a reply by then is answered 504.
     pub handler_timeout: Duration,
     /// Ours: handlers are pinged this often, and one silent for 3 of these stops getting
@@ -108,6 +111,7 @@ impl Settings {
             body_timeout: secs(num("limits.body_timeout", 30)),
             keepalive_timeout: secs(num("limits.keepalive_timeout", 60)),
             write_timeout: secs(num("limits.write_timeout", 60)),
+            handler_wait: Duration::from_millis(num("limits.handler_wait_ms", 2000)),
             handler_timeout: secs(num("limits.handler_timeout", 120)),
             handler_heartbeat: Duration::from_millis(num("limits.handler_heartbeat_ms", 500)),
         };
@@ -141,6 +145,7 @@ impl Settings {
             "limits.keepalive_timeout",
             "limits.write_timeout",
             "limits.handler_timeout",
+            "limits.handler_wait_ms",
             "limits.handler_heartbeat_ms",
         ];
         for key in raw.keys() {
