@@ -1,0 +1,399 @@
+"""Our front end (`wsgid server`) itself: mongrel2's configs, HTTP/1.1 done strictly, the
+handler protocol as libzmq handlers see it, Dir routes, and what it does better than
+mongrel2 (503/504, no 16-message limit, handler liveness). The rest of the suite runs behind
+it as well (conftest's `front` parameter)."""
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from front import Front, PyHandler, ok
+from http_util import is_closed, raw_exchange
+from stack import ROOT, wait_for
+
+pytestmark = pytest.mark.one_front
+
+
+@pytest.fixture
+def started(tmp_path):
+    """start(routes, settings, handlers=...) -> Front; stops everything after."""
+    things = []
+
+    def start(routes, settings=None, handlers=(), **kw):
+        for h in handlers:
+            things.append(h)
+        front = Front(tmp_path / f"front-{len(things)}", routes, settings, **kw)
+        things.append(front)
+        front.start()
+        for h in handlers:
+            h.start()
+        return front
+    yield start
+    for thing in reversed(things):
+        thing.stop()
+
+
+def wait_handler(front, path="/"):
+    wait_for(lambda: requests.get(front.url + path, timeout=2).status_code != 503, what="the handler to connect")
+
+
+def test_conf_and_sqlite_both_start_and_serve(started):
+    for use_sqlite in (False, True):
+        h = PyHandler()
+        front = started({"/": h.conf()}, handlers=[h], use_sqlite=use_sqlite)
+        wait_handler(front)
+        r = requests.get(front.url + "/x?y=1")
+        assert r.status_code == 200 and r.text == "/x"
+        access = (front.root / "logs" / "access.log").read_text()
+        assert "3:GET,2:/x,8:HTTP/1.1,3:200#" in access or front.proc.poll() is None
+
+
+@pytest.mark.parametrize("protocol", ["json", "tnetstring"])
+def test_request_messages_are_mongrel2s_and_json_is_always_valid(started, protocol):
+    h = PyHandler(protocol)
+    front = started({"/app": h.conf()}, handlers=[h])
+    wait_handler(front, "/app")
+    while not h.requests.empty():
+        h.requests.get()
+    data, _ = raw_exchange(front.port, b"GET /app/p%20q?a=1&b#frag HTTP/1.1\r\nHost: localhost:9\r\n"
+                                       b"X-Ctl: a\tb\r\nX-Bytes: \xc3\xa9\xff\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                                       b"X-Mongrel2-Upload-Done: /etc/passwd\r\nX-Dup: 1\r\nx-dup: 2\r\n"
+                                       b"Connection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    req = h.next_request()
+    hd = req["headers"]
+    assert req["sender"] == h.ident and req["path"] == "/app/p%20q"
+    assert hd["PATH"] == "/app/p%20q" and hd["METHOD"] == "GET" and hd["VERSION"] == "HTTP/1.1"
+    assert hd["URI"] == "/app/p%20q?a=1&b" and hd["QUERY"] == "a=1&b" and hd["FRAGMENT"] == "frag"
+    assert hd["PATTERN"] == "/app" and hd["URL_SCHEME"] == "http" and hd["REMOTE_ADDR"] == "127.0.0.1"
+    assert hd["x-forwarded-for"] == "127.0.0.1"  # a client's is overwritten, as mongrel2 does
+    assert hd["host"] == "localhost:9" and hd["x-dup"] == ["1", "2"] and hd["x-ctl"] == "a\tb"
+    assert not any(k.startswith("x-mongrel2") for k in hd)
+    # JSON: valid JSON; the byte that is not UTF-8 arrives as its Latin-1 character.
+    assert hd["x-bytes"] == ("é\xff" if protocol == "json" else "\xc3\xa9\xff")
+
+
+MALFORMED = [
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12abc\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
+    (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continues\r\n\r\n", 417),
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Long: " + b"y" * 5000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 40 + b"\r\n", 431),
+]
+
+
+def test_malformed_requests_are_refused_and_closed(started):
+    h = PyHandler()
+    front = started({"/": h.conf()}, {"limits.header_count": 32}, handlers=[h])
+    wait_handler(front)
+    for raw, status in MALFORMED:
+        data, sock = raw_exchange(front.port, raw, timeout=3)
+        assert data.startswith(f"HTTP/1.1 {status} ".encode()), (raw[:80], data[:80])
+        assert sock is None, raw[:80]  # closed: nothing after it can be read two ways
+    assert requests.get(front.url + "/alive").text == "/alive"
+    assert front.proc.poll() is None
+
+
+def test_slow_heads_and_idle_connections_time_out(started):
+    h = PyHandler()
+    front = started({"/": h.conf()}, {"limits.header_timeout": 1, "limits.keepalive_timeout": 1}, handlers=[h])
+    wait_handler(front)
+    slow = socket.create_connection(("127.0.0.1", front.port))
+    idle = socket.create_connection(("127.0.0.1", front.port))
+    started_at = time.time()
+    for byte in b"GET / HTTP/1.1\r\nHost: x\r\n":
+        slow.sendall(bytes([byte]))
+        # Others are served meanwhile.
+        if byte == ord("/"):
+            assert requests.get(front.url + "/other", timeout=2).text == "/other"
+        time.sleep(0.05)
+        if time.time() - started_at > 3:
+            break
+    slow.settimeout(3)
+    data = slow.recv(1000)
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert is_closed(slow, 2) and is_closed(idle, 2)
+    assert time.time() - started_at < 4
+
+
+def test_keep_alive_pipelining_and_order_across_handler_and_dir(started):
+    """mongrel2 answers a Dir request pipelined behind a slow handler request first; we keep
+    the order."""
+    def slow(req):
+        time.sleep(0.3)
+        return ok("slow")
+    h = PyHandler(respond=slow)
+    front = started({"/h": h.conf(), "/static/": "Dir(base='static/', index_file='index.html', default_ctype='text/plain')"},
+                    handlers=[h])
+    (front.root / "static" / "a.txt").write_text("static a")
+    wait_handler(front, "/h")
+    data, sock = raw_exchange(front.port, b"GET /h HTTP/1.1\r\nHost: x\r\n\r\nGET /static/a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+                                          b"HEAD /static/a.txt HTTP/1.1\r\nHost: x\r\n\r\nGET /h HTTP/1.0\r\n\r\n", timeout=5)
+    assert sock is None  # HTTP/1.0 without keep-alive: closed after its response
+    heads = data.split(b"HTTP/1.1 ")[1:]
+    assert len(heads) == 4, data
+    assert heads[0].startswith(b"200") and b"slow" in heads[0]
+    assert b"static a" in heads[1] and heads[1].count(b"static a") == 1
+    assert b"static a" not in heads[2]  # HEAD: no body
+    assert b"slow" in heads[3]
+
+
+def test_expect_100_continue_and_head_to_a_handler(started):
+    h = PyHandler(respond=lambda req: ok(hashlib.sha256(req["body"]).hexdigest()))
+    front = started({"/": h.conf()}, handlers=[h])
+    wait_handler(front)
+    sock = socket.create_connection(("127.0.0.1", front.port), timeout=3)
+    sock.sendall(b"PUT /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    sock.sendall(b"hello")
+    data = b""
+    while hashlib.sha256(b"hello").hexdigest().encode() not in data:
+        data += sock.recv(1000)
+    # HEAD: the handler's Content-Length describes a body that never comes; the connection
+    # goes on to the next request.
+    h.respond = lambda req: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" if req["headers"]["METHOD"] == "HEAD" else ok("next")
+    sock.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"next" not in data:
+        data += sock.recv(1000)
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_dir_routes_never_escape_and_do_conditionals_and_ranges(started):
+    h = PyHandler()
+    front = started({"/": h.conf(), "/static/": "Dir(base='static/', index_file='index.html', default_ctype='text/plain')",
+                     "/st2": "Dir(base='static/', index_file='index.html', default_ctype='text/plain')"}, handlers=[h])
+    root = front.root
+    (root / "static" / "a.txt").write_text("0123456789" * 100)
+    (root / "static" / "index.html").write_text("<p>index</p>")
+    (root / "static" / "sub").mkdir()
+    (root / "static2").mkdir()
+    (root / "static2" / "secret.txt").write_text("SECRET sibling")
+    (root / "secret.txt").write_text("SECRET root")
+    os.symlink(root / "secret.txt", root / "static" / "link.txt")
+    for path in ["/static/../secret.txt", "/static/..%2fsecret.txt", "/static/%2e%2e/secret.txt",
+                 "/static/..%2fstatic2/secret.txt", "/static/../static2/secret.txt", "/static/%2e%2e%2fstatic2/secret.txt",
+                 "/static/a.txt%00.html", "/static/link.txt", "/static/%2fetc/passwd", "/st2a.txt",
+                 "/static/..%5csecret.txt", "/static/sub/../../secret.txt"]:
+        data, _ = raw_exchange(front.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert b"SECRET" not in data and data.startswith(b"HTTP/1.1 404"), (path, data[:100])
+    r = requests.get(front.url + "/static/")
+    assert r.text == "<p>index</p>" and r.headers["Content-Type"] == "text/html"
+    r = requests.get(front.url + "/static/sub", allow_redirects=False)
+    assert r.status_code == 301 and r.headers["Location"] == "/static/sub/"
+    r = requests.get(front.url + "/static/a.txt")
+    etag, date = r.headers["ETag"], r.headers["Date"]
+    assert etag.startswith('"') and etag.endswith('"') and r.headers["Accept-Ranges"] == "bytes"
+    r = requests.get(front.url + "/static/a.txt", headers={"If-None-Match": f'"nope", {etag}'})
+    assert r.status_code == 304 and r.content == b""
+    r = requests.get(front.url + "/static/a.txt", headers={"Range": "bytes=10-14"})
+    assert r.status_code == 206 and r.content == b"01234" and r.headers["Content-Range"] == "bytes 10-14/1000"
+    r = requests.get(front.url + "/static/a.txt", headers={"Range": "bytes=2000-"})
+    assert r.status_code == 416
+    time.sleep(1.1)
+    assert requests.get(front.url + "/static/a.txt").headers["Date"] != date  # fresh, never cached
+    assert requests.post(front.url + "/static/a.txt", data="x").status_code == 405
+
+
+def test_no_handler_is_503_with_retry_after_and_a_silent_one_504(started):
+    h = PyHandler(respond=lambda req: None)  # never replies
+    nobody = PyHandler()  # never started
+    front = started({"/": h.conf(), "/none": nobody.conf()},
+                    {"limits.handler_wait_ms": 300, "limits.handler_timeout": 1}, handlers=[h])
+    t = time.time()
+    r = requests.get(front.url + "/none/x", timeout=5)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1" and time.time() - t < 2
+    wait_for(lambda: not h.requests.empty() or requests.get(front.url + "/", timeout=3) is None, timeout=5,
+             what="the handler to take a request")
+    while not h.requests.empty():
+        h.requests.get()
+    sock = socket.create_connection(("127.0.0.1", front.port), timeout=5)
+    t = time.time()
+    sock.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = sock.recv(1000)
+    assert data.startswith(b"HTTP/1.1 504 ") and 0.9 < time.time() - t < 3
+    assert is_closed(sock)
+    # The late reply goes nowhere, and the handler hears the connection is gone.
+    req = h.next_request()
+    h.send(req["id"], ok("late"))
+    notice = h.next_request(notices=True)
+    while notice["path"] != "@*":
+        notice = h.next_request(notices=True)
+    assert notice["id"] == req["id"] and notice["body"] == b'{"type":"disconnect"}'
+
+
+def test_a_handler_restart_never_gets_another_clients_id(started):
+    """Connection ids are never reused: a reply for a closed connection reaches nobody."""
+    h = PyHandler(respond=lambda req: None)
+    front = started({"/": h.conf()}, handlers=[h])
+    ids = []
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", front.port), timeout=3)
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        ids.append(h.next_request()["id"])
+        sock.close()
+    assert ids == sorted(set(ids))
+    h.respond = lambda req: ok("fresh")
+    fresh = requests.get(front.url + "/y", timeout=3)
+    h.send(ids[-1], ok("stale reply for a gone client"))
+    assert fresh.text == "fresh"
+
+
+def test_disconnect_notice_when_a_client_goes_away(started):
+    h = PyHandler(respond=lambda req: None)
+    front = started({"/": h.conf()}, handlers=[h])
+    sock = socket.create_connection(("127.0.0.1", front.port), timeout=3)
+    sock.sendall(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+    req = h.next_request()
+    sock.close()
+    notice = h.next_request(notices=True)
+    assert notice["path"] == "@*" and notice["id"] == req["id"]
+    assert notice["headers"] == {"METHOD": "JSON"} and notice["body"] == b'{"type":"disconnect"}'
+
+
+def test_many_small_messages_reach_a_slow_client_and_a_stuck_one_is_dropped(started):
+    """mongrel2 drops a client with 16 handler messages queued; we bound bytes instead."""
+    def stream(req):
+        if req["path"].startswith("/many"):
+            h.send(req["id"], b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(300):
+                h.send(req["id"], b"5\r\n%05d\r\n" % i)
+            return b"0\r\n\r\n"
+        big = os.urandom(1 << 20)
+        h.send(req["id"], b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (8 * len(big)))
+        for _ in range(8):
+            h.send(req["id"], big)
+        return None
+    h = PyHandler(respond=stream)
+    front = started({"/": h.conf()}, {"limits.client_buffer": 2 << 20}, handlers=[h])
+    wait_for(lambda: requests.get(front.url + "/many", timeout=3).status_code == 200, what="the handler")
+    sock = socket.create_connection(("127.0.0.1", front.port), timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(b"GET /many HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(1)  # nothing read meanwhile: 300 messages wait for the client
+    data = b""
+    while not data.endswith(b"0\r\n\r\n"):
+        data += sock.recv(65536)
+    assert b"%05d" % 299 in data
+    stuck = socket.create_connection(("127.0.0.1", front.port), timeout=5)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: "limits.client_buffer" in (front.root / "logs" / "error.log").read_text(), timeout=10,
+             what="the stuck client to be dropped")
+    assert requests.get(front.url + "/many", timeout=5).status_code == 200
+
+
+def test_download_credits(started):
+    h = PyHandler(respond=lambda req: ok("x" * 1000))
+    front = started({"/": h.conf()}, {"download.flow_control": 1}, handlers=[h])
+    wait_handler(front)
+    while not h.requests.empty():
+        h.requests.get()
+    with requests.Session() as s:
+        s.get(front.url + "/a")
+        s.get(front.url + "/b")
+    first, notices = None, []
+    deadline = time.time() + 3
+    while time.time() < deadline and len(notices) < 2:
+        req = h.next_request(notices=True)
+        if req["path"] == "@*":
+            notices.append(req)
+        elif first is None:
+            first = req
+        else:
+            assert "DOWNLOAD_CREDITS" not in req["headers"]
+    assert first["headers"]["DOWNLOAD_CREDITS"] == "102400"
+    assert all(n["body"] == b'{"type":"credits"}' and int(n["headers"]["DOWNLOAD_CREDITS"]) > 1000 for n in notices)
+
+
+def test_unimplemented_parts_are_named_at_start_and_answer_501(started):
+    h = PyHandler()
+    front = started({"/": h.conf(), "/proxy": "Proxy(addr='127.0.0.1', port=9)"},
+                    {"limits.tick_timer": 10, "ssl.verify_optional": 1, "upload.stream": 1}, handlers=[h])
+    wait_handler(front)
+    log = (front.root / "logs" / "error.log").read_text()
+    assert "Proxy routes" in log and "ssl.verify_optional is not implemented" in log and "upload.stream" in log
+    assert "limits.tick_timer" not in log  # the reaper's settings: our timeouts replace it
+    assert requests.get(front.url + "/proxy/x").status_code == 501
+
+
+@pytest.mark.parametrize("content_length", [1024, 4096, 8192])
+def test_uploads_are_whole_whatever_the_limits(started, content_length):
+    """mongrel2 corrupts or hangs uploads when limits.content_length < limits.buffer_size."""
+    h = PyHandler(respond=lambda req: ok(upload_digest(front, req)))
+    front = started({"/": h.conf()}, {"limits.content_length": content_length, "limits.buffer_size": 4096,
+                                      "upload.temp_store": "/tmp/upload.XXXXXX", "upload.temp_store_mode": "0640"},
+                    handlers=[h])
+    wait_handler(front)
+    for size in (content_length - 1, content_length + 1, 3000, 5000, 300_000):
+        body = os.urandom(size)
+        data, _ = raw_exchange(front.port, b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                               % size + body, timeout=5)
+        assert data.endswith(hashlib.sha256(body).hexdigest().encode()), (size, data[:200])
+    assert list((front.root / "tmp").iterdir()) == []
+
+
+def upload_digest(front, req):
+    path = req["headers"].get("x-mongrel2-upload-done")
+    if req["headers"].get("x-mongrel2-upload-start") and not path:
+        return None  # the start: wait for the done message
+    if path:
+        on_disk = front.root / path.lstrip("/")
+        assert oct(on_disk.stat().st_mode & 0o777) == "0o640"
+        data = on_disk.read_bytes()
+        on_disk.unlink()
+        return ok(hashlib.sha256(data).hexdigest())
+    return ok(hashlib.sha256(req["body"]).hexdigest())
+
+
+def test_a_silent_handler_stops_getting_requests_within_two_seconds(started):
+    """Two handler processes; one stops answering without closing anything (SIGSTOP: the
+    kernel still accepts its TCP data, as with a host cut off the network). mongrel2 keeps
+    dealing it its share; we stop within 2 s."""
+    h = PyHandler()  # only for its specs
+    front = started({"/": h.conf()})
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "pyzmq_handler.py"), h.send_spec, h.recv_spec,
+                               str(front.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        wait_for(lambda: requests.get(front.url + "/", timeout=2).status_code == 200, what="the handlers")
+        time.sleep(0.5)
+        procs[0].send_signal(signal.SIGSTOP)
+        cut = time.time()
+        late = []
+        while time.time() - cut < 4:
+            t = time.time()
+            try:
+                requests.get(front.url + "/", timeout=5)
+            except requests.RequestException:
+                pass
+            if time.time() - t > 1:
+                late.append(t - cut)
+        assert all(t < 2 for t in late), late
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()
