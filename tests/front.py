@@ -27,6 +27,7 @@ class PyHandler:
         self.recv_spec = f"tcp://127.0.0.1:{free_port()}"
         self.respond = respond or (lambda req: ok(req["headers"].get("PATH", "")))
         self.requests = queue.Queue()
+        self.errors = []
         self.ctx = zmq.Context()
         self.stopped = threading.Event()
         self.thread = None
@@ -56,7 +57,11 @@ class PyHandler:
             self.requests.put(req)
             if req["path"] == "@*":
                 continue
-            reply = self.respond(req)
+            try:
+                reply = self.respond(req)
+            except Exception as e:  # noqa: BLE001 - shown by the test that reads `errors`
+                self.errors.append(e)
+                reply = b"HTTP/1.1 500 Handler Error\r\nContent-Length: %d\r\n\r\n%s" % (len(repr(e)), repr(e).encode())
             if reply is not None:
                 self.send(req["id"], reply)
 

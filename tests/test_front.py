@@ -125,7 +125,10 @@ def test_slow_heads_and_idle_connections_time_out(started):
     idle = socket.create_connection(("127.0.0.1", front.port))
     started_at = time.time()
     for byte in b"GET / HTTP/1.1\r\nHost: x\r\n":
-        slow.sendall(bytes([byte]))
+        try:
+            slow.sendall(bytes([byte]))
+        except BrokenPipeError:
+            break  # the server gave up on it: the 408 is waiting
         # Others are served meanwhile.
         if byte == ord("/"):
             assert requests.get(front.url + "/other", timeout=2).text == "/other"
@@ -320,13 +323,14 @@ def test_download_credits(started):
     while time.time() < deadline and len(notices) < 2:
         req = h.next_request(notices=True)
         if req["path"] == "@*":
-            notices.append(req)
+            if req["body"] == b'{"type":"credits"}':
+                notices.append(req)
         elif first is None:
             first = req
         else:
             assert "DOWNLOAD_CREDITS" not in req["headers"]
     assert first["headers"]["DOWNLOAD_CREDITS"] == "102400"
-    assert all(n["body"] == b'{"type":"credits"}' and int(n["headers"]["DOWNLOAD_CREDITS"]) > 1000 for n in notices)
+    assert len(notices) == 2 and all(int(n["headers"]["DOWNLOAD_CREDITS"]) > 1000 for n in notices)
 
 
 def test_unimplemented_parts_are_named_at_start_and_answer_501(started):
@@ -343,7 +347,7 @@ def test_unimplemented_parts_are_named_at_start_and_answer_501(started):
 @pytest.mark.parametrize("content_length", [1024, 4096, 8192])
 def test_uploads_are_whole_whatever_the_limits(started, content_length):
     """mongrel2 corrupts or hangs uploads when limits.content_length < limits.buffer_size."""
-    h = PyHandler(respond=lambda req: ok(upload_digest(front, req)))
+    h = PyHandler(respond=lambda req: upload_digest(front, req))
     front = started({"/": h.conf()}, {"limits.content_length": content_length, "limits.buffer_size": 4096,
                                       "upload.temp_store": "/tmp/upload.XXXXXX", "upload.temp_store_mode": "0640"},
                     handlers=[h])
@@ -369,12 +373,14 @@ def upload_digest(front, req):
     return ok(hashlib.sha256(req["body"]).hexdigest())
 
 
-def test_a_silent_handler_stops_getting_requests_within_two_seconds(started):
+@pytest.mark.parametrize("heartbeat_ms", [500, 60_000])
+def test_a_silent_handler_stops_getting_requests_within_two_seconds(started, heartbeat_ms):
     """Two handler processes; one stops answering without closing anything (SIGSTOP: the
     kernel still accepts its TCP data, as with a host cut off the network). mongrel2 keeps
-    dealing it its share; we stop within 2 s."""
+    dealing it its share; we stop within 2 s. With heartbeats too slow to notice (the
+    second case), requests do wait on it: what the test would see without them."""
     h = PyHandler()  # only for its specs
-    front = started({"/": h.conf()})
+    front = started({"/": h.conf()}, {"limits.handler_heartbeat_ms": heartbeat_ms})
     procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "pyzmq_handler.py"), h.send_spec, h.recv_spec,
                                str(front.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
     try:
@@ -382,16 +388,17 @@ def test_a_silent_handler_stops_getting_requests_within_two_seconds(started):
         time.sleep(0.5)
         procs[0].send_signal(signal.SIGSTOP)
         cut = time.time()
-        late = []
+        late = []  # when requests that waited on the stopped handler were sent
         while time.time() - cut < 4:
             t = time.time()
             try:
-                requests.get(front.url + "/", timeout=5)
+                requests.get(front.url + "/", timeout=0.5)
             except requests.RequestException:
-                pass
-            if time.time() - t > 1:
                 late.append(t - cut)
-        assert all(t < 2 for t in late), late
+        if heartbeat_ms < 1000:
+            assert all(t < 2 for t in late), late
+        else:
+            assert any(t > 2 for t in late), late
     finally:
         for p in procs:
             p.send_signal(signal.SIGCONT)

@@ -806,7 +806,7 @@ impl Hub {
             h.encoding,
             notice,
         );
-        self.handlers.send(handler, &out);
+        self.handlers.send_notice(handler, &out);
     }
 
     /// A reply's bytes for a connection.

@@ -250,6 +250,16 @@ impl Handlers {
     /// Sends a request message round-robin to a live PUSH peer of `handler`, preferring
     /// peers with room; false when none is live.
     pub fn send(&mut self, handler: usize, message: &[u8]) -> bool {
+        self.send_to_next(handler, message, true)
+    }
+
+    /// Sends a notice to the peer whose turn it is, without taking its turn: notices
+    /// interleaved with requests would otherwise deal every request to the same peer.
+    pub fn send_notice(&mut self, handler: usize, message: &[u8]) -> bool {
+        self.send_to_next(handler, message, false)
+    }
+
+    fn send_to_next(&mut self, handler: usize, message: &[u8], take_turn: bool) -> bool {
         let h = &self.list[handler];
         let n = h.push_peers.len();
         let mut fallback = None;
@@ -271,7 +281,9 @@ impl Handlers {
         let Some((slot, index)) = chosen.or(fallback.map(|(s, i, _)| (s, i))) else {
             return false;
         };
-        self.list[handler].next = slot + 1;
+        if take_turn {
+            self.list[handler].next = slot + 1;
+        }
         match self.aux.get_mut(index) {
             Some(Aux::Peer { peer, .. }) => {
                 let sent = peer.send(&[message]);

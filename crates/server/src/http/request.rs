@@ -150,7 +150,7 @@ pub fn parse(buf: &[u8], limits: HeadLimits) -> Result<Option<(Head, usize)>, He
         Err(_) => return Err(refuse(Status::BAD_REQUEST, "malformed request head")),
     };
     if len > limits.max_head {
-        return Err(refuse(Status::HEADERS_TOO_LARGE, "request head too large"));
+        return Err(too_large(buf, limits));
     }
     let offset = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
     let range = |s: &[u8]| offset(s)..offset(s) + s.len();
@@ -185,15 +185,21 @@ pub fn parse(buf: &[u8], limits: HeadLimits) -> Result<Option<(Head, usize)>, He
     Ok(Some((head, len)))
 }
 
-/// A head still incomplete must fit the limit, and its request line must be one.
+/// A head still incomplete must fit the limit.
 fn check_partial(buf: &[u8], limits: HeadLimits) -> Result<(), HeadError> {
     if buf.len() <= limits.max_head {
         return Ok(());
     }
-    if !buf[..limits.max_head].contains(&b'\n') {
-        return Err(refuse(Status::URI_TOO_LONG, "request line too long"));
+    Err(too_large(buf, limits))
+}
+
+/// A head over the limit: 414 when the request line alone does not fit, else 431.
+fn too_large(buf: &[u8], limits: HeadLimits) -> HeadError {
+    if buf[..limits.max_head].contains(&b'\n') {
+        refuse(Status::HEADERS_TOO_LARGE, "request head too large")
+    } else {
+        refuse(Status::URI_TOO_LONG, "request line too long")
     }
-    Err(refuse(Status::HEADERS_TOO_LARGE, "request head too large"))
 }
 
 fn trim(value: &[u8]) -> &[u8] {
