@@ -2,10 +2,13 @@
 
 Every server serves bench/app.py with 2 workers where that applies. Servers run in
 alternation (A B C ... per round), workloads per server: hello world, a 64 KiB response and a
-1 MiB POST under `wrk -t2 -c64`, a 1 GiB upload with curl (elapsed time, peak RSS sampled
-every 50 ms), and idle RSS. CPU per request is user+sys of the server's processes over the run
-divided by the requests wrk completed. Medians over rounds, ratios of ours to each peer; the
-table goes to bench/results/ with the date, versions and commands. Run it with bench/run.
+1 MiB POST under `wrk -t2 -c64`, a 64 KiB static file (front ends and nginx), a 1 GiB upload
+and download with curl (elapsed time, peak RSS sampled every 50 ms), idle RSS, and 10,000 idle
+keep-alive connections held while hello is served (front ends). CPU per request is user+sys of
+the server's processes over the run divided by the requests wrk completed; the front end's
+share (mongrel2 or `wsgid server`) is its own column. Medians over rounds, ratios of ours to
+each peer; the table goes to bench/results/ with the date, versions and commands. Run it with
+bench/run.
 """
 import argparse
 import datetime
@@ -25,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
+import stack  # noqa: E402
 from stack import Handler, Mongrel2, Wsgid, free_port, wait_for  # noqa: E402
 
 BENCH_VENV = ROOT / ".venv-bench"
@@ -84,6 +88,8 @@ class Server:
     """Something serving bench/app.py over HTTP at self.url."""
     name = "?"
     gateway_marker = None  # cmdline substring of the gateway's own processes, if separable
+    serves_static = False  # /static/64k.bin from a static route
+    serves_app = True
 
     def __init__(self, tmp):
         self.tmp = Path(tmp) / self.name
@@ -99,7 +105,11 @@ class Server:
     def gateway_pids(self):
         if not self.gateway_marker:
             return self.pids()
-        return {p for p in self.pids() if self.gateway_marker in cmdline(p)}
+        return {p for p in self.pids() if self.gateway_marker in cmdline(p)} - self.front_pids()
+
+    def front_pids(self):
+        """The HTTP front end's processes, when it is one of its own (mongrel2, wsgid server)."""
+        return set()
 
     def popen(self, args, **kw):
         log = open(self.tmp / "server.log", "ab")
@@ -135,10 +145,13 @@ class BehindMongrel2(Server):
     protocol = "tnetstring"
     ipc = False
     workers = 2
+    front = "mongrel2"
+    serves_static = True
 
     def start(self):
         self.handler = Handler("/", self.protocol, ipc_chroot=(self.tmp / "m2") if self.ipc else None)
-        self.m2 = Mongrel2(self.tmp / "m2", [self.handler])
+        self.m2 = Mongrel2(self.tmp / "m2", [self.handler], front=self.front, dirs={"/static/": "static/"})
+        make_static(self.tmp / "m2" / "static")
         self.m2.start()
         self.url = self.m2.url
         self.start_handler()
@@ -147,9 +160,18 @@ class BehindMongrel2(Server):
     def roots(self):
         return super().roots() + [self.m2.proc.pid]
 
+    def front_pids(self):
+        return {self.m2.proc.pid}
+
     def stop(self):
         super().stop()
         self.m2.stop()
+
+
+def make_static(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "64k.bin").write_bytes(os.urandom(64 * 1024))
+    (folder / "index.html").write_text("static\n")
 
 
 class Ours(BehindMongrel2):
@@ -198,6 +220,22 @@ class PyzmqIpc(Pyzmq):
     ipc = True
 
 
+class FrontOurs(Ours):
+    name = "wsgid server + wsgid (tnetstring)"
+    front = "wsgid"
+
+
+class FrontOursIpc(Ours):
+    name = "wsgid server + wsgid (tnetstring, ipc)"
+    front = "wsgid"
+    ipc = True
+
+
+class FrontPyzmq(Pyzmq):
+    name = "wsgid server + pyzmq handler"
+    front = "wsgid"
+
+
 class Direct(Server):
     def start(self):
         self.port = free_port()
@@ -230,6 +268,33 @@ class Uwsgi(Direct):
                 "--wsgi-file", "app.py", "--disable-logging", "--master", "--die-on-term"]
 
 
+class Nginx(Direct):
+    """Debian's nginx-light, 2 workers, serving the same static file (no app)."""
+    name = "nginx (static)"
+    serves_static = True
+    serves_app = False
+
+    def start(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        make_static(self.tmp / "www" / "static")
+        (self.tmp / "www" / "index.html").write_text("nginx\n")
+        conf = self.tmp / "nginx.conf"
+        t = f'"{self.tmp}'
+        # The bench's temp dirs are private to us: the workers run as we do.
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf.write_text(f"""{user} worker_processes 2; daemon off; pid {t}/nginx.pid"; error_log {t}/error.log";
+events {{ worker_connections 16384; }}
+http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
+  types {{ application/octet-stream bin; text/html html; }}
+  client_body_temp_path {t}"; proxy_temp_path {t}"; fastcgi_temp_path {t}";
+  uwsgi_temp_path {t}"; scgi_temp_path {t}";
+  server {{ listen 127.0.0.1:{self.port}; root {t}/www"; }} }}
+""")
+        self.popen(["nginx", "-c", str(conf)])
+        self.wait_ready()
+
+
 class Ceiling(Direct):
     name = "tiny Rust server (ceiling)"
 
@@ -238,19 +303,19 @@ class Ceiling(Direct):
 
 
 SERVERS = {"ours": OursTnet, "ours-json": OursJson, "pyzmq": Pyzmq, "ours-ipc": OursIpc,
-           "pyzmq-ipc": PyzmqIpc, "gunicorn": Gunicorn, "granian": Granian, "uwsgi": Uwsgi,
-           "ceiling": Ceiling}
+           "pyzmq-ipc": PyzmqIpc, "front": FrontOurs, "front-ipc": FrontOursIpc, "front-pyzmq": FrontPyzmq,
+           "gunicorn": Gunicorn, "granian": Granian, "uwsgi": Uwsgi, "nginx": Nginx, "ceiling": Ceiling}
 
 
 # --- workloads -------------------------------------------------------------------------
 
 def run_wrk(server, path, seconds, script=None):
-    pids, gateway = server.pids(), server.gateway_pids()
-    cpu0, gw0 = cpu_seconds(pids), cpu_seconds(gateway)
+    pids, gateway, front = server.pids(), server.gateway_pids(), server.front_pids()
+    cpu0, gw0, fr0 = cpu_seconds(pids), cpu_seconds(gateway), cpu_seconds(front)
     args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"] + (["-s", str(script)] if script else []) + [server.url + path]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     pids |= server.pids()
-    cpu, gw = cpu_seconds(pids) - cpu0, cpu_seconds(gateway) - gw0
+    cpu, gw, fr = cpu_seconds(pids) - cpu0, cpu_seconds(gateway) - gw0, cpu_seconds(front) - fr0
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -258,6 +323,7 @@ def run_wrk(server, path, seconds, script=None):
     p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)] if p99 else None
     return {"rps": requests / seconds, "requests": requests, "p99_ms": p99_ms,
             "cpu_us": cpu * 1e6 / max(requests, 1), "gateway_cpu_us": gw * 1e6 / max(requests, 1),
+            "front_cpu_us": fr * 1e6 / max(requests, 1) if front else None,
             "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "command": " ".join(args)}
 
 
@@ -273,7 +339,7 @@ def run_download(server):
 
 def peak_rss_during(server, command, expected_output):
     """Runs `command` (curl), sampling the RSS of the server's processes every 50 ms."""
-    samples = {"total": 0, "gateway": 0, "worker": 0}
+    samples = {"total": 0, "gateway": 0, "worker": 0, "front": 0}
     done = threading.Event()
 
     def sample():
@@ -285,6 +351,7 @@ def peak_rss_during(server, command, expected_output):
             samples["gateway"] = max(samples["gateway"], sum(rss[p] for p in gateway if p in rss))
             workers = [rss[p] for p in gateway if p in rss and "worker" in cmdline(p)]
             samples["worker"] = max([samples["worker"], *workers])
+            samples["front"] = max(samples["front"], sum(rss.get(p, 0) for p in server.front_pids()))
             time.sleep(0.05)
     thread = threading.Thread(target=sample)
     thread.start()
@@ -295,7 +362,49 @@ def peak_rss_during(server, command, expected_output):
     thread.join()
     ok = out.returncode == 0 and out.stdout.strip() == expected_output
     return {"seconds": elapsed, "peak_rss_mib": samples["total"] / 2**20, "gateway_peak_rss_mib": samples["gateway"] / 2**20,
-            "worker_peak_rss_mib": samples["worker"] / 2**20, "ok": ok}
+            "worker_peak_rss_mib": samples["worker"] / 2**20, "front_peak_rss_mib": samples["front"] / 2**20, "ok": ok}
+
+
+def held_connections(server, count, seconds):
+    """Opens `count` keep-alive connections, makes one request on each, leaves them idle, and
+    serves hello under wrk meanwhile: the front end's RSS, req/s, and whether every idle
+    connection is still open and answers afterwards."""
+    import resource
+    import selectors
+    import socket
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 1024)), hard))
+    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+    front = server.front_pids()
+    rss0 = sum(rss_bytes(p) for p in front) / 2**20
+    socks, sel = [], selectors.DefaultSelector()
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def round_trip(batch):
+        for s in batch:
+            s.sendall(request)
+            sel.register(s, selectors.EVENT_READ)
+        pending = set(batch)
+        deadline = time.time() + 60
+        while pending and time.time() < deadline:
+            for key, _ in sel.select(1):
+                data = key.fileobj.recv(65536)
+                if data.startswith(b"HTTP/1.1 200") or not data:
+                    pending.discard(key.fileobj)
+                    sel.unregister(key.fileobj)
+        return len(batch) - len(pending)
+    answered = 0
+    for i in range(0, count, 500):
+        batch = [socket.create_connection((host, port)) for _ in range(min(500, count - i))]
+        socks += batch
+        answered += round_trip(batch)
+    rss_held = sum(rss_bytes(p) for p in front) / 2**20
+    hello = run_wrk(server, "/", seconds)
+    again = round_trip(socks[:1000])
+    for s in socks:
+        s.close()
+    return {"connections": count, "answered": answered, "answered_after": again, "front_rss_mib": rss_held,
+            "front_rss_before_mib": rss0, "rps": hello["rps"]}
 
 
 def idle_rss(server):
@@ -333,67 +442,88 @@ def fmt(value, digits=0):
 def report(results, servers, args, stamp):
     names = [SERVERS[s].name for s in servers]
     med = {n: {} for n in names}
+    rate_fields = ("rps", "p99_ms", "cpu_us", "gateway_cpu_us", "front_cpu_us", "errors")
     for name in names:
-        for key in ("hello", "64k", "post"):
+        for key in ("hello", "64k", "post", "static"):
             runs = [r[name][key] for r in results if key in r.get(name, {})]
             if runs:
-                med[name][key] = {f: median([run[f] for run in runs]) for f in ("rps", "p99_ms", "cpu_us", "gateway_cpu_us", "errors")}
+                med[name][key] = {f: median([run.get(f) for run in runs]) for f in rate_fields}
         for key in ("upload", "download"):
             runs = [r[name][key] for r in results if key in r.get(name, {})]
             if runs:
-                med[name][key] = {f: median([u[f] for u in runs]) for f in ("seconds", "peak_rss_mib", "gateway_peak_rss_mib", "worker_peak_rss_mib")}
+                med[name][key] = {f: median([u.get(f) for u in runs]) for f in
+                                  ("seconds", "peak_rss_mib", "gateway_peak_rss_mib", "worker_peak_rss_mib", "front_peak_rss_mib")}
                 med[name][key]["ok"] = all(u["ok"] for u in runs)
+        held = [r[name]["held"] for r in results if "held" in r.get(name, {})]
+        if held:
+            med[name]["held"] = {f: median([h[f] for h in held]) for f in held[0]}
         idles = [r[name]["idle"] for r in results if "idle" in r.get(name, {})]
         if idles:
             med[name]["idle"] = median(idles)
-    ours = SERVERS["ours"].name
     lines = [f"# Benchmark {stamp}", "", f"Command: `{' '.join(['bench/run', *sys.argv[1:]])}`; "
              f"{args.rounds} rounds in alternation, wrk -t2 -c64 -d{args.seconds}s, medians.", ""]
-    lines += ["| server | hello req/s | p99 ms | CPU µs/req | gateway µs/req | 64 KiB req/s | CPU µs/req | POST 1 MiB req/s | CPU µs/req | errors |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| server | hello req/s | p99 ms | CPU µs/req | front end µs/req | gateway µs/req | 64 KiB req/s | CPU µs/req | "
+              "front end µs/req | POST 1 MiB req/s | CPU µs/req | static 64 KiB req/s | CPU µs/req | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         m = med[name]
-        h, k, p = m.get("hello", {}), m.get("64k", {}), m.get("post", {})
+        h, k, p, st = m.get("hello", {}), m.get("64k", {}), m.get("post", {}), m.get("static", {})
         gateway = fmt(h.get("gateway_cpu_us"), 1) if SERVERS_BY_NAME[name].gateway_marker else "–"
-        errors = sum(int(x.get("errors") or 0) for x in (h, k, p))
-        lines.append(f"| {name} | {fmt(h.get('rps'))} | {fmt(h.get('p99_ms'), 1)} | {fmt(h.get('cpu_us'), 1)} | {gateway} | "
-                     f"{fmt(k.get('rps'))} | {fmt(k.get('cpu_us'), 1)} | {fmt(p.get('rps'))} | {fmt(p.get('cpu_us'), 1)} | {errors} |")
-    lines += ["", "| server | idle RSS MiB | 1 GiB upload s | upload peak RSS MiB (all processes) | wsgid worker peak | "
-              "1 GiB download s | download peak RSS MiB (all processes) | wsgid worker peak |", "|---|---|---|---|---|---|---|---|"]
+        errors = sum(int(x.get("errors") or 0) for x in (h, k, p, st))
+        lines.append(f"| {name} | {fmt(h.get('rps'))} | {fmt(h.get('p99_ms'), 1)} | {fmt(h.get('cpu_us'), 1)} | "
+                     f"{fmt(h.get('front_cpu_us'), 1)} | {gateway} | {fmt(k.get('rps'))} | {fmt(k.get('cpu_us'), 1)} | "
+                     f"{fmt(k.get('front_cpu_us'), 1)} | {fmt(p.get('rps'))} | {fmt(p.get('cpu_us'), 1)} | "
+                     f"{fmt(st.get('rps'))} | {fmt(st.get('cpu_us'), 1)} | {errors} |")
+    lines += ["", "| server | idle RSS MiB | 1 GiB upload s | upload peak RSS MiB (all) | front end peak | wsgid worker peak | "
+              "1 GiB download s | download peak RSS MiB (all) | front end peak | wsgid worker peak |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         m = med[name]
         cells = [fmt(m.get("idle"), 1)]
         for key in ("upload", "download"):
             u = m.get(key, {})
             worker = fmt(u.get("worker_peak_rss_mib"), 1) if SERVERS_BY_NAME[name].gateway_marker == "wsgid" else "–"
+            front = fmt(u.get("front_peak_rss_mib"), 1) if issubclass(SERVERS_BY_NAME[name], BehindMongrel2) else "–"
             bad = "" if u.get("ok", True) else " (failed)"
-            cells += [f"{fmt(u.get('seconds'), 2)}{bad}", fmt(u.get("peak_rss_mib"), 1), worker]
+            cells += [f"{fmt(u.get('seconds'), 2)}{bad}", fmt(u.get("peak_rss_mib"), 1), front, worker]
         lines.append(f"| {name} | {' | '.join(cells)} |")
-    def ratio_row(a, b):
+    held_names = [n for n in names if "held" in med[n]]
+    if held_names:
+        lines += ["", f"Idle keep-alive connections held (one request each first), hello served under wrk meanwhile:", "",
+                  "| server | connections | answered | front end RSS before MiB | front end RSS held MiB | hello req/s meanwhile | "
+                  "1,000 of them answer again |", "|---|---|---|---|---|---|---|"]
+        for name in held_names:
+            h = med[name]["held"]
+            lines.append(f"| {name} | {fmt(h['connections'])} | {fmt(h['answered'])} | {fmt(h['front_rss_before_mib'], 1)} | "
+                         f"{fmt(h['front_rss_mib'], 1)} | {fmt(h['rps'])} | {fmt(h['answered_after'])} |")
+
+    def ratio_row(a, b, keys=("hello", "64k", "post", "static")):
         cells = []
-        for key in ("hello", "64k", "post"):
+        for key in keys:
             ratios = [r[a][key]["rps"] / r[b][key]["rps"] for r in results
                       if key in r.get(a, {}) and key in r.get(b, {}) and r[b][key]["rps"]]
             cells.append(f"{median(ratios):.2f}x" if ratios else "–")
         return f"| {a} | {b} | {' | '.join(cells)} |" if set(cells) != {"–"} else None
-    pairs = [(ours, name) for name in names if ours in names and name != ours]
-    ipc = (SERVERS["ours-ipc"].name, SERVERS["pyzmq-ipc"].name)
-    if all(n in names for n in ipc):
-        pairs.append(ipc)
+    ours = SERVERS["ours"].name
+    pairs = [(ours, name) for name in names if ours in names and name != ours and SERVERS_BY_NAME[name].serves_app]
+    for a, b in (("ours-ipc", "pyzmq-ipc"), ("front-ipc", "ours-ipc"), ("front", "ours"), ("front-pyzmq", "pyzmq"),
+                 ("front-ipc", "granian"), ("front", "nginx"), ("front-ipc", "nginx")):
+        if SERVERS[a].name in names and SERVERS[b].name in names:
+            pairs.append((SERVERS[a].name, SERVERS[b].name))
     if pairs:
-        lines += ["", "Ratios of req/s (median of per-round ratios; higher is better for wsgid). Behind "
-                  "mongrel2, each pair uses the same transport (tcp:// unless marked ipc).", "",
-                  "| wsgid | peer | hello | 64 KiB | POST 1 MiB |", "|---|---|---|---|---|"]
+        lines += ["", "Ratios of req/s (median of per-round ratios; higher is better for the first). Behind "
+                  "a front end, each pair uses the same transport (tcp:// unless marked ipc).", "",
+                  "| ours | peer | hello | 64 KiB | POST 1 MiB | static 64 KiB |", "|---|---|---|---|---|---|"]
         lines += [row for row in (ratio_row(a, b) for a, b in pairs) if row]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
               "Load commands (PORT is each server's): " + "; ".join(sorted({
                   "`" + re.sub(r"http://127\.0\.0\.1:\d+", "http://127.0.0.1:PORT", run[key]["command"]) + "`"
                   for r in results for run in r.values() if isinstance(run, dict)
-                  for key in ("hello", "64k", "post") if key in run})),
+                  for key in ("hello", "64k", "post", "static") if key in run})),
               "1 GiB upload: `curl -sS -T FILE http://127.0.0.1:PORT/stream`; 1 GiB download (a generator of "
               "64 KiB chunks): `curl -sS -o /dev/null http://127.0.0.1:PORT/download`; RSS of every server process "
               "sampled every 50 ms. wsgid runs with WSGID_LOG=warn (no access log), gunicorn with "
-              "--access-logfile /dev/null, uWSGI with --disable-logging."]
+              "--access-logfile /dev/null, uWSGI with --disable-logging; both front ends write their access log."]
     return "\n".join(lines) + "\n", med
 
 
@@ -401,9 +531,11 @@ SERVERS_BY_NAME = {cls.name: cls for cls in SERVERS.values()}
 
 
 def main():
+    stack.WSGID = RELEASE / "wsgid"  # the front end too: `wsgid server`
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ", ".join(SERVERS))
-    parser.add_argument("--workloads", default="hello,64k,post,upload,download,idle")
+    parser.add_argument("--workloads", default="hello,64k,post,static,upload,download,idle,held")
+    parser.add_argument("--held", type=int, default=10_000, help="idle keep-alive connections held")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--upload-mib", type=int, default=1024)
@@ -428,18 +560,23 @@ def main():
                 server.start()
                 subprocess.run(["wrk", "-t1", "-c4", "-d1s", server.url + "/"], capture_output=True)  # warm-up
                 r = {}
+                app = server.serves_app
                 if "idle" in workloads:
                     r["idle"] = idle_rss(server)
-                if "hello" in workloads:
+                if "hello" in workloads and app:
                     r["hello"] = run_wrk(server, "/", args.seconds)
-                if "64k" in workloads:
+                if "64k" in workloads and app:
                     r["64k"] = run_wrk(server, "/64k", args.seconds)
-                if "post" in workloads:
+                if "post" in workloads and app:
                     r["post"] = run_wrk(server, "/post", args.seconds, HERE / "post.lua")
-                if "upload" in workloads:
+                if "static" in workloads and server.serves_static:
+                    r["static"] = run_wrk(server, "/static/64k.bin", args.seconds)
+                if "upload" in workloads and app:
                     r["upload"] = run_upload(server, big)
-                if "download" in workloads:
+                if "download" in workloads and app:
                     r["download"] = run_download(server)
+                if "held" in workloads and server.front_pids():
+                    r["held"] = held_connections(server, args.held, args.seconds)
                 round_results[server.name] = r
             finally:
                 server.stop()

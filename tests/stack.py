@@ -71,8 +71,9 @@ class Mongrel2:
     `wsgid server` started with mongrel2's own arguments on the same config.sqlite."""
 
     def __init__(self, root, handlers, content_length=20480, extra_settings=None, upload_template=UPLOAD_TEMPLATE,
-                 front=None):
+                 front=None, dirs=None):
         self.front = front or DEFAULT_FRONT
+        self.dirs = dirs or {}  # route -> Dir base (inside root)
         self.root = Path(root)
         self.upload_template = upload_template
         self.handlers = handlers
@@ -93,7 +94,9 @@ class Mongrel2:
     def start(self):
         for d in ("run", "logs", "tmp"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        routes = ", ".join(f"'{h.route}': {h.config()}" for h in self.handlers)
+        routes = ", ".join([f"'{h.route}': {h.config()}" for h in self.handlers] + [
+            f"'{route}': Dir(base='{base}', index_file='index.html', default_ctype='application/octet-stream')"
+            for route, base in self.dirs.items()])
         settings = {"limits.content_length": self.content_length, "upload.temp_store": self.upload_template,
                     "server.daemonize": 0, **self.extra_settings}
         (self.root / "main.conf").write_text(textwrap.dedent(f"""\

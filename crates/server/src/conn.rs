@@ -146,25 +146,32 @@ impl Conn {
 
     /// Reads what the socket has, up to what the phase can use: all of a body as it
     /// streams, but only `head_limit` + read-ahead while a head or a response is pending.
-    pub fn fill(&mut self, head_limit: usize) {
+    /// `scratch` is the loop's read buffer: a connection keeps only the bytes it holds, so
+    /// an idle one costs next to nothing.
+    pub fn fill(&mut self, head_limit: usize, scratch: &mut [u8]) {
         self.read_pending = false;
         let cap = match self.phase {
             Phase::Body { .. } => 256 * 1024,
             _ => head_limit + READ_AHEAD,
         };
-        let mut chunk = [0u8; 16 * 1024];
         loop {
             if self.input.len() >= cap {
                 self.read_pending = true;
                 return;
             }
-            let want = chunk.len().min(cap - self.input.len());
-            match self.stream.read(&mut chunk[..want]) {
+            let want = scratch.len().min(cap - self.input.len());
+            match self.stream.read(&mut scratch[..want]) {
                 Ok(0) => {
                     self.read_closed = true;
                     return;
                 }
-                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.input.extend_from_slice(&scratch[..n]);
+                    if n < want {
+                        // Drained: no read just to hear EAGAIN.
+                        return;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
@@ -172,6 +179,13 @@ impl Conn {
                     return;
                 }
             }
+        }
+    }
+
+    /// Gives back the memory of a burst once it is consumed.
+    pub fn trim_input(&mut self) {
+        if self.input.is_empty() && self.input.capacity() > 16 * 1024 {
+            self.input = Vec::new();
         }
     }
 

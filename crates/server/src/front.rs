@@ -71,6 +71,8 @@ pub struct Front {
     hot: Vec<usize>,
     /// Clients that stopped reading at their budget, to be served again after the others.
     ready: Vec<usize>,
+    /// Where client reads land first (zeroed once).
+    scratch: Box<[u8]>,
 }
 
 impl Front {
@@ -86,6 +88,7 @@ impl Front {
             hub,
             hot: Vec::new(),
             ready: Vec::new(),
+            scratch: vec![0; 64 * 1024].into_boxed_slice(),
         })
     }
 
@@ -114,8 +117,12 @@ impl Front {
                         token.0 - AUX_BASE,
                         event.is_readable() || event.is_read_closed(),
                     );
-                } else {
+                } else if event.is_readable() || event.is_read_closed() || event.is_error() {
                     self.client_event(token.0);
+                } else {
+                    // Room to write: nothing to read (edge-triggered: a read would only
+                    // hear EAGAIN).
+                    self.settle(token.0);
                 }
             }
             for index in std::mem::take(&mut self.hot) {
@@ -124,6 +131,7 @@ impl Front {
             for index in std::mem::take(&mut self.ready) {
                 self.client_event(index);
             }
+            self.hub.handlers.flush();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick();
@@ -186,11 +194,12 @@ impl Front {
             return;
         };
         let was_empty = conn.input.is_empty();
-        conn.fill(self.hub.settings.buffer_size);
+        conn.fill(self.hub.settings.buffer_size, &mut self.scratch);
         if was_empty && !conn.input.is_empty() {
             conn.progress = Instant::now();
         }
         self.hub.advance(conn);
+        conn.trim_input();
         self.settle(index);
     }
 
@@ -248,15 +257,14 @@ impl Front {
                 let registry = self.poll.registry();
                 self.hub.handlers.accept(index, registry);
             }
-            Some(Aux::Peer { peer, .. }) => {
-                let before = peer.last_input();
+            Some(Aux::Peer { .. }) => {
                 let mut events = Vec::new();
                 self.hub.handlers.drive(index, readable, &mut events);
                 let Some((handler, role)) = self.hub.handlers.peer_of(index) else {
                     return;
                 };
                 if let Some(Aux::Peer { peer, .. }) = self.hub.handlers.aux.get(index) {
-                    if readable && peer.last_input() != before {
+                    if peer.has_unread() {
                         self.hot.push(index);
                     }
                 }

@@ -57,6 +57,8 @@ pub struct Handlers {
     pub list: Vec<Handler>,
     pub aux: Slab<Aux>,
     heartbeat: Duration,
+    /// Peers with messages queued since the last flush: one write for many requests.
+    dirty: Vec<usize>,
 }
 
 /// Aux tokens live above client tokens.
@@ -72,6 +74,7 @@ impl Handlers {
             list: Vec::new(),
             aux: Slab::new(),
             heartbeat,
+            dirty: Vec::new(),
         }
     }
 
@@ -287,10 +290,21 @@ impl Handlers {
         match self.aux.get_mut(index) {
             Some(Aux::Peer { peer, .. }) => {
                 let sent = peer.send(&[message]);
-                peer.drive(&mut Vec::new(), false);
+                if sent && !self.dirty.contains(&index) {
+                    self.dirty.push(index);
+                }
                 sent
             }
             _ => false,
+        }
+    }
+
+    /// Writes what was queued for peers since the last flush.
+    pub fn flush(&mut self) {
+        for index in std::mem::take(&mut self.dirty) {
+            if let Some(Aux::Peer { peer, .. }) = self.aux.get_mut(index) {
+                peer.flush(&mut Vec::new());
+            }
         }
     }
 

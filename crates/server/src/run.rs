@@ -64,6 +64,7 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
     }
     warn_unimplemented(&server);
 
+    raise_fd_limit();
     let listener = bind_http(&server)?;
     let pid_path = outside(&server.pid_file);
     clear_stale_pid_file(&pid_path)?;
@@ -214,6 +215,17 @@ fn bind_http(server: &config::Server) -> anyhow::Result<mio::net::TcpListener> {
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;
     Ok(mio::net::TcpListener::from_std(socket.into()))
+}
+
+/// Each client holds a descriptor: take all the kernel allows us (the soft limit is often
+/// 1024, far below what an idle keep-alive crowd needs).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!("cannot raise the open files limit from {soft}");
+        }
+    }
 }
 
 /// A pid file naming a live process means another server runs: refuse. A dead one is

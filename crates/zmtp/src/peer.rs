@@ -101,6 +101,8 @@ pub struct Peer {
     /// Accepted by a bound socket of ours: never redialed, dead once lost.
     accepted: bool,
     dead: bool,
+    /// The last read stopped at its budget, not at an empty socket.
+    unread: bool,
 }
 
 impl Peer {
@@ -125,6 +127,7 @@ impl Peer {
             warned: false,
             accepted: false,
             dead: false,
+            unread: false,
         })
     }
 
@@ -157,6 +160,7 @@ impl Peer {
             warned: false,
             accepted: true,
             dead: false,
+            unread: false,
         };
         peer.connection = Some(Connection {
             socket,
@@ -165,6 +169,19 @@ impl Peer {
         });
         peer.queue_greeting();
         Ok(peer)
+    }
+
+    /// The last `drive` left input unread (its budget ran out): with an edge-triggered
+    /// poll, the caller must drive it again without waiting for readiness.
+    pub fn has_unread(&self) -> bool {
+        self.unread
+    }
+
+    /// Writes what `send` queued (the caller may queue several messages, then flush once).
+    pub fn flush(&mut self, events: &mut Vec<PeerEvent>) {
+        if let Err(e) = self.flush_now_checked() {
+            self.reset(&e, events);
+        }
     }
 
     /// An accepted connection that ended: the caller drops it.
@@ -355,9 +372,14 @@ impl Peer {
 
     fn read_and_decode(&mut self, events: &mut Vec<PeerEvent>) -> Result<(), String> {
         let mut budget = READ_BUDGET;
+        self.unread = false;
         loop {
             self.decode_buffered(events)?;
-            if self.connection.is_none() || budget == 0 {
+            if self.connection.is_none() {
+                return Ok(());
+            }
+            if budget == 0 {
+                self.unread = true;
                 return Ok(());
             }
             // Room for the frame in progress, or a good read's worth.

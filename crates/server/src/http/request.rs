@@ -129,20 +129,38 @@ fn refuse(status: Status, reason: &'static str) -> HeadError {
 /// Parses a head at the start of `buf`. `Ok(None)`: incomplete, read more. On success the
 /// head's length in `buf` is `head.len()`.
 pub fn parse(buf: &[u8], limits: HeadLimits) -> Result<Option<(Head, usize)>, HeadError> {
-    let mut storage = [httparse::EMPTY_HEADER; 128];
-    let mut heap;
-    let slots: &mut [httparse::Header] = if limits.max_headers <= storage.len() {
-        &mut storage[..limits.max_headers]
-    } else {
-        heap = vec![httparse::EMPTY_HEADER; limits.max_headers];
-        &mut heap
-    };
+    // Most requests fit 64 header slots on the stack; more are tried only when needed
+    // (zeroing `limits.header_count` slots per request cost more than the parse).
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    match parse_with(buf, limits, &mut slots[..limits.max_headers.min(64)]) {
+        Err(e)
+            if e.status == Status::HEADERS_TOO_LARGE
+                && e.reason == TOO_MANY
+                && limits.max_headers > 64 =>
+        {
+            parse_with(
+                buf,
+                limits,
+                &mut vec![httparse::EMPTY_HEADER; limits.max_headers],
+            )
+        }
+        result => result,
+    }
+}
+
+const TOO_MANY: &str = "too many headers";
+
+fn parse_with<'b>(
+    buf: &'b [u8],
+    limits: HeadLimits,
+    slots: &mut [httparse::Header<'b>],
+) -> Result<Option<(Head, usize)>, HeadError> {
     let mut req = httparse::Request::new(slots);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return check_partial(buf, limits).map(|()| None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(refuse(Status::HEADERS_TOO_LARGE, "too many headers"))
+            return Err(refuse(Status::HEADERS_TOO_LARGE, TOO_MANY))
         }
         Err(httparse::Error::Version) => {
             return Err(refuse(Status::BAD_REQUEST, "not HTTP/1.0 or HTTP/1.1"))
