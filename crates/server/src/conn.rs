@@ -111,6 +111,9 @@ pub struct Conn {
     pub read_pending: bool,
     /// The client closed its end (or the socket failed).
     pub read_closed: bool,
+    /// The poll reported the client's shutdown; it becomes `read_closed` once the input
+    /// before it is read.
+    pub hup: bool,
     pub write_failed: bool,
     /// When the phase last made progress, for the timeouts.
     pub progress: Instant,
@@ -136,6 +139,7 @@ impl Conn {
             first_request: true,
             read_pending: false,
             read_closed: false,
+            hup: false,
             write_failed: false,
             progress: now,
             last_write: now,

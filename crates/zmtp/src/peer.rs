@@ -110,7 +110,11 @@ impl Peer {
     /// it connects on the first `drive`. Messages over `max_message` bytes are skipped.
     pub fn new(spec: &str, kind: SocketType, max_message: u64) -> io::Result<Peer> {
         endpoint(spec)?;
-        Ok(Peer {
+        Ok(Peer::blank(spec, kind, max_message, false))
+    }
+
+    fn blank(spec: &str, kind: SocketType, max_message: u64, accepted: bool) -> Peer {
+        Peer {
             spec: spec.to_string(),
             kind,
             connection: None,
@@ -125,10 +129,10 @@ impl Peer {
             greeted: false,
             down_since: Instant::now(),
             warned: false,
-            accepted: false,
+            accepted,
             dead: false,
             unread: false,
-        })
+        }
     }
 
     /// A peer over a connection that a bound socket of ours accepted; `name` is for logs
@@ -143,25 +147,7 @@ impl Peer {
         if !socket.local_addr()?.is_unix() {
             tune_tcp(&socket)?;
         }
-        let mut peer = Peer {
-            spec: name.to_string(),
-            kind,
-            connection: None,
-            retry_at: Instant::now(),
-            backoff: FIRST_RETRY,
-            rbuf: ReadBuf::new(256 * 1024),
-            wbuf: Vec::with_capacity(64 * 1024),
-            wpos: 0,
-            decoder: Decoder::new(max_message),
-            max_message,
-            last_input: Instant::now(),
-            greeted: false,
-            down_since: Instant::now(),
-            warned: false,
-            accepted: true,
-            dead: false,
-            unread: false,
-        };
+        let mut peer = Peer::blank(name, kind, max_message, true);
         peer.connection = Some(Connection {
             socket,
             stage: Stage::Greeting,

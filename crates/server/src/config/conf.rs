@@ -900,17 +900,6 @@ servers = [main]
         };
         let expected = Config {
             servers: vec![Server {
-                uuid: "f400bf85-4538-4f7a-8908-67e313d515c2".to_string(),
-                name: "main".to_string(),
-                access_log: "/logs/access.log".to_string(),
-                error_log: "/logs/error.log".to_string(),
-                pid_file: "/run/mongrel2.pid".to_string(),
-                chroot: "./".to_string(),
-                default_host: "localhost".to_string(),
-                bind_addr: "127.0.0.1".to_string(),
-                port: 6767,
-                use_ssl: false,
-                control_port: String::new(),
                 hosts: vec![Host {
                     name: "localhost".to_string(),
                     matching: "localhost".to_string(),
@@ -926,6 +915,7 @@ servers = [main]
                     ],
                 }],
                 plugins: Vec::new(),
+                ..crate::config::example_server()
             }],
             settings: [
                 ("limits.content_length", "20480"),

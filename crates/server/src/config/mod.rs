@@ -113,3 +113,24 @@ impl Config {
         }
     }
 }
+
+/// The server of the reference's minimal config (mongrel2-protocol.md §7.2), without hosts:
+/// what both readers' tests expect around their own hosts and routes.
+#[cfg(test)]
+pub(crate) fn example_server() -> Server {
+    Server {
+        uuid: "f400bf85-4538-4f7a-8908-67e313d515c2".to_string(),
+        name: "main".to_string(),
+        access_log: "/logs/access.log".to_string(),
+        error_log: "/logs/error.log".to_string(),
+        pid_file: "/run/mongrel2.pid".to_string(),
+        chroot: "./".to_string(),
+        default_host: "localhost".to_string(),
+        bind_addr: "127.0.0.1".to_string(),
+        port: 6767,
+        use_ssl: false,
+        control_port: String::new(),
+        hosts: Vec::new(),
+        plugins: Vec::new(),
+    }
+}

@@ -1,0 +1,491 @@
+//! A request's exchange with its handler: the body read inline or spooled to an upload file,
+//! the request message in mongrel2's format, the wait for a handler, and the reply relayed
+//! to the client as far as its framing goes.
+
+use std::time::Instant;
+
+use m2wire::{encode_notice, encode_request, Notice};
+
+use super::{Hub, FIRST_CREDITS};
+use crate::conn::{AfterBody, Conn, Phase, Sink};
+use crate::http::body::Decoder;
+use crate::http::canned;
+use crate::http::framing::{Fed, ResponseFraming};
+use crate::http::request::{Framing, Head};
+use crate::http::Status;
+use crate::upload::Spool;
+
+impl Hub {
+    pub(super) fn start_handler(
+        &mut self,
+        conn: &mut Conn,
+        head: Head,
+        handler: usize,
+        key: String,
+        host: String,
+    ) {
+        conn.handler = Some(handler);
+        let limit = self.settings.content_length;
+        let (decoder, sink) = match head.framing {
+            Framing::Length(0) => {
+                return self.dispatch(conn, handler, &head, &key, &[], Upload::None);
+            }
+            Framing::Length(n) if n <= limit => (
+                Decoder::length(n),
+                Sink::Inline(Vec::with_capacity(n as usize)),
+            ),
+            Framing::Length(n) => {
+                if !self.handlers.available(handler) {
+                    // An upload is announced at once: a handler must be there to hear it.
+                    return self.unavailable(conn, handler, true);
+                }
+                let Some(spool) = self.spool(conn) else {
+                    return;
+                };
+                self.announce_upload(conn, handler, &head, &key, &spool);
+                (Decoder::length(n), Sink::Spool(spool))
+            }
+            Framing::Chunked => (Decoder::chunked(), Sink::Inline(Vec::new())),
+        };
+        if head.expects_continue && conn.input.is_empty() {
+            conn.push(canned::CONTINUE.to_vec(), false);
+        }
+        conn.phase = Phase::Body {
+            decoder,
+            sink,
+            then: AfterBody::Handler {
+                handler,
+                head: Box::new(head),
+                key,
+                host,
+            },
+        };
+    }
+
+    /// A file for a body over the limit, or a 413 (no upload.temp_store) or 500 answered.
+    pub(super) fn spool(&mut self, conn: &mut Conn) -> Option<Spool> {
+        let Some(template) = self.settings.temp_store.as_deref() else {
+            self.refuse(conn, Status::PAYLOAD_TOO_LARGE, true, "");
+            return None;
+        };
+        match Spool::create(template, &self.upload_root, self.settings.temp_store_mode) {
+            Ok(spool) => Some(spool),
+            Err(e) => {
+                tracing::error!("cannot create an upload file from {template}: {e}");
+                self.refuse(conn, Status::INTERNAL_ERROR, true, "");
+                None
+            }
+        }
+    }
+
+    pub(super) fn announce_upload(
+        &mut self,
+        conn: &mut Conn,
+        handler: usize,
+        head: &Head,
+        key: &str,
+        spool: &Spool,
+    ) {
+        let message = self.message(
+            conn,
+            handler,
+            head,
+            key,
+            &[],
+            Upload::Start(&spool.message_path),
+        );
+        self.handlers.send(handler, &message);
+    }
+
+    /// Moves body bytes from the input to where they go.
+    pub(super) fn feed_body(&mut self, conn: &mut Conn) {
+        let Phase::Body { decoder, sink, .. } = &mut conn.phase else {
+            return;
+        };
+        let mut disk_error = None;
+        let step = decoder.decode(&conn.input, &mut |data| match sink {
+            Sink::Inline(v) => v.extend_from_slice(data),
+            Sink::Spool(s) => {
+                if let Err(e) = s.write(data) {
+                    disk_error.get_or_insert(e);
+                }
+            }
+            Sink::Discard => {}
+        });
+        let step = match step {
+            Ok(step) => step,
+            Err(e) => {
+                tracing::debug!(conn = conn.id, "bad request body: {}", e.0);
+                return self.abandon_body(conn, Status::BAD_REQUEST);
+            }
+        };
+        if step.used > 0 {
+            conn.input.drain(..step.used);
+            conn.progress = Instant::now();
+        }
+        if let Some(e) = disk_error {
+            tracing::error!("writing an upload file: {e}");
+            return self.abandon_body(conn, Status::INTERNAL_ERROR);
+        }
+        let grown_past =
+            matches!(sink, Sink::Inline(v) if v.len() as u64 > self.settings.content_length);
+        if grown_past {
+            self.spool_grown_body(conn);
+        }
+        if step.done && matches!(conn.phase, Phase::Body { .. }) {
+            self.finish_body(conn);
+        }
+    }
+
+    /// A chunked body past `limits.content_length` moves to an upload file.
+    pub(super) fn spool_grown_body(&mut self, conn: &mut Conn) {
+        let Some(mut spool) = self.spool(conn) else {
+            return;
+        };
+        let Phase::Body { sink, .. } = &mut conn.phase else {
+            return spool.remove();
+        };
+        let Sink::Inline(buffered) = std::mem::replace(sink, Sink::Discard) else {
+            return spool.remove();
+        };
+        if let Err(e) = spool.write(&buffered) {
+            tracing::error!("writing an upload file: {e}");
+            spool.remove();
+            return self.abandon_body(conn, Status::INTERNAL_ERROR);
+        }
+        *sink = Sink::Spool(spool);
+        let Phase::Body {
+            then: AfterBody::Handler {
+                handler, head, key, ..
+            },
+            sink: Sink::Spool(spool),
+            ..
+        } = &conn.phase
+        else {
+            return;
+        };
+        let message = self.message(
+            conn,
+            *handler,
+            head,
+            key,
+            &[],
+            Upload::Start(&spool.message_path),
+        );
+        self.handlers.send(*handler, &message);
+    }
+
+    pub(super) fn abandon_body(&mut self, conn: &mut Conn, status: Status) {
+        if let Phase::Body {
+            sink: Sink::Spool(spool),
+            ..
+        } = std::mem::replace(&mut conn.phase, Phase::Head)
+        {
+            spool.remove();
+        }
+        self.refuse(conn, status, true, "");
+    }
+
+    pub(super) fn finish_body(&mut self, conn: &mut Conn) {
+        let Phase::Body { sink, then, .. } = std::mem::replace(&mut conn.phase, Phase::Head) else {
+            return;
+        };
+        let AfterBody::Handler {
+            handler, head, key, ..
+        } = then
+        else {
+            conn.phase = if conn.keep_alive {
+                Phase::Head
+            } else {
+                Phase::Closing
+            };
+            return;
+        };
+        match sink {
+            Sink::Inline(body) => self.dispatch(conn, handler, &head, &key, &body, Upload::None),
+            Sink::Spool(spool) => {
+                let path = spool.message_path.clone();
+                if let Err(e) = spool.finish() {
+                    tracing::error!("writing an upload file: {e}");
+                    return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
+                }
+                self.dispatch(conn, handler, &head, &key, &[], Upload::Done(&path));
+            }
+            Sink::Discard => {}
+        }
+    }
+
+    /// Sends the request to its handler and waits for the reply; with no handler
+    /// connected, the request waits for one (`limits.handler_wait_ms`), then 503.
+    pub(super) fn dispatch(
+        &mut self,
+        conn: &mut Conn,
+        handler: usize,
+        head: &Head,
+        key: &str,
+        body: &[u8],
+        upload: Upload,
+    ) {
+        let message = self.message(conn, handler, head, key, body, upload);
+        conn.first_request = false;
+        if self.handlers.send(handler, &message) {
+            self.await_reply(conn, handler, head.is_head());
+        } else {
+            conn.phase = Phase::Queued {
+                handler,
+                message,
+                is_head: head.is_head(),
+                until: Instant::now() + self.settings.handler_wait,
+            };
+        }
+    }
+
+    /// A handler connected: the request waiting for it goes out.
+    pub(super) fn send_queued(&mut self, conn: &mut Conn, connected: usize) {
+        let Phase::Queued {
+            handler,
+            message,
+            is_head,
+            ..
+        } = &conn.phase
+        else {
+            return;
+        };
+        let (handler, is_head) = (*handler, *is_head);
+        if handler == connected && self.handlers.send(handler, message) {
+            self.await_reply(conn, handler, is_head);
+        }
+    }
+
+    pub(super) fn await_reply(&mut self, conn: &mut Conn, handler: usize, is_head: bool) {
+        conn.phase = Phase::Handler {
+            handler,
+            framing: ResponseFraming::new(is_head),
+            deadline: Some(Instant::now() + self.settings.handler_timeout),
+        };
+    }
+
+    pub(super) fn unavailable(&mut self, conn: &mut Conn, handler: usize, close: bool) {
+        tracing::warn!(
+            conn = conn.id,
+            "no handler connected to {}: 503",
+            self.handlers.list[handler].config.send_spec
+        );
+        self.refuse(conn, Status::UNAVAILABLE, close, "Retry-After: 1\r\n");
+    }
+
+    /// The request message, in mongrel2's format.
+    pub(super) fn message(
+        &self,
+        conn: &Conn,
+        handler: usize,
+        head: &Head,
+        key: &str,
+        body: &[u8],
+        upload: Upload,
+    ) -> Vec<u8> {
+        let remote = conn.remote.ip().to_string();
+        let inline_chunked = head.framing == Framing::Chunked && matches!(upload, Upload::None);
+        let length = body.len().to_string();
+        let mut client_xff = None;
+        let mut headers: Vec<(&[u8], &[u8])> = Vec::with_capacity(24);
+        headers.push((b"PATH", head.path()));
+        for (name, value) in head.headers() {
+            // No client may forge an upload, nor our framing.
+            if name.starts_with(b"x-mongrel2-") || (inline_chunked && name == b"transfer-encoding")
+            {
+                continue;
+            }
+            if name == b"x-forwarded-for" {
+                client_xff.get_or_insert(value);
+                if !self.settings.no_clobber_xff {
+                    continue;
+                }
+            }
+            headers.push((name, value));
+        }
+        if inline_chunked {
+            headers.push((b"content-length", length.as_bytes()));
+        }
+        if !(self.settings.no_clobber_xff && client_xff.is_some()) {
+            headers.push((b"x-forwarded-for", remote.as_bytes()));
+        }
+        headers.push((b"METHOD", head.method()));
+        headers.push((b"VERSION", head.version()));
+        headers.push((b"URI", head.uri()));
+        if let Some(q) = head.query() {
+            headers.push((b"QUERY", q));
+        }
+        if let Some(f) = head.fragment() {
+            headers.push((b"FRAGMENT", f));
+        }
+        headers.push((b"PATTERN", key.as_bytes()));
+        headers.push((b"URL_SCHEME", self.scheme));
+        headers.push((b"REMOTE_ADDR", remote.as_bytes()));
+        if self.settings.flow_control && conn.first_request {
+            headers.push((b"DOWNLOAD_CREDITS", FIRST_CREDITS));
+        }
+        match upload {
+            Upload::None => {}
+            Upload::Start(p) => headers.push((b"x-mongrel2-upload-start", p.as_bytes())),
+            Upload::Done(p) => {
+                headers.push((b"x-mongrel2-upload-start", p.as_bytes()));
+                headers.push((b"x-mongrel2-upload-done", p.as_bytes()));
+            }
+        }
+        let h = &self.handlers.list[handler];
+        let mut out = Vec::with_capacity(256 + body.len() + 32 * headers.len());
+        encode_request(
+            &mut out,
+            h.config.send_ident.as_bytes(),
+            conn.id,
+            head.path(),
+            h.encoding,
+            &headers,
+            body,
+        );
+        out
+    }
+
+    /// A notice to a handler about a connection.
+    pub(super) fn notify(&mut self, handler: usize, id: u64, notice: Notice) {
+        let h = &self.handlers.list[handler];
+        let mut out = Vec::with_capacity(96);
+        encode_notice(
+            &mut out,
+            h.config.send_ident.as_bytes(),
+            id,
+            h.encoding,
+            notice,
+        );
+        self.handlers.send_notice(handler, &out);
+    }
+
+    /// A reply's bytes for a connection.
+    pub(super) fn deliver(&mut self, conn: &mut Conn, body: &[u8]) {
+        if body.is_empty() {
+            // The handler closes the connection (refusing an upload, if one is coming in).
+            if let Phase::Body {
+                sink: Sink::Spool(spool),
+                ..
+            } = std::mem::replace(&mut conn.phase, Phase::Closing)
+            {
+                spool.remove();
+            }
+            conn.phase = Phase::Closing;
+            return;
+        }
+        if let Phase::Body {
+            then: AfterBody::Handler { handler, head, .. },
+            sink,
+            ..
+        } = &mut conn.phase
+        {
+            // An answer before the body is in: the handler refuses it. The response is
+            // relayed, and the connection closes after it (the body is left unread).
+            let (handler, is_head) = (*handler, head.is_head());
+            if let Sink::Spool(spool) = std::mem::replace(sink, Sink::Discard) {
+                spool.remove();
+            }
+            conn.keep_alive = false;
+            conn.phase = Phase::Handler {
+                handler,
+                framing: ResponseFraming::new(is_head),
+                deadline: None,
+            };
+        }
+        let Phase::Handler {
+            framing, deadline, ..
+        } = &mut conn.phase
+        else {
+            tracing::warn!(
+                conn = conn.id,
+                "a reply for a connection with no request in service: dropped"
+            );
+            return;
+        };
+        *deadline = None;
+        let fed = framing.feed(body);
+        let status = framing.status();
+        let framed_close = framing.close_after();
+        match fed {
+            Fed::More => conn.push(body.to_vec(), true),
+            Fed::Complete(n) => {
+                conn.push(body[..n].to_vec(), true);
+                if n < body.len() {
+                    tracing::warn!(
+                        conn = conn.id,
+                        "{} bytes after the end of a handler's response: dropped",
+                        body.len() - n
+                    );
+                }
+                let close = framed_close || !conn.keep_alive || conn.read_closed;
+                if let Some(log) = conn.log.as_mut() {
+                    log.status = status;
+                }
+                self.finish_log(conn);
+                conn.phase = if close { Phase::Closing } else { Phase::Head };
+                conn.progress = Instant::now();
+                self.advance(conn);
+            }
+        }
+        if conn.out_bytes > self.settings.client_buffer {
+            tracing::warn!(
+                conn = conn.id,
+                "client too slow: more than limits.client_buffer bytes queued; dropped"
+            );
+            conn.write_failed = true;
+        }
+    }
+
+    /// An extended reply (`X` ids): mongrel2's `ctl` commands.
+    pub(super) fn control(&mut self, conn: &mut Conn, body: &[u8]) {
+        let command = m2wire::netstring::split_tagged(body, 0)
+            .ok()
+            .and_then(|(list, _, _)| m2wire::netstring::split_tagged(list, 0).ok())
+            .map(|(name, _, args)| (name.to_vec(), args.to_vec()));
+        match command {
+            Some((name, args)) if name == b"ctl" && contains(&args, b"keep-alive") => {
+                if let Phase::Handler {
+                    deadline: Some(d), ..
+                } = &mut conn.phase
+                {
+                    *d = Instant::now() + self.settings.handler_timeout;
+                }
+            }
+            Some((name, args)) if name == b"ctl" && contains(&args, b"cancel") => {
+                conn.phase = Phase::Closing
+            }
+            _ => {
+                tracing::warn!(
+                    conn = conn.id,
+                    "an extended reply we do not implement: the client is closed, as mongrel2 does"
+                );
+                conn.phase = Phase::Closing;
+            }
+        }
+    }
+}
+
+/// Whether a tnetstring dict's payload has `key` (a cheap look, for `ctl` commands).
+fn contains(dict: &[u8], key: &[u8]) -> bool {
+    let mut rest = dict;
+    while let Ok((k, _, after)) = m2wire::netstring::split_tagged(rest, 0) {
+        if k == key {
+            return true;
+        }
+        match m2wire::netstring::split_tagged(after, 0) {
+            Ok((_, _, next)) => rest = next,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// Which upload message a request message is.
+#[derive(Clone, Copy)]
+pub(super) enum Upload<'a> {
+    None,
+    Start(&'a str),
+    Done(&'a str),
+}

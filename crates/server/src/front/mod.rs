@@ -1,0 +1,546 @@
+//! The event loop: one thread, one `mio` poll over the HTTP listener, every client
+//! connection, and the handlers' bound sockets and peers.
+//!
+//! A client's request goes through `Hub::start_request`: routed, then refused, served from a
+//! Dir (`files`), or sent to its handler (`exchange`: the body first read inline or spooled).
+//! A handler's reply is followed by its framing (`http::framing`) so that the connection
+//! takes its next request only once the response is whole.
+
+mod exchange;
+mod files;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use m2wire::{Notice, Reply};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use zmtp::PeerEvent;
+
+use crate::access_log::{AccessLog, Entry};
+use crate::conn::{Conn, LogFacts, Phase, Sink};
+use crate::dir::DirRoute;
+use crate::handlers::{Aux, Handlers, Role, AUX_BASE};
+use crate::http::canned;
+use crate::http::request::{self, Framing, Head, HeadLimits};
+use crate::http::Status;
+use crate::mime::MimeTypes;
+use crate::routing::Router;
+use crate::settings::Settings;
+
+const LISTENER: Token = Token(AUX_BASE - 1);
+/// Credits a handler starts with on a connection (mongrel2's).
+const FIRST_CREDITS: &[u8] = b"102400";
+/// How often timeouts and heartbeats are looked at.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What a route leads to.
+#[derive(Debug, Clone, Copy)]
+pub enum RouteTarget {
+    Handler(usize),
+    Dir(usize),
+    /// Not implemented yet: answered 501.
+    Proxy,
+}
+
+/// Everything a request needs besides its connection.
+pub struct Hub {
+    pub handlers: Handlers,
+    pub router: Router<RouteTarget>,
+    pub dirs: Vec<DirRoute>,
+    pub mime: MimeTypes,
+    pub settings: Settings,
+    pub access: Option<AccessLog>,
+    /// The chroot as seen from here (`/` once chrooted): where upload files go.
+    pub upload_root: PathBuf,
+    pub scheme: &'static [u8],
+}
+
+pub struct Front {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    conns: Slab<Conn>,
+    ids: HashMap<u64, usize>,
+    next_id: u64,
+    hub: Hub,
+    /// Handler peers that read input at their last turn: they may have more.
+    hot: Vec<usize>,
+    /// Clients that stopped reading at their budget, to be served again after the others.
+    ready: Vec<usize>,
+    /// Where client reads land first (zeroed once).
+    scratch: Box<[u8]>,
+}
+
+impl Front {
+    pub fn new(poll: Poll, mut listener: TcpListener, hub: Hub) -> anyhow::Result<Front> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Front {
+            poll,
+            listener: Some(listener),
+            conns: Slab::new(),
+            ids: HashMap::new(),
+            next_id: 1,
+            hub,
+            hot: Vec::new(),
+            ready: Vec::new(),
+            scratch: vec![0; 64 * 1024].into_boxed_slice(),
+        })
+    }
+
+    /// Serves until `stop` is set, then finishes the requests in service (up to `grace`).
+    pub fn run(&mut self, stop: Arc<AtomicBool>, grace: Duration) -> anyhow::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut last_tick = Instant::now();
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let timeout = if self.hot.is_empty() {
+                TICK
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+            for event in events.iter() {
+                let token = event.token();
+                if token == LISTENER {
+                    self.accept();
+                } else if token.0 >= AUX_BASE {
+                    self.aux_event(
+                        token.0 - AUX_BASE,
+                        event.is_readable() || event.is_read_closed(),
+                    );
+                } else if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.client_event(token.0, event.is_read_closed() || event.is_error());
+                } else {
+                    // Room to write: nothing to read (edge-triggered: a read would only
+                    // hear EAGAIN).
+                    self.settle(token.0);
+                }
+            }
+            for index in std::mem::take(&mut self.hot) {
+                self.aux_event(index, true);
+            }
+            for index in std::mem::take(&mut self.ready) {
+                self.client_event(index, false);
+            }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                self.tick();
+            }
+            self.hub.handlers.flush();
+            if stop.load(Ordering::Relaxed) && stopping.is_none() {
+                tracing::info!("stopping: no new connections; finishing the requests in service");
+                stopping = Some(Instant::now());
+                if let Some(mut l) = self.listener.take() {
+                    let _ = self.poll.registry().deregister(&mut l);
+                }
+            }
+            if let Some(since) = stopping {
+                self.close_idle();
+                if self.conns.is_empty() || since.elapsed() > grace {
+                    if let Some(a) = self.hub.access.as_mut() {
+                        a.flush();
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let (mut stream, remote) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE and the like: logged, and the loop goes on.
+                    tracing::warn!("accept: {e}");
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            if self.hub.settings.tcp_keepalive {
+                let _ = socket2::SockRef::from(&stream).set_keepalive(true);
+            }
+            let entry = self.conns.vacant_entry();
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(entry.key()),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!("cannot poll a client connection: {e}");
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            self.ids.insert(id, entry.key());
+            entry.insert(Conn::new(id, stream, remote));
+        }
+    }
+
+    /// Reads and serves a client. `hup`: the poll said the client shut down its side; a
+    /// short read stops before the EOF, and no further readiness edge would show it, so it
+    /// is remembered until the input is drained.
+    fn client_event(&mut self, index: usize, hup: bool) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        let was_empty = conn.input.is_empty();
+        conn.hup |= hup;
+        conn.fill(self.hub.settings.buffer_size, &mut self.scratch);
+        if conn.hup && !conn.read_pending {
+            // Everything before the shutdown has been read.
+            conn.read_closed = true;
+        }
+        if was_empty && !conn.input.is_empty() {
+            conn.progress = Instant::now();
+        }
+        self.hub.advance(conn);
+        conn.trim_input();
+        self.settle(index);
+    }
+
+    /// After anything happened to a connection: write, account credits, close when done.
+    fn settle(&mut self, index: usize) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        conn.flush();
+        if conn.written_for_credits > 0 {
+            let n = std::mem::take(&mut conn.written_for_credits);
+            if self.hub.settings.flow_control {
+                if let Some(h) = conn.handler {
+                    self.hub.notify(h, conn.id, Notice::Credits(n));
+                }
+            }
+        }
+        if conn.read_closed {
+            match conn.phase {
+                // The client went away mid-request: nobody is left to answer.
+                Phase::Body { .. } | Phase::Handler { .. } | Phase::Queued { .. } => {
+                    conn.write_failed = true;
+                }
+                Phase::Head if conn.out.is_empty() => conn.phase = Phase::Closing,
+                _ => {}
+            }
+        }
+        if conn.finished() {
+            self.close(index);
+        } else if conn.read_pending && conn.wants_input() && !self.ready.contains(&index) {
+            self.ready.push(index);
+        }
+    }
+
+    fn close(&mut self, index: usize) {
+        let mut conn = self.conns.remove(index);
+        self.ids.remove(&conn.id);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        if let Phase::Body {
+            sink: Sink::Spool(spool),
+            ..
+        } = std::mem::replace(&mut conn.phase, Phase::Closing)
+        {
+            spool.remove();
+        }
+        self.hub.finish_log(&mut conn);
+        if let Some(h) = conn.handler {
+            self.hub.notify(h, conn.id, Notice::Disconnect);
+        }
+    }
+
+    fn aux_event(&mut self, index: usize, readable: bool) {
+        match self.hub.handlers.aux.get(index) {
+            Some(Aux::Bound { .. }) => {
+                let registry = self.poll.registry();
+                self.hub.handlers.accept(index, registry);
+            }
+            Some(Aux::Peer { .. }) => {
+                let mut events = Vec::new();
+                self.hub.handlers.drive(index, readable, &mut events);
+                let Some((handler, role)) = self.hub.handlers.peer_of(index) else {
+                    return;
+                };
+                if let Some(Aux::Peer { peer, .. }) = self.hub.handlers.aux.get(index) {
+                    if peer.has_unread() {
+                        self.hot.push(index);
+                    }
+                }
+                for event in events {
+                    match event {
+                        PeerEvent::Up if role == Role::Push => self.send_queued(handler),
+                        PeerEvent::Message(msg) if role == Role::Sub => {
+                            self.on_reply(handler, &msg)
+                        }
+                        PeerEvent::Oversized { size, .. } => tracing::warn!(
+                            "a reply of {size} bytes from a handler is over the 64 MiB cap: dropped"
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_reply(&mut self, handler: usize, msg: &[u8]) {
+        let recv_ident = self.hub.handlers.list[handler].config.recv_ident.as_bytes();
+        if !msg.starts_with(recv_ident) {
+            return;
+        }
+        let reply = match Reply::parse(msg) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("a malformed reply from a handler ({e}): dropped");
+                return;
+            }
+        };
+        if reply.ids().count() > self.hub.settings.handler_targets {
+            tracing::warn!("a reply to more than limits.handler_targets connections: dropped");
+            return;
+        }
+        for id in reply.ids() {
+            let Some(&index) = self.ids.get(&id) else {
+                self.hub.notify(handler, id, Notice::Disconnect);
+                continue;
+            };
+            let conn = self.conns.get_mut(index).expect("ids and conns agree");
+            if reply.extended {
+                self.hub.control(conn, reply.body);
+            } else {
+                self.hub.deliver(conn, reply.body);
+            }
+            self.settle(index);
+        }
+    }
+
+    fn send_queued(&mut self, handler: usize) {
+        let queued: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Queued { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        for index in queued {
+            if let Some(conn) = self.conns.get_mut(index) {
+                self.hub.send_queued(conn, handler);
+            }
+            self.settle(index);
+        }
+    }
+
+    fn tick(&mut self) {
+        self.hub.handlers.heartbeat();
+        if let Some(a) = self.hub.access.as_mut() {
+            a.tick();
+        }
+        let mut expired = Vec::new();
+        for (index, conn) in self.conns.iter_mut() {
+            if self.hub.expire(conn) {
+                expired.push(index);
+            }
+        }
+        for index in expired {
+            self.settle(index);
+        }
+    }
+
+    fn close_idle(&mut self) {
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.phase, Phase::Head) && c.input.is_empty() && c.out.is_empty()
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for index in idle {
+            self.close(index);
+        }
+    }
+}
+
+impl Hub {
+    fn limits(&self) -> HeadLimits {
+        HeadLimits {
+            max_head: self.settings.buffer_size,
+            max_headers: self.settings.header_count,
+        }
+    }
+
+    /// Serves the connection's buffered input as far as it goes (reading is the loop's:
+    /// a client gets one read budget per turn, so a fast upload cannot starve the others).
+    fn advance(&mut self, conn: &mut Conn) {
+        loop {
+            match &conn.phase {
+                Phase::Head => {
+                    if conn.input.is_empty() {
+                        return;
+                    }
+                    match request::parse(&conn.input, self.limits()) {
+                        Ok(Some((head, len))) => {
+                            conn.input.drain(..len);
+                            conn.progress = Instant::now();
+                            self.start_request(conn, head);
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::debug!(conn = conn.id, "bad request: {}", e.reason);
+                            conn.log = None;
+                            self.refuse(conn, e.status, true, "");
+                            return;
+                        }
+                    }
+                }
+                Phase::Body { .. } => {
+                    self.feed_body(conn);
+                    if matches!(conn.phase, Phase::Body { .. }) {
+                        return;
+                    }
+                }
+                Phase::Handler { .. } | Phase::Queued { .. } | Phase::Closing => return,
+            }
+        }
+    }
+
+    fn start_request(&mut self, conn: &mut Conn, head: Head) {
+        conn.keep_alive = head.keep_alive;
+        let routed = self.router.route(head.host(), head.path()).map(|m| {
+            (
+                *m.target,
+                m.key.to_string(),
+                m.host.to_string(),
+                m.prefix_len,
+            )
+        });
+        conn.log = Some(LogFacts {
+            host: routed.as_ref().map(|r| r.2.clone()).unwrap_or_default(),
+            method: head.method().to_vec(),
+            path: head.path().to_vec(),
+            version: head.version(),
+            status: 0,
+            bytes: 0,
+        });
+        let has_body = head.framing != Framing::Length(0);
+        if is_websocket_upgrade(&head) {
+            tracing::info!(
+                conn = conn.id,
+                "a websocket upgrade: not implemented yet, 501"
+            );
+            return self.refuse(conn, Status::NOT_IMPLEMENTED, true, "");
+        }
+        match routed {
+            None => self.refuse(conn, Status::NOT_FOUND, has_body, ""),
+            Some((RouteTarget::Proxy, ..)) => {
+                self.refuse(conn, Status::NOT_IMPLEMENTED, has_body, "")
+            }
+            Some((RouteTarget::Dir(d), key, _, prefix_len)) => {
+                self.serve_dir(conn, &head, d, &key, prefix_len)
+            }
+            Some((RouteTarget::Handler(h), key, host, _)) => {
+                self.start_handler(conn, head, h, key, host)
+            }
+        }
+    }
+
+    /// Answers with a canned error; the connection closes after it when `close`, or when
+    /// the client asked.
+    fn refuse(&mut self, conn: &mut Conn, status: Status, close: bool, extra: &str) {
+        let close = close || !conn.keep_alive;
+        conn.push(canned::error(status, close, extra), false);
+        if let Some(log) = conn.log.as_mut() {
+            log.status = status.0;
+        }
+        self.finish_log(conn);
+        conn.phase = if close { Phase::Closing } else { Phase::Head };
+    }
+
+    pub fn finish_log(&mut self, conn: &mut Conn) {
+        let (Some(log), Some(access)) = (conn.log.take(), self.access.as_mut()) else {
+            return;
+        };
+        access.log(&Entry {
+            host: &log.host,
+            remote: conn.remote,
+            method: &log.method,
+            path: &log.path,
+            version: log.version,
+            status: log.status,
+            bytes: log.bytes,
+        });
+    }
+
+    /// Applies the timeouts; true when something changed.
+    fn expire(&mut self, conn: &mut Conn) -> bool {
+        let s = &self.settings;
+        let since = conn.progress.elapsed();
+        if !conn.out.is_empty() && conn.last_write.elapsed() > s.write_timeout {
+            tracing::info!(
+                conn = conn.id,
+                "client took nothing for limits.write_timeout: closed"
+            );
+            conn.write_failed = true;
+            return true;
+        }
+        match &conn.phase {
+            Phase::Head if !conn.input.is_empty() && since > s.header_timeout => {
+                conn.log = None;
+                self.refuse(conn, Status::REQUEST_TIMEOUT, true, "");
+                true
+            }
+            Phase::Head
+                if conn.input.is_empty() && conn.out.is_empty() && since > s.keepalive_timeout =>
+            {
+                conn.phase = Phase::Closing;
+                true
+            }
+            Phase::Queued { handler, until, .. } if Instant::now() > *until => {
+                let handler = *handler;
+                self.unavailable(conn, handler, false);
+                true
+            }
+            Phase::Body { .. } if since > s.body_timeout => {
+                self.abandon_body(conn, Status::REQUEST_TIMEOUT);
+                true
+            }
+            Phase::Handler {
+                deadline: Some(d), ..
+            } if Instant::now() > *d => {
+                tracing::warn!(
+                    conn = conn.id,
+                    "no reply from the handler within limits.handler_timeout: 504"
+                );
+                self.refuse(conn, Status::GATEWAY_TIMEOUT, true, "");
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An RFC 6455 upgrade request (mongrel2's test: `upgrade: websocket` and a `connection`
+/// that lists `upgrade`).
+fn is_websocket_upgrade(head: &Head) -> bool {
+    head.header(b"upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case(b"websocket"))
+        && head.header(b"connection").is_some_and(|c| {
+            c.split(|&b| b == b',')
+                .any(|o| o.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        })
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Conn({})", self.id)
+    }
+}
