@@ -3,8 +3,8 @@ handler protocol as libzmq handlers see it, Dir routes, and what it does better 
 mongrel2 (503/504, no 16-message limit, handler liveness). The rest of the suite runs behind
 it as well (conftest's `front` parameter)."""
 import hashlib
-import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -17,7 +17,7 @@ import requests
 
 from front import Front, PyHandler, ok
 from http_util import is_closed, raw_exchange
-from stack import ROOT, wait_for
+from stack import ROOT, WSGID as WSGID_BIN, wait_for
 
 pytestmark = pytest.mark.one_front
 
@@ -404,3 +404,32 @@ def test_a_silent_handler_stops_getting_requests_within_two_seconds(started, hea
             p.send_signal(signal.SIGCONT)
             p.kill()
             p.wait()
+
+
+def test_start_up_as_mongrel2_does_it(tmp_path):
+    """Daemonized by default, chrooted, running as the chroot directory's owner, a pid file
+    inside the chroot (a stale one replaced), removed on a graceful stop; the access log in
+    mongrel2's format."""
+    h = PyHandler()
+    front = Front(tmp_path / "daemon", {"/": h.conf()}, {"server.daemonize": 1})
+    front.settings.pop("server.daemonize")  # mongrel2's default: daemonize
+    front.write_conf()
+    (front.root / "run" / "front.pid").write_text("999999\n")  # stale: no such process
+    subprocess.run(["chown", "-R", "65534:65534", str(front.root)], check=True)
+    h.start()
+    try:
+        started = subprocess.run([str(WSGID_BIN), "server", "main.conf"], cwd=front.root, capture_output=True, timeout=10)
+        assert started.returncode == 0, started.stderr  # the parent returns, the daemon serves
+        wait_for(lambda: requests.get(front.url + "/d", timeout=2).text == "/d", what="the daemon")
+        pid = int((front.root / "run" / "front.pid").read_text())
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        assert "\nUid:\t65534\t65534\t65534\t65534" in status
+        assert os.readlink(f"/proc/{pid}/root") == str(front.root)
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not pathlib.Path(f"/proc/{pid}").exists(), what="the daemon to stop")
+        assert not (front.root / "run" / "front.pid").exists()
+        assert "2:/d,8:HTTP/1.1,3:200#" in (front.root / "logs" / "access.log").read_text()
+    finally:
+        h.stop()
+        if (front.root / "run" / "front.pid").exists():
+            os.kill(int((front.root / "run" / "front.pid").read_text()), signal.SIGKILL)

@@ -68,6 +68,11 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
     let listener = bind_http(&server)?;
     let pid_path = outside(&server.pid_file);
     clear_stale_pid_file(&pid_path)?;
+    // Opened before the chroot, which usually has no /dev.
+    let dev_null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     if chrooting {
         nix::unistd::chroot(&root).with_context(|| format!("chroot {}", root.display()))?;
         std::env::set_current_dir("/")?;
@@ -83,6 +88,15 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
     if settings.daemonize {
         #[allow(deprecated)]
         nix::unistd::daemon(true, true).context("daemonize")?;
+        // stdio to /dev/null, so that whoever started us sees its pipes close: from now
+        // on the error log says what happens.
+        let null = std::os::fd::AsRawFd::as_raw_fd(&dev_null);
+        for fd in 0..=2 {
+            // SAFETY: both descriptors are open; dup2 replaces `fd` atomically.
+            if unsafe { libc::dup2(null, fd) } < 0 {
+                return Err(std::io::Error::last_os_error()).context("stdio to /dev/null");
+            }
+        }
     }
     let pid_path = inside(&server.pid_file);
     write_pid_file(&pid_path)?;
