@@ -505,7 +505,10 @@ def report(results, servers, args, stamp):
             cells.append(f"{median(ratios):.2f}x" if ratios else "–")
         return f"| {a} | {b} | {' | '.join(cells)} |" if set(cells) != {"–"} else None
     ours = SERVERS["ours"].name
-    pairs = [(ours, name) for name in names if ours in names and name != ours and SERVERS_BY_NAME[name].serves_app]
+    # ours (mongrel2 + wsgid) against the other servers; our own variants are paired below.
+    own = (Ours, FrontPyzmq)
+    pairs = [(ours, name) for name in names if ours in names and name != ours
+             and SERVERS_BY_NAME[name].serves_app and not issubclass(SERVERS_BY_NAME[name], own)]
     for a, b in (("ours-ipc", "pyzmq-ipc"), ("front-ipc", "ours-ipc"), ("front", "ours"), ("front-pyzmq", "pyzmq"),
                  ("front-ipc", "granian"), ("front", "nginx"), ("front-ipc", "nginx")):
         if SERVERS[a].name in names and SERVERS[b].name in names:

@@ -51,7 +51,6 @@ pub enum AfterBody {
         handler: usize,
         head: Box<Head>,
         key: String,
-        host: String,
     },
     /// Nothing: the response is already queued.
     Nothing,

@@ -22,7 +22,6 @@ impl Hub {
         head: Head,
         handler: usize,
         key: String,
-        host: String,
     ) {
         conn.handler = Some(handler);
         let limit = self.settings.content_length;
@@ -30,9 +29,11 @@ impl Hub {
             Framing::Length(0) => {
                 return self.dispatch(conn, handler, &head, &key, &[], Upload::None);
             }
+            // Capacity up to 1 MiB at once: a large limits.content_length must not let
+            // a client's Content-Length alone reserve memory.
             Framing::Length(n) if n <= limit => (
                 Decoder::length(n),
-                Sink::Inline(Vec::with_capacity(n as usize)),
+                Sink::Inline(Vec::with_capacity(n.min(1 << 20) as usize)),
             ),
             Framing::Length(n) => {
                 if !self.handlers.available(handler) {
@@ -57,7 +58,6 @@ impl Hub {
                 handler,
                 head: Box::new(head),
                 key,
-                host,
             },
         };
     }

@@ -447,9 +447,7 @@ impl Hub {
             Some((RouteTarget::Dir(d), key, _, prefix_len)) => {
                 self.serve_dir(conn, &head, d, &key, prefix_len)
             }
-            Some((RouteTarget::Handler(h), key, host, _)) => {
-                self.start_handler(conn, head, h, key, host)
-            }
+            Some((RouteTarget::Handler(h), key, _, _)) => self.start_handler(conn, head, h, key),
         }
     }
 

@@ -99,13 +99,26 @@ impl ResponseFraming {
                 }
                 State::Head => {
                     let before = self.head.len();
-                    self.head.extend_from_slice(&input[at..]);
-                    match self.parse_head() {
+                    let parsed = if before == 0 {
+                        // Usually the head arrives whole, with the body after it: parsed
+                        // where it lies, never copied.
+                        self.parse_head(&input[at..])
+                    } else {
+                        let mut gathered = std::mem::take(&mut self.head);
+                        gathered.extend_from_slice(&input[at..]);
+                        let parsed = self.parse_head(&gathered);
+                        self.head = gathered;
+                        parsed
+                    };
+                    match parsed {
                         Some(head_len) => {
                             at += head_len - before;
                             self.head.clear();
                         }
                         None => {
+                            if before == 0 {
+                                self.head.extend_from_slice(&input[at..]);
+                            }
                             if self.head.len() > MAX_HEAD {
                                 self.unframed("response head too large");
                             }
@@ -117,16 +130,25 @@ impl ResponseFraming {
         }
     }
 
-    /// Parses the gathered head; its length once complete, with the state it leads to.
-    fn parse_head(&mut self) -> Option<usize> {
-        let mut headers = [httparse::EMPTY_HEADER; 256];
-        let mut response = httparse::Response::new(&mut headers);
-        let len = match response.parse(&self.head) {
+    /// Parses a head at the start of `bytes`: its length once complete (all of `bytes`
+    /// when it cannot be framed), with the state it leads to.
+    fn parse_head(&mut self, bytes: &[u8]) -> Option<usize> {
+        // 64 slots on the stack, zeroed for every response; more only for a head that needs them.
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut many;
+        let mut response = httparse::Response::new(&mut slots);
+        let mut parsed = response.parse(bytes);
+        if parsed == Err(httparse::Error::TooManyHeaders) {
+            many = vec![httparse::EMPTY_HEADER; 1024];
+            response = httparse::Response::new(&mut many);
+            parsed = response.parse(bytes);
+        }
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return None,
             Err(e) => {
                 self.unframed(&format!("malformed response head: {e}"));
-                return Some(self.head.len());
+                return Some(bytes.len());
             }
         };
         let code = response.code.unwrap_or(0);
