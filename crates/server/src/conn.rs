@@ -8,7 +8,9 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -23,11 +25,16 @@ use crate::upload::Spool;
 const READ_AHEAD: usize = 64 * 1024;
 
 pub enum Out {
+    /// The server's own bytes (heads, errors): they count for no handler's credits.
     Bytes {
         data: Vec<u8>,
         pos: usize,
-        /// Came from a handler: counts towards its download credits.
-        from_handler: bool,
+    },
+    /// A range of a handler's reply message, which several connections may share.
+    Shared {
+        data: Rc<Vec<u8>>,
+        pos: usize,
+        end: usize,
     },
     File {
         file: File,
@@ -192,7 +199,7 @@ impl Conn {
         }
     }
 
-    pub fn push(&mut self, data: Vec<u8>, from_handler: bool) {
+    pub fn push(&mut self, data: Vec<u8>) {
         if data.is_empty() {
             return;
         }
@@ -200,10 +207,22 @@ impl Conn {
         if let Some(log) = self.log.as_mut() {
             log.bytes += data.len() as u64;
         }
-        self.out.push_back(Out::Bytes {
-            data,
-            pos: 0,
-            from_handler,
+        self.out.push_back(Out::Bytes { data, pos: 0 });
+    }
+
+    /// Queues `data[range]`, a handler's bytes.
+    pub fn push_shared(&mut self, data: &Rc<Vec<u8>>, range: Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        self.out_bytes += range.len();
+        if let Some(log) = self.log.as_mut() {
+            log.bytes += range.len() as u64;
+        }
+        self.out.push_back(Out::Shared {
+            data: Rc::clone(data),
+            pos: range.start,
+            end: range.end,
         });
     }
 
@@ -222,18 +241,20 @@ impl Conn {
     pub fn flush(&mut self) {
         while let Some(front) = self.out.front_mut() {
             let result = match front {
-                Out::Bytes {
-                    data,
-                    pos,
-                    from_handler,
-                } => match self.stream.write(&data[*pos..]) {
+                Out::Bytes { data, pos } => match self.stream.write(&data[*pos..]) {
                     Ok(n) => {
                         *pos += n;
                         self.out_bytes -= n;
-                        if *from_handler {
-                            self.written_for_credits += n as u64;
-                        }
                         Ok(*pos == data.len())
+                    }
+                    Err(e) => Err(e),
+                },
+                Out::Shared { data, pos, end } => match self.stream.write(&data[*pos..*end]) {
+                    Ok(n) => {
+                        *pos += n;
+                        self.out_bytes -= n;
+                        self.written_for_credits += n as u64;
+                        Ok(*pos == *end)
                     }
                     Err(e) => Err(e),
                 },

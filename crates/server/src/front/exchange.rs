@@ -2,6 +2,8 @@
 //! the request message in mongrel2's format, the wait for a handler, and the reply relayed
 //! to the client as far as its framing goes.
 
+use std::ops::Range;
+use std::rc::Rc;
 use std::time::Instant;
 
 use m2wire::{encode_notice, encode_request, Notice};
@@ -49,7 +51,7 @@ impl Hub {
             Framing::Chunked => (Decoder::chunked(), Sink::Inline(Vec::new())),
         };
         if head.expects_continue && conn.input.is_empty() {
-            conn.push(canned::CONTINUE.to_vec(), false);
+            conn.push(canned::CONTINUE.to_vec());
         }
         conn.phase = Phase::Body {
             decoder,
@@ -362,7 +364,10 @@ impl Hub {
     }
 
     /// A reply's bytes for a connection.
-    pub(super) fn deliver(&mut self, conn: &mut Conn, body: &[u8]) {
+    /// `message[body]` is the reply's body: it is queued for the client as a range of the
+    /// message, shared by every connection the reply names, never copied.
+    pub(super) fn deliver(&mut self, conn: &mut Conn, message: &Rc<Vec<u8>>, body: Range<usize>) {
+        let (start, body) = (body.start, &message[body]);
         if body.is_empty() {
             // The handler closes the connection (refusing an upload, if one is coming in).
             if let Phase::Body {
@@ -409,9 +414,9 @@ impl Hub {
         let status = framing.status();
         let framed_close = framing.close_after();
         match fed {
-            Fed::More => conn.push(body.to_vec(), true),
+            Fed::More => conn.push_shared(message, start..start + body.len()),
             Fed::Complete(n) => {
-                conn.push(body[..n].to_vec(), true);
+                conn.push_shared(message, start..start + n);
                 if n < body.len() {
                     tracing::warn!(
                         conn = conn.id,

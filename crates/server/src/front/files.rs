@@ -41,7 +41,7 @@ impl Hub {
         match resolved {
             Resolved::NotFound => return self.refuse(conn, Status::NOT_FOUND, has_body, ""),
             Resolved::AddSlash => {
-                conn.push(dir::redirect_with_slash(path, head.query()), false);
+                conn.push(dir::redirect_with_slash(path, head.query()));
                 if let Some(log) = conn.log.as_mut() {
                     log.status = 301;
                 }
@@ -66,10 +66,13 @@ impl Hub {
                     .content_type(&self.mime, &file_path)
                     .to_string();
                 let keep_alive = conn.keep_alive && !has_body;
-                conn.push(
-                    dir::head(&plan, &facts, &ctype, keep_alive, SystemTime::now()),
-                    false,
-                );
+                conn.push(dir::head(
+                    &plan,
+                    &facts,
+                    &ctype,
+                    keep_alive,
+                    SystemTime::now(),
+                ));
                 let status = match plan {
                     Plan::Full => 200,
                     Plan::Partial { .. } => 206,
@@ -85,7 +88,7 @@ impl Hub {
                             end_inclusive,
                         } => conn.push_file(file, start, end_inclusive + 1),
                         Plan::PreconditionFailed | Plan::RangeNotSatisfiable => {
-                            conn.push(dir::error_body(&plan).to_vec(), false)
+                            conn.push(dir::error_body(&plan).to_vec())
                         }
                         _ => {}
                     }

@@ -11,6 +11,7 @@ mod files;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,9 +280,7 @@ impl Front {
                 for event in events {
                     match event {
                         PeerEvent::Up if role == Role::Push => self.send_queued(handler),
-                        PeerEvent::Message(msg) if role == Role::Sub => {
-                            self.on_reply(handler, &msg)
-                        }
+                        PeerEvent::Message(msg) if role == Role::Sub => self.on_reply(handler, msg),
                         PeerEvent::Oversized { size, .. } => tracing::warn!(
                             "a reply of {size} bytes from a handler is over the 64 MiB cap: dropped"
                         ),
@@ -293,12 +292,13 @@ impl Front {
         }
     }
 
-    fn on_reply(&mut self, handler: usize, msg: &[u8]) {
+    fn on_reply(&mut self, handler: usize, msg: Vec<u8>) {
+        let msg = Rc::new(msg);
         let recv_ident = self.hub.handlers.list[handler].config.recv_ident.as_bytes();
         if !msg.starts_with(recv_ident) {
             return;
         }
-        let reply = match Reply::parse(msg) {
+        let reply = match Reply::parse(&msg) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!("a malformed reply from a handler ({e}): dropped");
@@ -318,7 +318,9 @@ impl Front {
             if reply.extended {
                 self.hub.control(conn, reply.body);
             } else {
-                self.hub.deliver(conn, reply.body);
+                let start = reply.body.as_ptr() as usize - msg.as_ptr() as usize;
+                self.hub
+                    .deliver(conn, &msg, start..start + reply.body.len());
             }
             self.settle(index);
         }
@@ -455,7 +457,7 @@ impl Hub {
     /// the client asked.
     fn refuse(&mut self, conn: &mut Conn, status: Status, close: bool, extra: &str) {
         let close = close || !conn.keep_alive;
-        conn.push(canned::error(status, close, extra), false);
+        conn.push(canned::error(status, close, extra));
         if let Some(log) = conn.log.as_mut() {
             log.status = status.0;
         }
