@@ -101,11 +101,20 @@ impl Hub {
 
     /// Moves body bytes from the input to where they go.
     pub(super) fn feed_body(&mut self, conn: &mut Conn) {
+        let input = std::mem::take(&mut conn.input);
+        let used = self.feed_body_from(conn, &input);
+        conn.input = input;
+        conn.input.drain(..used);
+    }
+
+    /// Moves body bytes from `input` (the connection's buffered input, or bytes just read
+    /// from the socket) to where they go; how many were used.
+    pub(super) fn feed_body_from(&mut self, conn: &mut Conn, input: &[u8]) -> usize {
         let Phase::Body { decoder, sink, .. } = &mut conn.phase else {
-            return;
+            return 0;
         };
         let mut disk_error = None;
-        let step = decoder.decode(&conn.input, &mut |data| match sink {
+        let step = decoder.decode(input, &mut |data| match sink {
             Sink::Inline(v) => v.extend_from_slice(data),
             Sink::Spool(s) => {
                 if let Err(e) = s.write(data) {
@@ -118,16 +127,17 @@ impl Hub {
             Ok(step) => step,
             Err(e) => {
                 tracing::debug!(conn = conn.id, "bad request body: {}", e.0);
-                return self.abandon_body(conn, Status::BAD_REQUEST);
+                self.abandon_body(conn, Status::BAD_REQUEST);
+                return input.len();
             }
         };
         if step.used > 0 {
-            conn.input.drain(..step.used);
             conn.progress = Instant::now();
         }
         if let Some(e) = disk_error {
             tracing::error!("writing an upload file: {e}");
-            return self.abandon_body(conn, Status::INTERNAL_ERROR);
+            self.abandon_body(conn, Status::INTERNAL_ERROR);
+            return input.len();
         }
         let grown_past =
             matches!(sink, Sink::Inline(v) if v.len() as u64 > self.settings.content_length);
@@ -137,6 +147,7 @@ impl Hub {
         if step.done && matches!(conn.phase, Phase::Body { .. }) {
             self.finish_body(conn);
         }
+        step.used
     }
 
     /// A chunked body past `limits.content_length` moves to an upload file.

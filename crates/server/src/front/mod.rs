@@ -10,6 +10,7 @@ mod exchange;
 mod files;
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +37,8 @@ use crate::settings::Settings;
 const LISTENER: Token = Token(AUX_BASE - 1);
 /// Credits a handler starts with on a connection (mongrel2's).
 const FIRST_CREDITS: &[u8] = b"102400";
+/// Most body bytes read from one client in one turn of the loop.
+const BODY_TURN: usize = 1 << 20;
 /// How often timeouts and heartbeats are looked at.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -89,7 +92,7 @@ impl Front {
             hub,
             hot: Vec::new(),
             ready: Vec::new(),
-            scratch: vec![0; 64 * 1024].into_boxed_slice(),
+            scratch: vec![0; 256 * 1024].into_boxed_slice(),
         })
     }
 
@@ -199,6 +202,10 @@ impl Front {
         };
         let was_empty = conn.input.is_empty();
         conn.hup |= hup;
+        if was_empty && matches!(conn.phase, Phase::Body { .. }) {
+            self.read_body(index);
+            return;
+        }
         conn.fill(self.hub.settings.buffer_size, &mut self.scratch);
         if conn.hup && !conn.read_pending {
             // Everything before the shutdown has been read.
@@ -209,6 +216,48 @@ impl Front {
         }
         self.hub.advance(conn);
         conn.trim_input();
+        self.settle(index);
+    }
+
+    /// A body streaming in is read straight from the socket to its sink (an upload file,
+    /// usually): no stop in the connection's buffer. One turn reads at most `BODY_TURN`.
+    fn read_body(&mut self, index: usize) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        conn.read_pending = false;
+        let mut budget = BODY_TURN;
+        while matches!(conn.phase, Phase::Body { .. }) {
+            if budget == 0 {
+                conn.read_pending = true;
+                break;
+            }
+            match conn.stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    conn.read_closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    let used = self.hub.feed_body_from(conn, &self.scratch[..n]);
+                    // What follows the body: the next request, for later.
+                    conn.input.extend_from_slice(&self.scratch[used.min(n)..n]);
+                    if n < self.scratch.len() {
+                        break; // drained
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    conn.read_closed = true;
+                    break;
+                }
+            }
+        }
+        if conn.hup && !conn.read_pending {
+            conn.read_closed = true;
+        }
+        self.hub.advance(conn);
         self.settle(index);
     }
 
