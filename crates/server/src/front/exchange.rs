@@ -421,6 +421,9 @@ impl Hub {
             return;
         };
         *deadline = None;
+        // What the client had not taken before this message: one large message is not a
+        // slow client, a queue that keeps growing is.
+        let behind = conn.out_bytes;
         let fed = framing.feed(body);
         let status = framing.status();
         let framed_close = framing.close_after();
@@ -445,7 +448,7 @@ impl Hub {
                 self.advance(conn);
             }
         }
-        if conn.out_bytes > self.settings.client_buffer {
+        if behind > self.settings.client_buffer {
             tracing::warn!(
                 conn = conn.id,
                 "client too slow: more than limits.client_buffer bytes queued; dropped"
