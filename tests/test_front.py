@@ -500,3 +500,34 @@ def test_a_handler_host_cut_off_stops_getting_requests_within_two_seconds(starte
             p.wait()
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_a_pipelining_client_that_does_not_read_is_held_back(started):
+    """Thousands of pipelined requests for a static file from a client that reads nothing:
+    the server answers a bounded amount ahead (no file descriptor or memory growth), then
+    the rest as the client reads; all arrive, in order."""
+    h = PyHandler()
+    front = started({"/": h.conf(), "/static/": "Dir(base='static/', index_file='index.html', default_ctype='text/plain')"},
+                    handlers=[h])
+    size, count = 20_000, 2000  # 40 MB of responses: more than the kernel's buffers hold
+    (front.root / "static" / "a.txt").write_text("a" * size)
+    sock = socket.create_connection(("127.0.0.1", front.port), timeout=10)
+    sender = threading.Thread(target=lambda: sock.sendall(b"GET /static/a.txt HTTP/1.1\r\nHost: x\r\n\r\n" * count))
+    sender.start()
+    time.sleep(1.5)
+    fds = len(os.listdir(f"/proc/{front.proc.pid}/fd"))
+    rss_kib = int(pathlib.Path(f"/proc/{front.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
+    assert fds < 100 and rss_kib < 64 * 1024, (fds, rss_kib)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    one = data.index(b"\r\n\r\n") + 4 + size  # every response is the same length
+    received = len(data)
+    while received < count * one:
+        chunk = sock.recv(1 << 20)
+        assert chunk, received / one
+        received += len(chunk)
+        last = chunk
+    sender.join()
+    assert received == count * one and last.endswith(b"a" * min(size, len(last)))

@@ -78,6 +78,8 @@ pub enum Phase {
         message: Vec<u8>,
         is_head: bool,
         until: Instant,
+        /// The upload file an upload-done message names: removed if it is never sent.
+        upload: Option<std::path::PathBuf>,
     },
     /// Waiting for, or relaying, a handler's response.
     Handler {
@@ -278,9 +280,15 @@ impl Conn {
         }
     }
 
-    /// Whether input is of use now: a head or a body is being read.
-    pub fn wants_input(&self) -> bool {
-        matches!(self.phase, Phase::Head | Phase::Body { .. })
+    /// Whether reading more is of use now: a body is coming in, or a head is awaited and
+    /// the buffered input is under its cap (over it, nothing is read until requests are
+    /// taken from it: reading again would only spin).
+    pub fn wants_input(&self, head_limit: usize) -> bool {
+        match self.phase {
+            Phase::Body { .. } => true,
+            Phase::Head => self.input.len() < head_limit + READ_AHEAD,
+            _ => false,
+        }
     }
 
     /// Done with: closing and flushed, or unable to go on.

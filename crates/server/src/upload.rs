@@ -18,6 +18,20 @@ pub struct Spool {
     /// What the messages say: the path inside the chroot.
     pub message_path: String,
     pub written: u64,
+    /// The complete file went to the handler, whose it is to delete.
+    handed_off: bool,
+}
+
+/// An upload that was refused, abandoned or could not be written is nobody else's: every
+/// way a spool can end without `finish` removes its file.
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if !self.handed_off {
+            if let Err(e) = std::fs::remove_file(&self.host_path) {
+                tracing::warn!("cannot remove {}: {e}", self.host_path.display());
+            }
+        }
+    }
 }
 
 impl Spool {
@@ -49,6 +63,7 @@ impl Spool {
             host_path,
             message_path,
             written: 0,
+            handed_off: false,
         })
     }
 
@@ -59,15 +74,13 @@ impl Spool {
 
     /// The body is complete: the file is flushed and closed, the handler's to delete.
     pub fn finish(mut self) -> io::Result<()> {
-        self.file.flush()
+        self.file.flush()?;
+        self.handed_off = true;
+        Ok(())
     }
 
-    /// The upload was refused or abandoned: nobody else will delete the file.
-    pub fn remove(self) {
-        if let Err(e) = std::fs::remove_file(&self.host_path) {
-            tracing::warn!("cannot remove {}: {e}", self.host_path.display());
-        }
-    }
+    /// The upload was refused or abandoned: the file goes (as when dropped).
+    pub fn remove(self) {}
 }
 
 /// Checks the template at start, so that a bad one is an error then, not on the first

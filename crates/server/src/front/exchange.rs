@@ -244,12 +244,29 @@ impl Hub {
         if self.handlers.send(handler, &message) {
             self.await_reply(conn, handler, head.is_head());
         } else {
+            let upload = match upload {
+                Upload::Done(path) => Some(self.upload_root.join(path.trim_start_matches('/'))),
+                _ => None,
+            };
             conn.phase = Phase::Queued {
                 handler,
                 message,
                 is_head: head.is_head(),
                 until: Instant::now() + self.settings.handler_wait,
+                upload,
             };
+        }
+    }
+
+    /// A queued upload-done message that will never be sent: its file is nobody else's.
+    pub(super) fn forget_upload(&mut self, conn: &mut Conn) {
+        if let Phase::Queued {
+            upload: Some(path), ..
+        } = &conn.phase
+        {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
         }
     }
 
@@ -377,7 +394,20 @@ impl Hub {
     /// A reply's bytes for a connection.
     /// `message[body]` is the reply's body: it is queued for the client as a range of the
     /// message, shared by every connection the reply names, never copied.
-    pub(super) fn deliver(&mut self, conn: &mut Conn, message: &Rc<Vec<u8>>, body: Range<usize>) {
+    pub(super) fn deliver(
+        &mut self,
+        conn: &mut Conn,
+        from: usize,
+        message: &Rc<Vec<u8>>,
+        body: Range<usize>,
+    ) {
+        if !self.serves(conn, from) {
+            tracing::warn!(
+                conn = conn.id,
+                "a reply from a handler that is not serving this connection's request: dropped"
+            );
+            return;
+        }
         let (start, body) = (body.start, &message[body]);
         if body.is_empty() {
             // The handler closes the connection (refusing an upload, if one is coming in).
@@ -420,7 +450,8 @@ impl Hub {
             );
             return;
         };
-        *deadline = None;
+        // A response in progress gets the same time again for each message.
+        *deadline = Some(Instant::now() + self.settings.handler_timeout);
         // What the client had not taken before this message: one large message is not a
         // slow client, a queue that keeps growing is.
         let behind = conn.out_bytes;
@@ -454,6 +485,25 @@ impl Hub {
                 "client too slow: more than limits.client_buffer bytes queued; dropped"
             );
             conn.write_failed = true;
+        }
+    }
+
+    /// Whether `handler` may answer the connection now: the request in service is its, or
+    /// an upload announced to it is coming in (a reply then refuses the upload). A reply
+    /// from another handler, or for a request not yet sent, is stale: it would land in the
+    /// wrong response.
+    fn serves(&self, conn: &Conn, handler: usize) -> bool {
+        match &conn.phase {
+            Phase::Handler { handler: h, .. } => *h == handler,
+            Phase::Body {
+                sink: Sink::Spool(_),
+                then: AfterBody::Handler { handler: h, .. },
+                ..
+            } => *h == handler,
+            // A 0-length reply closes an idle connection (a handler's close after its
+            // response, as mongrel2 allows).
+            Phase::Head | Phase::Closing => conn.handler == Some(handler),
+            _ => false,
         }
     }
 

@@ -31,9 +31,11 @@ impl Hub {
         let rest = &path[prefix_len.min(path.len())..];
         // A prefix without a trailing slash matches whole segments only (mongrel2 served
         // `/st2a.txt` from route `/st2`), and the bare prefix is the directory.
-        let resolved = if !key.ends_with('/') && rest.is_empty() {
+        // The literal prefix decides (a pattern route's key goes on past it).
+        let prefix = &key.as_bytes()[..prefix_len.min(key.len())];
+        let resolved = if !prefix.ends_with(b"/") && rest.is_empty() {
             Resolved::AddSlash
-        } else if !key.ends_with('/') && !rest.starts_with(b"/") {
+        } else if !prefix.ends_with(b"/") && !rest.starts_with(b"/") {
             Resolved::NotFound
         } else {
             self.dirs[d].resolve(rest)

@@ -37,6 +37,8 @@ use crate::settings::Settings;
 const LISTENER: Token = Token(AUX_BASE - 1);
 /// Credits a handler starts with on a connection (mongrel2's).
 const FIRST_CREDITS: &[u8] = b"102400";
+/// Responses queued for a client past which its next pipelined request waits.
+const PIPELINED_OUT: usize = 1 << 20;
 /// Most body bytes read from one client in one turn of the loop.
 const BODY_TURN: usize = 1 << 20;
 /// How often timeouts and heartbeats are looked at.
@@ -79,6 +81,17 @@ pub struct Front {
     scratch: Box<[u8]>,
 }
 
+/// Connection ids are never reused, not even across a restart of the server: they start
+/// from the clock (microseconds, shifted), so a handler's late reply for a connection of
+/// before the restart can name no connection of after it.
+fn first_id() -> u64 {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
+    (micros << 8).max(1)
+}
+
 impl Front {
     pub fn new(poll: Poll, mut listener: TcpListener, hub: Hub) -> anyhow::Result<Front> {
         poll.registry()
@@ -88,7 +101,7 @@ impl Front {
             listener: Some(listener),
             conns: Slab::new(),
             ids: HashMap::new(),
-            next_id: 1,
+            next_id: first_id(),
             hub,
             hot: Vec::new(),
             ready: Vec::new(),
@@ -229,9 +242,9 @@ impl Front {
         let mut budget = BODY_TURN;
         while matches!(conn.phase, Phase::Body { .. }) {
             if budget == 0 {
-                conn.read_pending = true;
                 break;
             }
+            conn.read_pending = false;
             match conn.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     conn.read_closed = true;
@@ -245,6 +258,8 @@ impl Front {
                     if n < self.scratch.len() {
                         break; // drained
                     }
+                    // A full read: more may wait in the socket, and no new edge will say so.
+                    conn.read_pending = true;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -267,6 +282,16 @@ impl Front {
             return;
         };
         conn.flush();
+        // Pipelined requests held back while responses were queued (`advance`): served as
+        // the client takes what is queued. Until the socket pushes back, no edge will come.
+        while matches!(conn.phase, Phase::Head) && !conn.input.is_empty() && conn.out.is_empty() {
+            let before = conn.input.len();
+            self.hub.advance(conn);
+            conn.flush();
+            if conn.input.len() == before {
+                break;
+            }
+        }
         if conn.written_for_credits > 0 {
             let n = std::mem::take(&mut conn.written_for_credits);
             if self.hub.settings.flow_control {
@@ -287,7 +312,10 @@ impl Front {
         }
         if conn.finished() {
             self.close(index);
-        } else if conn.read_pending && conn.wants_input() && !self.ready.contains(&index) {
+        } else if conn.read_pending
+            && conn.wants_input(self.hub.settings.buffer_size)
+            && !self.ready.contains(&index)
+        {
             self.ready.push(index);
         }
     }
@@ -303,6 +331,7 @@ impl Front {
         {
             spool.remove();
         }
+        self.hub.forget_upload(&mut conn);
         self.hub.finish_log(&mut conn);
         if let Some(h) = conn.handler {
             self.hub.notify(h, conn.id, Notice::Disconnect);
@@ -316,11 +345,13 @@ impl Front {
                 self.hub.handlers.accept(index, registry);
             }
             Some(Aux::Peer { .. }) => {
-                let mut events = Vec::new();
-                self.hub.handlers.drive(index, readable, &mut events);
+                // Known before driving: a peer that ends in this read is removed by it, and
+                // the replies it sent just before ending must still be delivered.
                 let Some((handler, role)) = self.hub.handlers.peer_of(index) else {
                     return;
                 };
+                let mut events = Vec::new();
+                self.hub.handlers.drive(index, readable, &mut events);
                 if let Some(Aux::Peer { peer, .. }) = self.hub.handlers.aux.get(index) {
                     if peer.has_unread() {
                         self.hot.push(index);
@@ -369,7 +400,7 @@ impl Front {
             } else {
                 let start = reply.body.as_ptr() as usize - msg.as_ptr() as usize;
                 self.hub
-                    .deliver(conn, &msg, start..start + reply.body.len());
+                    .deliver(conn, handler, &msg, start..start + reply.body.len());
             }
             self.settle(index);
         }
@@ -398,6 +429,8 @@ impl Front {
         let mut expired = Vec::new();
         for (index, conn) in self.conns.iter_mut() {
             if self.hub.expire(conn) {
+                // A request answered here (503, 504) may have pipelined ones behind it.
+                self.hub.advance(conn);
                 expired.push(index);
             }
         }
@@ -435,7 +468,12 @@ impl Hub {
         loop {
             match &conn.phase {
                 Phase::Head => {
-                    if conn.input.is_empty() {
+                    // A client that pipelines and does not read is answered as far as
+                    // `PIPELINED_OUT` of responses; the rest waits until it takes them.
+                    if conn.input.is_empty()
+                        || conn.out_bytes > PIPELINED_OUT
+                        || conn.out.len() > 64
+                    {
                         return;
                     }
                     match request::parse(&conn.input, self.limits()) {
@@ -548,13 +586,16 @@ impl Hub {
                 true
             }
             Phase::Head
-                if conn.input.is_empty() && conn.out.is_empty() && since > s.keepalive_timeout =>
+                if conn.input.is_empty()
+                    && conn.out.is_empty()
+                    && conn.progress.max(conn.last_write).elapsed() > s.keepalive_timeout =>
             {
                 conn.phase = Phase::Closing;
                 true
             }
             Phase::Queued { handler, until, .. } if Instant::now() > *until => {
                 let handler = *handler;
+                self.forget_upload(conn);
                 self.unavailable(conn, handler, false);
                 true
             }
@@ -563,13 +604,24 @@ impl Hub {
                 true
             }
             Phase::Handler {
-                deadline: Some(d), ..
+                deadline: Some(d),
+                framing,
+                ..
             } if Instant::now() > *d => {
-                tracing::warn!(
-                    conn = conn.id,
-                    "no reply from the handler within limits.handler_timeout: 504"
-                );
-                self.refuse(conn, Status::GATEWAY_TIMEOUT, true, "");
+                if framing.head_seen() {
+                    // Part of the response is out: all that can be done is to end it.
+                    tracing::warn!(
+                        conn = conn.id,
+                        "the handler went silent mid-response for limits.handler_timeout: closed"
+                    );
+                    conn.phase = Phase::Closing;
+                } else {
+                    tracing::warn!(
+                        conn = conn.id,
+                        "no reply from the handler within limits.handler_timeout: 504"
+                    );
+                    self.refuse(conn, Status::GATEWAY_TIMEOUT, true, "");
+                }
                 true
             }
             _ => false,
