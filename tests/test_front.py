@@ -531,3 +531,18 @@ def test_a_pipelining_client_that_does_not_read_is_held_back(started):
         last = chunk
     sender.join()
     assert received == count * one and last.endswith(b"a" * min(size, len(last)))
+
+
+def test_sighup_reopens_the_logs_and_stops_nothing(started):
+    """`m2sh reload` sends SIGHUP: mongrel2 reopens its logs (logrotate); so do we, and go on."""
+    h = PyHandler()
+    front = started({"/": h.conf()}, handlers=[h])
+    wait_handler(front)
+    logs = front.root / "logs"
+    (logs / "access.log").rename(logs / "access.log.1")
+    (logs / "error.log").rename(logs / "error.log.1")
+    front.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: (logs / "error.log").exists(), what="a new error log")
+    assert requests.get(front.url + "/after", timeout=3).text == "/after"
+    wait_for(lambda: "6:/after," in (logs / "access.log").read_text(), what="the new access log's line")
+    assert "logs reopened" in (logs / "error.log").read_text() and front.proc.poll() is None

@@ -11,6 +11,7 @@ use m2wire::netstring::{write, write_tagged};
 /// Buffered, flushed at most every 200 ms or 64 KiB: one write per line would cost more
 /// than a hello request.
 pub struct AccessLog {
+    path: std::path::PathBuf,
     file: File,
     buf: Vec<u8>,
     flushed: Instant,
@@ -30,6 +31,7 @@ impl AccessLog {
     pub fn open(path: &Path) -> io::Result<AccessLog> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(AccessLog {
+            path: path.to_path_buf(),
             file,
             buf: Vec::with_capacity(64 * 1024),
             flushed: Instant::now(),
@@ -62,6 +64,19 @@ impl AccessLog {
     pub fn tick(&mut self) {
         if !self.buf.is_empty() && self.flushed.elapsed() > Duration::from_millis(200) {
             self.flush();
+        }
+    }
+
+    /// After logrotate moved the file away (SIGHUP, as mongrel2 does it).
+    pub fn reopen(&mut self) {
+        self.flush();
+        match OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        {
+            Ok(file) => self.file = file,
+            Err(e) => tracing::warn!("cannot reopen the access log {}: {e}", self.path.display()),
         }
     }
 

@@ -85,6 +85,7 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
             outside(p)
         }
     };
+    error_log_moved_to(inside(&server.error_log));
     if settings.daemonize {
         #[allow(deprecated)]
         nix::unistd::daemon(true, true).context("daemonize")?;
@@ -111,6 +112,8 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(signal, Arc::clone(&stop))?;
         }
+        let reopen = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reopen))?;
         tracing::info!(
             "serving {} on {}:{} (server {})",
             config_path.display(),
@@ -118,7 +121,7 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
             server.port,
             server.uuid
         );
-        front.run(stop, STOP_GRACE)
+        front.run(stop, reopen, STOP_GRACE)
     })();
     let _ = std::fs::remove_file(&pid_path);
     result
@@ -295,8 +298,10 @@ fn init_logging(error_log: &Path, to_stderr: bool) -> anyhow::Result<()> {
         .append(true)
         .open(error_log)
         .with_context(|| format!("error log {}", error_log.display()))?;
+    let file = Arc::new(Mutex::new(file));
+    let _ = ERROR_LOG.set((Mutex::new(error_log.to_path_buf()), Arc::clone(&file)));
     let writer = Tee {
-        file: Arc::new(Mutex::new(file)),
+        file,
         stderr: to_stderr,
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WSGID_LOG")
@@ -308,6 +313,33 @@ fn init_logging(error_log: &Path, to_stderr: bool) -> anyhow::Result<()> {
         .with_target(false)
         .try_init();
     Ok(())
+}
+
+/// The error log's path (as seen before any chroot) and file, for SIGHUP.
+static ERROR_LOG: std::sync::OnceLock<(Mutex<PathBuf>, Arc<Mutex<std::fs::File>>)> =
+    std::sync::OnceLock::new();
+
+/// After the chroot: the error log's path as seen from inside, for reopening.
+fn error_log_moved_to(inside: PathBuf) {
+    if let Some((path, _)) = ERROR_LOG.get() {
+        *path.lock().unwrap_or_else(|e| e.into_inner()) = inside;
+    }
+}
+
+/// Reopens the error log after logrotate moved it.
+pub fn reopen_error_log() {
+    let Some((path, file)) = ERROR_LOG.get() else {
+        return;
+    };
+    let path = path.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let opened = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path);
+    match opened {
+        Ok(fresh) => *file.lock().unwrap_or_else(|e| e.into_inner()) = fresh,
+        Err(e) => tracing::warn!("cannot reopen the error log {}: {e}", path.display()),
+    }
 }
 
 #[derive(Clone)]

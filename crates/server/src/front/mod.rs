@@ -110,7 +110,13 @@ impl Front {
     }
 
     /// Serves until `stop` is set, then finishes the requests in service (up to `grace`).
-    pub fn run(&mut self, stop: Arc<AtomicBool>, grace: Duration) -> anyhow::Result<()> {
+    /// `reopen`: set on SIGHUP, when the logs are reopened (logrotate), as mongrel2 does.
+    pub fn run(
+        &mut self,
+        stop: Arc<AtomicBool>,
+        reopen: Arc<AtomicBool>,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut last_tick = Instant::now();
         let mut stopping: Option<Instant> = None;
@@ -153,6 +159,13 @@ impl Front {
                 self.tick();
             }
             self.hub.handlers.flush();
+            if reopen.swap(false, Ordering::Relaxed) {
+                if let Some(a) = self.hub.access.as_mut() {
+                    a.reopen();
+                }
+                crate::run::reopen_error_log();
+                tracing::info!("SIGHUP: logs reopened");
+            }
             if stop.load(Ordering::Relaxed) && stopping.is_none() {
                 tracing::info!("stopping: no new connections; finishing the requests in service");
                 stopping = Some(Instant::now());
