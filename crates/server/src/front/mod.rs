@@ -79,6 +79,8 @@ pub struct Front {
     ready: Vec<usize>,
     /// Where client reads land first (zeroed once).
     scratch: Box<[u8]>,
+    /// An accept failed (out of descriptors): connections may be waiting.
+    accept_again: bool,
 }
 
 /// Connection ids are never reused, not even across a restart of the server: they start
@@ -106,6 +108,7 @@ impl Front {
             hot: Vec::new(),
             ready: Vec::new(),
             scratch: vec![0; 256 * 1024].into_boxed_slice(),
+            accept_again: false,
         })
     }
 
@@ -186,6 +189,7 @@ impl Front {
     }
 
     fn accept(&mut self) {
+        self.accept_again = false;
         loop {
             let Some(listener) = self.listener.as_ref() else {
                 return;
@@ -194,8 +198,10 @@ impl Front {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    // EMFILE and the like: logged, and the loop goes on.
+                    // EMFILE and the like: logged, and retried at each tick (the edge that
+                    // said connections wait is spent).
                     tracing::warn!("accept: {e}");
+                    self.accept_again = true;
                     return;
                 }
             };
@@ -435,6 +441,9 @@ impl Front {
     }
 
     fn tick(&mut self) {
+        if self.accept_again {
+            self.accept();
+        }
         self.hub.handlers.heartbeat();
         if let Some(a) = self.hub.access.as_mut() {
             a.tick();
