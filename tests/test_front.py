@@ -533,11 +533,16 @@ def test_a_pipelining_client_that_does_not_read_is_held_back(started):
     assert received == count * one and last.endswith(b"a" * min(size, len(last)))
 
 
-def test_sighup_reopens_the_logs_and_stops_nothing(started):
-    """`m2sh reload` sends SIGHUP: mongrel2 reopens its logs (logrotate); so do we, and go on."""
+def test_sighup_reopens_the_logs_and_reloads_the_config(started):
+    """`m2sh reload` sends SIGHUP: mongrel2 reopens its logs (logrotate) and keeps its old
+    routes until restarted; we reopen the logs and read the config again, going on serving."""
     h = PyHandler()
     front = started({"/": h.conf()}, handlers=[h])
     wait_handler(front)
+    (front.root / "static" / "new.txt").write_text("a new route")
+    assert requests.get(front.url + "/static/new.txt").text == "/static/new.txt"  # the handler's
+    front.routes["/static/"] = "Dir(base='static/', index_file='index.html', default_ctype='text/plain')"
+    front.write_conf()
     logs = front.root / "logs"
     (logs / "access.log").rename(logs / "access.log.1")
     (logs / "error.log").rename(logs / "error.log.1")
@@ -546,3 +551,10 @@ def test_sighup_reopens_the_logs_and_stops_nothing(started):
     assert requests.get(front.url + "/after", timeout=3).text == "/after"
     wait_for(lambda: "6:/after," in (logs / "access.log").read_text(), what="the new access log's line")
     assert "logs reopened" in (logs / "error.log").read_text() and front.proc.poll() is None
+    wait_for(lambda: "config reloaded" in (logs / "error.log").read_text(), what="the reload")
+    assert requests.get(front.url + "/static/new.txt").text == "a new route"
+    # A broken config leaves the running one in place.
+    (front.root / "main.conf").write_text("servers = [")
+    front.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config not reloaded" in (logs / "error.log").read_text(), what="the refused reload")
+    assert requests.get(front.url + "/static/new.txt").text == "a new route"

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use mio::Poll;
+use mio::{Poll, Registry};
 
 use crate::access_log::AccessLog;
 use crate::config::{self, Config, Target};
@@ -78,11 +78,14 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
         std::env::set_current_dir("/")?;
     }
     // Paths as seen from here, from now on.
-    let inside = |p: &str| {
-        if chrooting {
-            Path::new("/").join(p.trim_start_matches('/'))
-        } else {
-            outside(p)
+    let inside = {
+        let root = root.clone();
+        move |p: &str| {
+            if chrooting {
+                Path::new("/").join(p.trim_start_matches('/'))
+            } else {
+                root.join(p.trim_start_matches('/'))
+            }
         }
     };
     error_log_moved_to(inside(&server.error_log));
@@ -108,6 +111,11 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
         let poll = Poll::new()?;
         let hub = build_hub(&config, &server, settings, &inside, &poll, chrooting)?;
         let mut front = Front::new(poll, listener, hub)?;
+        let reload = Reload {
+            config_path: config_path.to_path_buf(),
+            uuid: server.uuid.clone(),
+            inside: Box::new(inside.clone()),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(signal, Arc::clone(&stop))?;
@@ -121,7 +129,7 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
             server.port,
             server.uuid
         );
-        front.run(stop, reopen, STOP_GRACE)
+        front.run(stop, reopen, &reload, STOP_GRACE)
     })();
     let _ = std::fs::remove_file(&pid_path);
     result
@@ -136,32 +144,7 @@ fn build_hub(
     chrooting: bool,
 ) -> anyhow::Result<Hub> {
     let mut handlers = Handlers::new(settings.handler_heartbeat);
-    let mut dirs = Vec::new();
-    let mut hosts = Vec::new();
-    for host in &server.hosts {
-        let mut routes = Vec::new();
-        for route in &host.routes {
-            let target = match &route.target {
-                Target::Handler(h) => RouteTarget::Handler(handlers.add(h, poll.registry())?),
-                Target::Dir(d) => {
-                    let base = inside(&d.base);
-                    let dir = DirRoute::new(&base, &d.index_file, &d.default_ctype).with_context(
-                        || format!("Dir route {:?}: base {}", route.path, base.display()),
-                    )?;
-                    dirs.push(dir);
-                    RouteTarget::Dir(dirs.len() - 1)
-                }
-                Target::Proxy(_) => RouteTarget::Proxy,
-            };
-            routes.push((route.path.clone(), target));
-        }
-        hosts.push(HostSpec {
-            name: host.name.clone(),
-            matching: host.matching.clone(),
-            routes,
-        });
-    }
-    let router = Router::new(hosts, &server.default_host).map_err(anyhow::Error::msg)?;
+    let (router, dirs) = build_routes(server, &mut handlers, inside, poll.registry())?;
     let upload_root = if chrooting {
         PathBuf::from("/")
     } else {
@@ -186,6 +169,79 @@ fn build_hub(
         upload_root,
         scheme: b"http",
     })
+}
+
+/// The router and the Dir routes of `server`; handlers are bound on first use (a reload
+/// keeps those already bound).
+fn build_routes(
+    server: &config::Server,
+    handlers: &mut Handlers,
+    inside: &dyn Fn(&str) -> PathBuf,
+    registry: &Registry,
+) -> anyhow::Result<(Router<RouteTarget>, Vec<DirRoute>)> {
+    let mut dirs = Vec::new();
+    let mut hosts = Vec::new();
+    for host in &server.hosts {
+        let mut routes = Vec::new();
+        for route in &host.routes {
+            let target = match &route.target {
+                Target::Handler(h) => RouteTarget::Handler(handlers.add(h, registry)?),
+                Target::Dir(d) => {
+                    let base = inside(&d.base);
+                    let dir = DirRoute::new(&base, &d.index_file, &d.default_ctype).with_context(
+                        || format!("Dir route {:?}: base {}", route.path, base.display()),
+                    )?;
+                    dirs.push(dir);
+                    RouteTarget::Dir(dirs.len() - 1)
+                }
+                Target::Proxy(_) => RouteTarget::Proxy,
+            };
+            routes.push((route.path.clone(), target));
+        }
+        hosts.push(HostSpec {
+            name: host.name.clone(),
+            matching: host.matching.clone(),
+            routes,
+        });
+    }
+    let router = Router::new(hosts, &server.default_host).map_err(anyhow::Error::msg)?;
+    Ok((router, dirs))
+}
+
+/// What SIGHUP needs to read the config again (mongrel2 needs a restart for a new route).
+pub struct Reload {
+    config_path: PathBuf,
+    uuid: String,
+    inside: Box<dyn Fn(&str) -> PathBuf>,
+}
+
+impl Reload {
+    /// Reads the config again: routes, Dir routes, mimetypes and settings are replaced and
+    /// new handlers bound; the listener, chroot, privileges and logs stay as they are. On
+    /// any error the running config stays.
+    pub fn apply(&self, hub: &mut Hub, registry: &Registry) -> anyhow::Result<()> {
+        let config = load(&self.config_path)?;
+        let server = config.server(Some(&self.uuid))?;
+        let (settings, warnings) = Settings::from_map(&config.settings);
+        if let Some(template) = &settings.temp_store {
+            crate::upload::check_template(template, &hub.upload_root)
+                .map_err(anyhow::Error::msg)?;
+        }
+        let (router, dirs) = build_routes(server, &mut hub.handlers, &*self.inside, registry)?;
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        warn_unimplemented(server);
+        hub.router = router;
+        hub.dirs = dirs;
+        hub.mime = MimeTypes::new(&config.mimetypes);
+        hub.settings = Settings {
+            // Bound into the handlers at start.
+            handler_heartbeat: hub.settings.handler_heartbeat,
+            ..settings
+        };
+        Ok(())
+    }
 }
 
 /// What the config asks for that we do not do (yet), named at start.

@@ -113,11 +113,13 @@ impl Front {
     }
 
     /// Serves until `stop` is set, then finishes the requests in service (up to `grace`).
-    /// `reopen`: set on SIGHUP, when the logs are reopened (logrotate), as mongrel2 does.
+    /// `reopen`: set on SIGHUP, when the logs are reopened (logrotate), as mongrel2 does,
+    /// and the config is read again (`reload`), which mongrel2 does not do.
     pub fn run(
         &mut self,
         stop: Arc<AtomicBool>,
         reopen: Arc<AtomicBool>,
+        reload: &crate::run::Reload,
         grace: Duration,
     ) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
@@ -168,6 +170,12 @@ impl Front {
                 }
                 crate::run::reopen_error_log();
                 tracing::info!("SIGHUP: logs reopened");
+                match reload.apply(&mut self.hub, self.poll.registry()) {
+                    Ok(()) => tracing::info!("SIGHUP: config reloaded"),
+                    Err(e) => {
+                        tracing::error!("SIGHUP: config not reloaded, the running one stays: {e:#}")
+                    }
+                }
             }
             if stop.load(Ordering::Relaxed) && stopping.is_none() {
                 tracing::info!("stopping: no new connections; finishing the requests in service");
