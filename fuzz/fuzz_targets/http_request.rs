@@ -28,7 +28,7 @@ fuzz_target!(|input: (u8, &[u8])| {
         return;
     };
     let lengths = head.headers().filter(|(n, _)| *n == b"content-length").count();
-    let chunked = head.headers().any(|(n, _)| *n == b"transfer-encoding");
+    let chunked = head.headers().any(|(n, _)| n == b"transfer-encoding");
     assert!(lengths <= 1 && !(lengths == 1 && chunked));
     let mut decoder = match head.framing {
         Framing::Length(n) => Decoder::length(n),
