@@ -558,3 +558,24 @@ def test_sighup_reopens_the_logs_and_reloads_the_config(started):
     front.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "config not reloaded" in (logs / "error.log").read_text(), what="the refused reload")
     assert requests.get(front.url + "/static/new.txt").text == "a new route"
+
+
+def test_a_refusal_reaches_a_client_still_sending_its_body(started):
+    """A 413 or 404 sent while the body is still coming: the server half-closes and reads
+    the rest away instead of closing with unread input (which resets the connection and
+    can destroy the response before the client reads it)."""
+    h = PyHandler()
+    front = started({"/h": h.conf()}, handlers=[h])
+    body = b"x" * (4 << 20)
+    for path in (b"/nothing", b"/h"):  # no route; over limits.content_length without temp_store
+        sock = socket.create_connection(("127.0.0.1", front.port), timeout=10)
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sender = threading.Thread(target=lambda: sock.sendall(body))
+        sender.start()
+        sender.join(10)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        assert data.split(b" ")[1] in (b"404", b"413"), data[:80]
+        sock.close()
+    assert front.proc.poll() is None

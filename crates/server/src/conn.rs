@@ -88,8 +88,12 @@ pub enum Phase {
         /// No reply by then: 504.
         deadline: Option<Instant>,
     },
-    /// Nothing more is read; the connection closes once its output is written.
+    /// Nothing more is served; the connection closes once its output is written.
     Closing,
+    /// Written and half-closed: what the client still sends (the rest of a refused body)
+    /// is read and dropped until it closes or `until`, so that closing with unread input
+    /// does not reset the connection and destroy the response it has not read yet.
+    Lingering { until: Instant },
 }
 
 /// What the access log needs about the request in service.
@@ -293,7 +297,31 @@ impl Conn {
 
     /// Done with: closing and flushed, or unable to go on.
     pub fn finished(&self) -> bool {
-        self.write_failed || (matches!(self.phase, Phase::Closing) && self.out.is_empty())
+        self.write_failed || (matches!(self.phase, Phase::Lingering { .. }) && self.read_closed)
+    }
+
+    /// Closing, written, and the client may still be sending: time to linger.
+    pub fn done_writing(&self) -> bool {
+        matches!(self.phase, Phase::Closing) && self.out.is_empty()
+    }
+
+    /// Reads and drops what a lingering client sends.
+    pub fn discard_input(&mut self, scratch: &mut [u8]) {
+        loop {
+            match self.stream.read(scratch) {
+                Ok(0) => {
+                    self.read_closed = true;
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.read_closed = true;
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -37,6 +37,8 @@ use crate::settings::Settings;
 const LISTENER: Token = Token(AUX_BASE - 1);
 /// Credits a handler starts with on a connection (mongrel2's).
 const FIRST_CREDITS: &[u8] = b"102400";
+/// How long a closing connection reads and drops what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
 /// Responses queued for a client past which its next pipelined request waits.
 const PIPELINED_OUT: usize = 1 << 20;
 /// Most body bytes read from one client in one turn of the loop.
@@ -240,6 +242,11 @@ impl Front {
         let Some(conn) = self.conns.get_mut(index) else {
             return;
         };
+        if matches!(conn.phase, Phase::Lingering { .. }) {
+            conn.discard_input(&mut self.scratch);
+            self.settle(index);
+            return;
+        }
         let was_empty = conn.input.is_empty();
         conn.hup |= hup;
         if was_empty && matches!(conn.phase, Phase::Body { .. }) {
@@ -335,6 +342,18 @@ impl Front {
                 }
                 Phase::Head if conn.out.is_empty() => conn.phase = Phase::Closing,
                 _ => {}
+            }
+        }
+        if conn.done_writing() {
+            if conn.read_closed {
+                conn.write_failed = true;
+            } else {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                conn.input = Vec::new();
+                conn.phase = Phase::Lingering {
+                    until: Instant::now() + LINGER,
+                };
+                conn.discard_input(&mut self.scratch);
             }
         }
         if conn.finished() {
@@ -527,7 +546,10 @@ impl Hub {
                         return;
                     }
                 }
-                Phase::Handler { .. } | Phase::Queued { .. } | Phase::Closing => return,
+                Phase::Handler { .. }
+                | Phase::Queued { .. }
+                | Phase::Closing
+                | Phase::Lingering { .. } => return,
             }
         }
     }
@@ -627,6 +649,10 @@ impl Hub {
                 let handler = *handler;
                 self.forget_upload(conn);
                 self.unavailable(conn, handler, false);
+                true
+            }
+            Phase::Lingering { until } if Instant::now() > *until => {
+                conn.read_closed = true;
                 true
             }
             Phase::Body { .. } if since > s.body_timeout => {
