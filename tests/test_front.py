@@ -374,6 +374,25 @@ def upload_digest(front, req):
     return ok(hashlib.sha256(req["body"]).hexdigest())
 
 
+def pyzmq_handler(h, front):
+    """The command of bench/'s minimal pyzmq handler for `h`'s endpoints."""
+    return [sys.executable, str(ROOT / "bench" / "pyzmq_handler.py"), h.send_spec, h.recv_spec, str(front.root)]
+
+
+def late_requests(front, seconds=4):
+    """Requests sent one after another for `seconds`: when (seconds from now) each of those
+    that waited more than 0.5 s was sent."""
+    cut = time.time()
+    late = []
+    while time.time() - cut < seconds:
+        t = time.time()
+        try:
+            requests.get(front.url + "/", timeout=0.5)
+        except requests.RequestException:
+            late.append(t - cut)
+    return late
+
+
 @pytest.mark.parametrize("heartbeat_ms", [500, 60_000])
 def test_a_silent_handler_stops_getting_requests_within_two_seconds(started, heartbeat_ms):
     """Two handler processes; one stops answering without closing anything (SIGSTOP: the
@@ -382,20 +401,13 @@ def test_a_silent_handler_stops_getting_requests_within_two_seconds(started, hea
     second case), requests do wait on it: what the test would see without them."""
     h = PyHandler()  # only for its specs
     front = started({"/": h.conf()}, {"limits.handler_heartbeat_ms": heartbeat_ms})
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "pyzmq_handler.py"), h.send_spec, h.recv_spec,
-                               str(front.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    procs = [subprocess.Popen(pyzmq_handler(h, front), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(2)]
     try:
         wait_for(lambda: requests.get(front.url + "/", timeout=2).status_code == 200, what="the handlers")
         time.sleep(0.5)
         procs[0].send_signal(signal.SIGSTOP)
-        cut = time.time()
-        late = []  # when requests that waited on the stopped handler were sent
-        while time.time() - cut < 4:
-            t = time.time()
-            try:
-                requests.get(front.url + "/", timeout=0.5)
-            except requests.RequestException:
-                late.append(t - cut)
+        late = late_requests(front)
         if heartbeat_ms < 1000:
             assert all(t < 2 for t in late), late
         else:
@@ -472,21 +484,14 @@ def test_a_handler_host_cut_off_stops_getting_requests_within_two_seconds(starte
         h.send_spec = f"tcp://{here}:{h.send_spec.rsplit(':', 1)[1]}"
         h.recv_spec = f"tcp://{here}:{h.recv_spec.rsplit(':', 1)[1]}"
         front = started({"/": h.conf()}, {"limits.handler_heartbeat_ms": heartbeat_ms})
-        handler = [sys.executable, str(ROOT / "bench" / "pyzmq_handler.py"), h.send_spec, h.recv_spec, str(front.root)]
+        handler = pyzmq_handler(h, front)
         procs.append(subprocess.Popen(handler, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *handler], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
         wait_for(lambda: requests.get(front.url + "/", timeout=2).status_code == 200, what="the handlers")
         time.sleep(1)  # both connected: requests alternate between the hosts
         ip("link", "set", host_if, "down")
-        cut = time.time()
-        late = []
-        while time.time() - cut < 4:
-            t = time.time()
-            try:
-                requests.get(front.url + "/", timeout=0.5)
-            except requests.RequestException:
-                late.append(t - cut)
+        late = late_requests(front)
         if heartbeat_ms < 1000:
             assert late and all(t < 2 for t in late), late  # some waited on the cut host at first
         else:
