@@ -509,12 +509,14 @@ impl Hub {
 
     /// An extended reply (`X` ids): mongrel2's `ctl` commands.
     pub(super) fn control(&mut self, conn: &mut Conn, body: &[u8]) {
-        let command = m2wire::netstring::split_tagged(body, 0)
-            .ok()
-            .and_then(|(list, _, _)| m2wire::netstring::split_tagged(list, 0).ok())
-            .map(|(name, _, args)| (name.to_vec(), args.to_vec()));
+        let command = ctl_keys(body);
+        let has = |key: &[u8]| {
+            command
+                .as_ref()
+                .is_some_and(|keys| keys.iter().any(|k| k == key))
+        };
         match command {
-            Some((name, args)) if name == b"ctl" && contains(&args, b"keep-alive") => {
+            Some(_) if has(b"keep-alive") => {
                 if let Phase::Handler {
                     deadline: Some(d), ..
                 } = &mut conn.phase
@@ -522,9 +524,7 @@ impl Hub {
                     *d = Instant::now() + self.settings.handler_timeout;
                 }
             }
-            Some((name, args)) if name == b"ctl" && contains(&args, b"cancel") => {
-                conn.phase = Phase::Closing
-            }
+            Some(_) if has(b"cancel") => conn.phase = Phase::Closing,
             _ => {
                 tracing::warn!(
                     conn = conn.id,
@@ -536,19 +536,21 @@ impl Hub {
     }
 }
 
-/// Whether a tnetstring dict's payload has `key` (a cheap look, for `ctl` commands).
-fn contains(dict: &[u8], key: &[u8]) -> bool {
-    let mut rest = dict;
-    while let Ok((k, _, after)) = m2wire::netstring::split_tagged(rest, 0) {
-        if k == key {
-            return true;
-        }
-        match m2wire::netstring::split_tagged(after, 0) {
-            Ok((_, _, next)) => rest = next,
-            Err(_) => return false,
-        }
+/// The keys of a `["ctl", {...}]` extended reply (a tnetstring list: the name, then a
+/// dict), read with m2wire's tnetstring dict parser; None for anything else.
+fn ctl_keys(body: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let (list, b']', _) = m2wire::netstring::split_tagged(body, 0).ok()? else {
+        return None;
+    };
+    let (name, _, rest) = m2wire::netstring::split_tagged(list, 0).ok()?;
+    let (dict, b'}', _) = m2wire::netstring::split_tagged(rest, 0).ok()? else {
+        return None;
+    };
+    if name != b"ctl" {
+        return None;
     }
-    false
+    let headers = m2wire::tnetstring::parse_header_dict(dict, 0).ok()?;
+    Some(headers.iter().map(|(k, _)| k.to_vec()).collect())
 }
 
 /// Which upload message a request message is.
@@ -557,4 +559,22 @@ pub(super) enum Upload<'a> {
     None,
     Start(&'a str),
     Done(&'a str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ctl_keys;
+
+    #[test]
+    fn ctl_replies_are_read_as_mongrel2_writes_them() {
+        // Captured (mongrel2-protocol.md §4.5): ["ctl", {"keep-alive": true}].
+        let keys = ctl_keys(b"31:3:ctl,21:10:keep-alive,4:true!}]").unwrap();
+        assert_eq!(keys, [b"keep-alive".to_vec()]);
+        assert_eq!(
+            ctl_keys(b"23:3:ctl,13:6:cancel,1:1#}]").unwrap(),
+            [b"cancel".to_vec()]
+        );
+        assert!(ctl_keys(b"28:8:sendfile,13:6:cancel,1:1#}]").is_none());
+        assert!(ctl_keys(b"garbage").is_none());
+    }
 }
