@@ -5,10 +5,14 @@
 //! Signals: TERM/INT graceful stop, QUIT immediate stop, HUP graceful reload (new workers
 //! first, old ones retire once the new ones are ready), TTIN/TTOU one worker more/fewer,
 //! USR1 reopen logs.
+//!
+//! Stopping goes downstream: the front end first (one-command mode: it stops accepting and
+//! finishes what it has), then the broker, then the workers, each once the one before has
+//! gone, so nothing that was accepted is dropped.
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +29,7 @@ use nix::unistd::Pid;
 use crate::appdir::{self, Role};
 use crate::config::Settings;
 use crate::daemon::BootReport;
+use crate::front::HTTP_FDS_ENV;
 use crate::link::{LINK_ENV, LISTENER_FD_ENV};
 use crate::upload::UploadPolicy;
 use crate::worker::{Report, EXIT_APP_LOAD, REPORT_FD_ENV, REPORT_LEN};
@@ -75,13 +80,52 @@ pub struct Arbiter {
     /// The link's listening socket, bound once and lent to each broker.
     link_listener: std::os::unix::net::UnixListener,
     next_broker_spawn: Instant,
-    /// Stopping: the workers have been told to stop (after the broker exited).
+    /// One-command mode: the front end.
+    front: Option<LocalFront>,
+    /// Stopping: who has been told to stop (each after the one before exited).
+    front_stopped: bool,
+    broker_stopped: bool,
     workers_stopped: bool,
     /// A worker has been ready since the start: later failures to load the app (a reload
     /// of broken code) are retried while the others serve; before, they end the master.
     ever_ready: bool,
     boot: BootReport,
     boot_failed: bool,
+}
+
+/// One-command mode's front end (`server::local`) and what it is lent.
+struct LocalFront {
+    /// The `--bind` listeners, bound by the master once.
+    listeners: Vec<OwnedFd>,
+    /// Private (0700): the front end's sockets towards the broker, and spooled bodies
+    /// unless `--upload-temp-store` says otherwise. Removed when the master exits.
+    _dir: tempfile::TempDir,
+    pid: Option<i32>,
+    next_spawn: Instant,
+}
+
+impl LocalFront {
+    /// Points the broker at the front end's sockets in a fresh private directory.
+    fn new(settings: &mut Settings, listeners: Vec<OwnedFd>) -> anyhow::Result<LocalFront> {
+        let dir = tempfile::Builder::new()
+            .prefix("wsgid-")
+            .tempdir()
+            .context("cannot create the front end's directory")?;
+        let at = |name: &str| format!("ipc://{}/{name}", dir.path().display());
+        settings.recv = at("requests");
+        settings.send = at("replies");
+        if settings.upload_temp_store.is_none() {
+            settings.upload_temp_store =
+                Some(format!("{}/upload.XXXXXX", dir.path().display()));
+        }
+        settings.mongrel2_chroot = "/".into();
+        Ok(LocalFront {
+            listeners,
+            _dir: dir,
+            pid: None,
+            next_spawn: Instant::now(),
+        })
+    }
 }
 
 /// No worker could load the app at the start (gunicorn: "Worker failed to boot").
@@ -100,7 +144,17 @@ impl std::fmt::Display for BootFailed {
 impl std::error::Error for BootFailed {}
 
 impl Arbiter {
-    pub fn new(settings: Settings, boot: BootReport) -> anyhow::Result<Arbiter> {
+    /// `listeners`: the `--bind` addresses, bound (one-command mode), or none.
+    pub fn new(
+        mut settings: Settings,
+        boot: BootReport,
+        listeners: Vec<OwnedFd>,
+    ) -> anyhow::Result<Arbiter> {
+        let front = if settings.bind.is_empty() {
+            None
+        } else {
+            Some(LocalFront::new(&mut settings, listeners)?)
+        };
         let (ready_read, ready_write) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).context("pipe")?;
         let broker_endpoint = crate::link::new_name(std::process::id());
@@ -123,6 +177,9 @@ impl Arbiter {
             boot,
             boot_failed: false,
             next_broker_spawn: Instant::now(),
+            front,
+            front_stopped: false,
+            broker_stopped: false,
             workers_stopped: false,
         })
     }
@@ -175,7 +232,9 @@ impl Arbiter {
                 tracing::info!("QUIT: stopping now");
                 self.signal_all(Signal::SIGQUIT);
                 self.signal_broker(Signal::SIGQUIT);
-                self.workers_stopped = true;
+                self.signal_front(Signal::SIGQUIT);
+                (self.front_stopped, self.broker_stopped, self.workers_stopped) =
+                    (true, true, true);
                 // A moment to exit cleanly (pid files, flushed replies), then KILL.
                 self.stopping = Some(Instant::now() + Duration::from_secs(1));
             }
@@ -184,28 +243,25 @@ impl Arbiter {
                 flags.stop.store(true, Ordering::Relaxed);
             }
             if flags.stop.swap(false, Ordering::Relaxed) && self.stopping.is_none() {
-                // The broker first: it stops taking requests from mongrel2 and hands the
-                // ones already sent to the workers, which are still running.
                 tracing::info!("stopping gracefully");
-                self.signal_broker(Signal::SIGTERM);
                 self.stopping =
                     Some(Instant::now() + Duration::from_secs(self.settings.graceful_timeout));
             }
             if let Some(deadline) = self.stopping {
-                if self.broker.is_none() && !self.workers_stopped {
-                    self.signal_all(Signal::SIGTERM);
-                    self.workers_stopped = true;
-                }
-                if self.broker.is_none() && self.workers.is_empty() {
+                self.stop_downstream();
+                if self.front_pid().is_none() && self.broker.is_none() && self.workers.is_empty()
+                {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!("graceful timeout over: killing what is left");
                     self.signal_all(Signal::SIGKILL);
                     self.signal_broker(Signal::SIGKILL);
+                    self.signal_front(Signal::SIGKILL);
                 }
             } else {
                 self.handle_requests(&flags);
+                self.keep_front();
                 self.keep_broker();
                 self.maintain();
                 self.retire_replaced();
@@ -215,6 +271,27 @@ impl Arbiter {
                 }
             }
             self.wait(&wake_read)?;
+        }
+    }
+
+    /// The next stop in order, once the one before has exited: the front end stops
+    /// accepting and finishes its requests; the broker stops taking requests and hands the
+    /// ones already sent to the workers, which are still running; then the workers.
+    fn stop_downstream(&mut self) {
+        if let Some(front) = self.front.as_mut() {
+            // New clients are refused from now on, not left in a backlog nobody reads.
+            front.listeners.clear();
+        }
+        if let Some(pid) = self.front_pid() {
+            if !std::mem::replace(&mut self.front_stopped, true) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        } else if self.broker.is_some() {
+            if !std::mem::replace(&mut self.broker_stopped, true) {
+                self.signal_broker(Signal::SIGTERM);
+            }
+        } else if !std::mem::replace(&mut self.workers_stopped, true) {
+            self.signal_all(Signal::SIGTERM);
         }
     }
 
@@ -291,29 +368,36 @@ impl Arbiter {
         }
     }
 
-    /// Starts `wsgid ROLE` with the settings, the broker endpoint and the report pipe. Children
-    /// die with the master (parent-death signal).
+    /// Starts `wsgid ROLE` with the settings, the broker endpoint and the descriptors the
+    /// role needs. Children die with the master (parent-death signal).
     fn spawn_child(&self, role: &str) -> anyhow::Result<u32> {
         let exe = std::env::current_exe().context("cannot find our own executable")?;
-        // The broker gets the link's listener; workers the link's name and the report pipe.
-        let (inherited, fd_env) = if role == "broker" {
-            (self.link_listener.as_raw_fd(), LISTENER_FD_ENV)
-        } else {
-            (self.ready_write.as_raw_fd(), REPORT_FD_ENV)
+        // The broker gets the link's listener; the front end the HTTP listeners; workers the
+        // link's name and the report pipe.
+        let (inherited, fd_env): (Vec<RawFd>, _) = match (role, &self.front) {
+            ("broker", _) => (vec![self.link_listener.as_raw_fd()], LISTENER_FD_ENV),
+            ("front", Some(front)) => (
+                front.listeners.iter().map(AsRawFd::as_raw_fd).collect(),
+                HTTP_FDS_ENV,
+            ),
+            _ => (vec![self.ready_write.as_raw_fd()], REPORT_FD_ENV),
         };
+        let fd_list = inherited.iter().map(RawFd::to_string).collect::<Vec<_>>();
         let mut command = Command::new(exe);
         command
             .arg(role)
             .env(SETTINGS_ENV, &self.settings_json)
             .env(LINK_ENV, &self.broker_endpoint)
-            .env(fd_env, inherited.to_string())
+            .env(fd_env, fd_list.join(","))
             .envs(&self.settings.envs);
         // SAFETY: only async-signal-safe calls (prctl, fcntl) between fork and exec.
         unsafe {
             command.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-                let fd = std::os::fd::BorrowedFd::borrow_raw(inherited);
-                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+                for &fd in &inherited {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+                }
                 Ok(())
             });
         }
@@ -336,6 +420,36 @@ impl Arbiter {
                 self.broker = Some(pid as i32);
             }
             Err(e) => tracing::error!("cannot start the broker: {e:#}"),
+        }
+    }
+
+    /// Starts the front end when there is none (one-command mode; at most once a second).
+    fn keep_front(&mut self) {
+        let Some(front) = self.front.as_ref() else {
+            return;
+        };
+        if front.pid.is_some() || Instant::now() < front.next_spawn {
+            return;
+        }
+        let spawned = self.spawn_child("front");
+        let front = self.front.as_mut().expect("checked above");
+        front.next_spawn = Instant::now() + Duration::from_secs(1);
+        match spawned {
+            Ok(pid) => {
+                tracing::info!(pid, bind = ?self.settings.bind, "front end started");
+                front.pid = Some(pid as i32);
+            }
+            Err(e) => tracing::error!("cannot start the front end: {e:#}"),
+        }
+    }
+
+    fn front_pid(&self) -> Option<i32> {
+        self.front.as_ref().and_then(|f| f.pid)
+    }
+
+    fn signal_front(&self, signal: Signal) {
+        if let Some(pid) = self.front_pid() {
+            let _ = kill(Pid::from_raw(pid), signal);
         }
     }
 
@@ -386,6 +500,19 @@ impl Arbiter {
                 Ok(status) => status,
             };
             let Some(pid) = status.pid() else { return };
+            if self.front_pid() == Some(pid.as_raw()) {
+                if let Some(front) = self.front.as_mut() {
+                    front.pid = None;
+                }
+                if self.stopping.is_none() {
+                    tracing::error!(
+                        pid = pid.as_raw(),
+                        ?status,
+                        "the front end died; restarting it"
+                    );
+                }
+                continue;
+            }
             if self.broker == Some(pid.as_raw()) {
                 self.broker = None;
                 if self.stopping.is_none() {

@@ -12,6 +12,10 @@ use serde_json::{Map, Value};
 /// Everything a master and its workers need; passed to workers as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Settings {
+    /// One-command mode: HTTP addresses the master serves itself (see `bind`). Empty
+    /// behind mongrel2 (or `wsgid server`): then `recv` and `send` are its handler's.
+    pub bind: Vec<String>,
+    /// ZeroMQ endpoints: given, or in one-command mode the master's own front end's.
     pub recv: String,
     pub send: String,
     pub wsgi_app: Option<String>,
@@ -125,13 +129,9 @@ impl Settings {
         let flag = |given: bool, key: &str| -> anyhow::Result<bool> {
             Ok(given || as_bool(&file, key)?.unwrap_or(false))
         };
-        let recv = cli.recv.clone().or(as_string(&file, "recv")?);
-        let send = cli.send.clone().or(as_string(&file, "send")?);
-        let (Some(recv), Some(send)) = (recv, send) else {
-            bail!("--recv and --send are required (on the command line or in {CONFIG_FILE})");
-        };
-        for spec in [&recv, &send] {
-            validate_spec(spec).map_err(|e| anyhow::anyhow!("{CONFIG_FILE}: {e}"))?;
+        let (bind, recv, send) = front_of(cli, &file)?;
+        if !bind.is_empty() && flag(cli.chroot, "chroot")? {
+            bail!("--chroot is not supported with --bind yet: the workers could not read the bodies the front end spools");
         }
         let keep_alive = if cli.no_keep_alive {
             false
@@ -162,6 +162,7 @@ impl Settings {
             .or_else(|| std::env::var_os("VIRTUAL_ENV").map(PathBuf::from))
             .map(|venv| cwd.join(venv));
         Ok(Settings {
+            bind,
             recv,
             send,
             wsgi_app: cli.wsgi_app.clone().or(as_string(&file, "wsgi_app")?),
@@ -197,6 +198,61 @@ impl Settings {
             envs,
             app_path,
         })
+    }
+}
+
+/// How requests arrive: `--bind` addresses (one-command mode), or mongrel2's handler
+/// endpoints. The command line wins over the file; one level naming both is an error.
+fn front_of(
+    cli: &Options,
+    file: &Map<String, Value>,
+) -> anyhow::Result<(Vec<String>, String, String)> {
+    let zmq = |recv: Option<String>, send: Option<String>| match (recv, send) {
+        (Some(recv), Some(send)) => {
+            for spec in [&recv, &send] {
+                validate_spec(spec).map_err(|e| anyhow::anyhow!("{CONFIG_FILE}: {e}"))?;
+            }
+            Ok((Vec::new(), recv, send))
+        }
+        _ => bail!(
+            "--recv and --send go together (mongrel2's handler send_spec and recv_spec), \
+             on the command line or in {CONFIG_FILE}"
+        ),
+    };
+    const BOTH: &str = "--bind serves HTTP itself; --recv/--send are for a front end over \
+                        ZeroMQ: give one or the other";
+    let cli_zmq = cli.recv.is_some() || cli.send.is_some();
+    if !cli.bind.is_empty() {
+        anyhow::ensure!(!cli_zmq, BOTH);
+        return Ok((cli.bind.clone(), String::new(), String::new()));
+    }
+    let (recv, send) = (as_string(file, "recv")?, as_string(file, "send")?);
+    if cli_zmq {
+        return zmq(cli.recv.clone().or(recv), cli.send.clone().or(send));
+    }
+    let bind = match file.get("bind") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                other => bail!("{CONFIG_FILE}: \"bind\" lists addresses as strings, not {other}"),
+            })
+            .collect::<anyhow::Result<_>>()?,
+        Some(other) => bail!("{CONFIG_FILE}: \"bind\" must be an address or a list, not {other}"),
+    };
+    for address in &bind {
+        crate::bind::Address::parse(address).map_err(|e| anyhow::anyhow!("{CONFIG_FILE}: {e}"))?;
+    }
+    match (bind.is_empty(), recv.is_some() || send.is_some()) {
+        (false, true) => bail!("{CONFIG_FILE}: {BOTH}"),
+        (false, false) => Ok((bind, String::new(), String::new())),
+        (true, true) => zmq(recv, send),
+        (true, false) => bail!(
+            "nothing to serve on: give --bind HOST:PORT to serve HTTP, or --recv and --send \
+             to serve behind mongrel2 (on the command line or in {CONFIG_FILE})"
+        ),
     }
 }
 
@@ -273,6 +329,10 @@ mod tests {
 /// the wsgid.json value (or the default) in force.
 #[derive(Debug, Args, Default, Clone)]
 pub struct Options {
+    /// Serve HTTP here, with no mongrel2: HOST:PORT, [IPV6]:PORT, HOST (port 8000) or
+    /// unix:PATH; repeat for several.
+    #[arg(short = 'b', long, value_name = "ADDRESS", value_parser = parse_bind, global = true)]
+    pub bind: Vec<String>,
     /// ZeroMQ endpoint to PULL requests from: mongrel2's handler send_spec.
     #[arg(long, value_name = "SPEC", value_parser = parse_spec, global = true)]
     pub recv: Option<String>,
@@ -335,6 +395,10 @@ pub struct Options {
     /// X-Forwarded-For are trusted for wsgi.url_scheme and REMOTE_ADDR (default: 127.0.0.1).
     #[arg(long, value_name = "ADDRS", global = true)]
     pub forwarded_allow_ips: Option<String>,
+}
+
+fn parse_bind(address: &str) -> Result<String, String> {
+    crate::bind::Address::parse(address).map(|_| address.to_string())
 }
 
 /// The original's spec check: `(inproc|ipc|tcp|pgm|epgm)://...`, and `tcp://host:port`.

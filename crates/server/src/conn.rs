@@ -13,11 +13,11 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
 
-use mio::net::TcpStream;
 
 use crate::http::body::Decoder;
 use crate::http::framing::ResponseFraming;
 use crate::http::request::Head;
+use crate::net::Stream;
 use crate::upload::Spool;
 
 /// Pipelined input buffered beyond the head limit while a response is pending: past this,
@@ -108,7 +108,7 @@ pub struct LogFacts {
 
 pub struct Conn {
     pub id: u64,
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub remote: SocketAddr,
     pub input: Vec<u8>,
     pub out: VecDeque<Out>,
@@ -136,7 +136,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: u64, stream: TcpStream, remote: SocketAddr) -> Conn {
+    pub fn new(id: u64, stream: Stream, remote: SocketAddr) -> Conn {
         let now = Instant::now();
         Conn {
             id,
@@ -326,7 +326,7 @@ impl Conn {
 }
 
 /// One `sendfile` step: true once the range is sent.
-fn send_file(stream: &TcpStream, file: &File, pos: &mut u64, end: u64) -> io::Result<bool> {
+fn send_file(stream: &Stream, file: &File, pos: &mut u64, end: u64) -> io::Result<bool> {
     let mut offset = *pos as libc::off_t;
     let count = (end - *pos).min(1 << 30) as usize;
     // SAFETY: both descriptors are open for the call; `offset` is a valid pointer.

@@ -6,8 +6,10 @@
 //! * `routing`: hosts and routes, as mongrel2 documents them;
 //! * `http`: HTTP/1.1 without I/O (heads, bodies, response framing, canned responses);
 //! * `handlers`: the handlers' bound PUSH and SUB sockets and their peers;
+//! * `net`: listeners and client streams, TCP or Unix;
 //! * `conn`, `front`: client connections and the event loop;
 //! * `dir`, `mime`: static files; `upload`: spooled bodies; `access_log`;
+//! * `local`: the front end of one-command mode (`wsgid --bind`), configured in code;
 //! * `run`: start-up (chroot, pid file, privileges, logs) and signals.
 
 pub mod access_log;
@@ -17,7 +19,9 @@ pub mod dir;
 pub mod front;
 pub mod handlers;
 pub mod http;
+pub mod local;
 pub mod mime;
+pub mod net;
 pub mod routing;
 pub mod run;
 pub mod settings;

@@ -23,6 +23,7 @@ use crate::dir::DirRoute;
 use crate::front::{Front, Hub, RouteTarget};
 use crate::handlers::Handlers;
 use crate::mime::MimeTypes;
+use crate::net::Listener;
 use crate::routing::{HostSpec, Router};
 use crate::settings::Settings;
 
@@ -110,7 +111,7 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
         }
         let poll = Poll::new()?;
         let hub = build_hub(&config, &server, settings, &inside, &poll, chrooting)?;
-        let mut front = Front::new(poll, listener, hub)?;
+        let mut front = Front::new(poll, vec![listener], hub)?;
         let reload = Reload {
             config_path: config_path.to_path_buf(),
             uuid: server.uuid.clone(),
@@ -129,13 +130,13 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
             server.port,
             server.uuid
         );
-        front.run(stop, reopen, &reload, STOP_GRACE)
+        front.run(stop, reopen, Some(&reload), STOP_GRACE)
     })();
     let _ = std::fs::remove_file(&pid_path);
     result
 }
 
-fn build_hub(
+pub(crate) fn build_hub(
     config: &Config,
     server: &config::Server,
     settings: Settings,
@@ -270,7 +271,7 @@ fn warn_unimplemented(server: &config::Server) {
     }
 }
 
-fn bind_http(server: &config::Server) -> anyhow::Result<mio::net::TcpListener> {
+fn bind_http(server: &config::Server) -> anyhow::Result<Listener> {
     let address = (server.bind_addr.as_str(), server.port)
         .to_socket_addrs()
         .with_context(|| format!("bind_addr {}", server.bind_addr))?
@@ -287,12 +288,12 @@ fn bind_http(server: &config::Server) -> anyhow::Result<mio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {address}"))?;
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;
-    Ok(mio::net::TcpListener::from_std(socket.into()))
+    Ok(Listener::Tcp(mio::net::TcpListener::from_std(socket.into())))
 }
 
 /// Each client holds a descriptor: take all the kernel allows us (the soft limit is often
 /// 1024, far below what an idle keep-alive crowd needs).
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {

@@ -11,7 +11,7 @@ pub use gateway::config::Options;
     version,
     disable_version_flag = true,
     propagate_version = true,
-    about = "A complete WSGI environment for mongrel2 handlers",
+    about = "Serves a Python WSGI app: over HTTP itself (--bind), or as a mongrel2 handler (--recv/--send)",
     after_help = "Options given on the command line override <app-path>/wsgid.json."
 )]
 pub struct Cli {
@@ -66,6 +66,9 @@ pub enum Command {
     /// Internal: run the broker (started by the master, never by hand).
     #[command(hide = true)]
     Broker,
+    /// Internal: run the HTTP front end of `--bind` (started by the master, never by hand).
+    #[command(hide = true)]
+    Front,
 }
 
 #[derive(Debug, Args)]

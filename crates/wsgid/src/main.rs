@@ -6,7 +6,7 @@
 mod cli;
 mod commands;
 
-use gateway::{appdir, arbiter, broker, daemon, link, logging, worker};
+use gateway::{appdir, arbiter, bind, broker, daemon, front, link, logging, worker};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,10 +32,14 @@ fn main() -> ExitCode {
         Some(Command::Worker) => return run_child("worker", worker::run),
         Some(Command::Broker) => {
             return run_child("broker", |settings| {
-                let master = nix::unistd::getppid();
-                daemon::drop_privileges(daemon::folder_owner(&settings.app_path)?)?;
-                daemon::rearm_parent_death(master)?;
+                as_folder_owner(&settings)?;
                 broker::run(&settings, link::inherited_listener()?)
+            })
+        }
+        Some(Command::Front) => {
+            return run_child("front", |settings| {
+                as_folder_owner(&settings)?;
+                front::run(&settings)
             })
         }
         Some(Command::Server { config, uuid }) => {
@@ -75,6 +79,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The broker and the front end run as the app folder's owner (the master may stay root
+/// for `--chroot`), and die with the master.
+fn as_folder_owner(settings: &Settings) -> anyhow::Result<()> {
+    let master = nix::unistd::getppid();
+    daemon::drop_privileges(daemon::folder_owner(&settings.app_path)?)?;
+    daemon::rearm_parent_death(master)
+}
+
 fn send(app_path: &std::path::Path, given: Option<&str>, default: Signal) -> anyhow::Result<()> {
     let signal = given
         .map(commands::parse_signal)
@@ -105,6 +117,15 @@ fn serve(cli: &Cli) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     }
+    // Bound first: an address in use is a usage error, seen before daemonizing, and ports
+    // under 1024 work for a master started as root.
+    let listeners = match bind::listen_all(&settings.bind) {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            eprintln!("wsgid: error: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let to_stderr = settings.stdout;
     if let Err(e) = logging::init(&settings.app_path, to_stderr, settings.debug) {
         eprintln!(
@@ -132,7 +153,7 @@ fn serve(cli: &Cli) -> ExitCode {
         daemon::folder_owner(&settings.app_path).and_then(daemon::drop_privileges)
     };
     let outcome = dropped
-        .and_then(|()| arbiter::Arbiter::new(settings, boot))
+        .and_then(|()| arbiter::Arbiter::new(settings, boot, listeners))
         .and_then(arbiter::Arbiter::run);
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

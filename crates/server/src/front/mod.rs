@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use m2wire::{Notice, Reply};
-use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use zmtp::PeerEvent;
@@ -31,10 +30,12 @@ use crate::http::canned;
 use crate::http::request::{self, Framing, Head, HeadLimits};
 use crate::http::Status;
 use crate::mime::MimeTypes;
+use crate::net::Listener;
 use crate::routing::Router;
 use crate::settings::Settings;
 
-const LISTENER: Token = Token(AUX_BASE - 1);
+/// Listeners' tokens: `LISTENERS + i`, below the handlers' (`AUX_BASE`).
+const LISTENERS: usize = AUX_BASE - 1024;
 /// Credits a handler starts with on a connection (mongrel2's).
 const FIRST_CREDITS: &[u8] = b"102400";
 /// How long a closing connection reads and drops what the client still sends.
@@ -70,7 +71,8 @@ pub struct Hub {
 
 pub struct Front {
     poll: Poll,
-    listener: Option<TcpListener>,
+    /// Empty once stopping.
+    listeners: Vec<Listener>,
     conns: Slab<Conn>,
     ids: HashMap<u64, usize>,
     next_id: u64,
@@ -97,12 +99,15 @@ fn first_id() -> u64 {
 }
 
 impl Front {
-    pub fn new(poll: Poll, mut listener: TcpListener, hub: Hub) -> anyhow::Result<Front> {
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+    pub fn new(poll: Poll, mut listeners: Vec<Listener>, hub: Hub) -> anyhow::Result<Front> {
+        anyhow::ensure!(listeners.len() <= 1024, "at most 1024 addresses to listen on");
+        for (i, listener) in listeners.iter_mut().enumerate() {
+            poll.registry()
+                .register(listener, Token(LISTENERS + i), Interest::READABLE)?;
+        }
         Ok(Front {
             poll,
-            listener: Some(listener),
+            listeners,
             conns: Slab::new(),
             ids: HashMap::new(),
             next_id: first_id(),
@@ -121,7 +126,7 @@ impl Front {
         &mut self,
         stop: Arc<AtomicBool>,
         reopen: Arc<AtomicBool>,
-        reload: &crate::run::Reload,
+        reload: Option<&crate::run::Reload>,
         grace: Duration,
     ) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(1024);
@@ -140,8 +145,8 @@ impl Front {
             }
             for event in events.iter() {
                 let token = event.token();
-                if token == LISTENER {
-                    self.accept();
+                if (LISTENERS..AUX_BASE).contains(&token.0) {
+                    self.accept(token.0 - LISTENERS);
                 } else if token.0 >= AUX_BASE {
                     self.aux_event(
                         token.0 - AUX_BASE,
@@ -172,9 +177,10 @@ impl Front {
                 }
                 crate::run::reopen_error_log();
                 tracing::info!("SIGHUP: logs reopened");
-                match reload.apply(&mut self.hub, self.poll.registry()) {
-                    Ok(()) => tracing::info!("SIGHUP: config reloaded"),
-                    Err(e) => {
+                match reload.map(|r| r.apply(&mut self.hub, self.poll.registry())) {
+                    None => {}
+                    Some(Ok(())) => tracing::info!("SIGHUP: config reloaded"),
+                    Some(Err(e)) => {
                         tracing::error!("SIGHUP: config not reloaded, the running one stays: {e:#}")
                     }
                 }
@@ -182,7 +188,7 @@ impl Front {
             if stop.load(Ordering::Relaxed) && stopping.is_none() {
                 tracing::info!("stopping: no new connections; finishing the requests in service");
                 stopping = Some(Instant::now());
-                if let Some(mut l) = self.listener.take() {
+                for mut l in std::mem::take(&mut self.listeners) {
                     let _ = self.poll.registry().deregister(&mut l);
                 }
             }
@@ -198,10 +204,9 @@ impl Front {
         }
     }
 
-    fn accept(&mut self) {
-        self.accept_again = false;
+    fn accept(&mut self, index: usize) {
         loop {
-            let Some(listener) = self.listener.as_ref() else {
+            let Some(listener) = self.listeners.get(index) else {
                 return;
             };
             let (mut stream, remote) = match listener.accept() {
@@ -215,7 +220,6 @@ impl Front {
                     return;
                 }
             };
-            let _ = stream.set_nodelay(true);
             if self.hub.settings.tcp_keepalive {
                 let _ = socket2::SockRef::from(&stream).set_keepalive(true);
             }
@@ -468,8 +472,10 @@ impl Front {
     }
 
     fn tick(&mut self) {
-        if self.accept_again {
-            self.accept();
+        if std::mem::take(&mut self.accept_again) {
+            for index in 0..self.listeners.len() {
+                self.accept(index);
+            }
         }
         self.hub.handlers.heartbeat();
         if let Some(a) = self.hub.access.as_mut() {

@@ -1,0 +1,56 @@
+//! One-command mode's front end process (`wsgid front`, started by the master): the
+//! `server` crate's HTTP side on the master's listeners, with the broker as its handler.
+//!
+//! Why a process of its own, talking ZMTP to the broker over Unix sockets, rather than HTTP
+//! parsed inside the broker: the path is the one `wsgid server` and mongrel2 deployments
+//! take, already tested against both, and the measurements in the README show where the
+//! time goes (see "One command: the path from client to worker").
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Settings;
+
+/// Environment variable carrying the listening sockets' descriptors to the front end.
+pub const HTTP_FDS_ENV: &str = "WSGID_HTTP_FDS";
+
+/// Bodies up to this travel in the request message (through memory to a worker); larger
+/// ones are spooled to disk by the front end and read from there, so memory stays flat
+/// whatever the size.
+const INLINE_BODY: u64 = 1 << 20;
+
+pub fn run(settings: &Settings) -> anyhow::Result<()> {
+    let listeners = inherited_listeners()?;
+    let temp_store = settings
+        .upload_temp_store
+        .clone()
+        .context("no upload.temp_store: the master sets one")?;
+    server::local::run(server::local::Local {
+        listeners,
+        requests: settings.recv.clone(),
+        replies: settings.send.clone(),
+        temp_store,
+        inline_body: INLINE_BODY,
+        grace: Duration::from_secs(settings.graceful_timeout),
+    })
+}
+
+fn inherited_listeners() -> anyhow::Result<Vec<OwnedFd>> {
+    let list = std::env::var(HTTP_FDS_ENV)
+        .context("no listeners: the front end is started by the master")?;
+    list.split(',')
+        .map(|fd| {
+            let fd: RawFd = fd.parse().context("malformed listener list")?;
+            // SAFETY: the master left these descriptors open for us; nothing else here owns
+            // them.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            nix::fcntl::fcntl(
+                &fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )?;
+            Ok(fd)
+        })
+        .collect()
+}
