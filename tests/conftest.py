@@ -12,42 +12,52 @@ from stack import APPS, ROOT, UPLOAD_TEMPLATE, VENV, WSGID, Handler, Mongrel2, W
 def pytest_configure(config):
     config.addinivalue_line("markers", "mongrel2_only: tests mongrel2's own behaviour (its bugs), not ours")
     config.addinivalue_line("markers", "one_front: needs no front end of the suite's, so runs once")
+    config.addinivalue_line("markers", "zmq_front: needs a front end over ZeroMQ (a fake or restarted "
+                            "mongrel2, its settings): not run in one-command mode")
 
 
 @pytest.fixture(scope="session", params=stack_module.FRONTS, autouse=True)
 def front(request):
-    """The whole suite runs once behind the real mongrel2 and once behind `wsgid server`."""
+    """The whole suite runs behind the real mongrel2, behind `wsgid server`, and with wsgid
+    serving HTTP itself (`--bind`)."""
     stack_module.DEFAULT_FRONT = request.param
     return request.param
 
 
 @pytest.fixture(autouse=True)
 def _front_markers(request, front):
-    if front == "wsgid" and request.node.get_closest_marker("mongrel2_only"):
+    if front != "mongrel2" and request.node.get_closest_marker("mongrel2_only"):
         pytest.skip("tests mongrel2's own behaviour")
     if front != stack_module.FRONTS[0] and request.node.get_closest_marker("one_front"):
         pytest.skip("does not depend on the front end: run once")
+    if front == "bind" and request.node.get_closest_marker("zmq_front"):
+        pytest.skip("needs a front end over ZeroMQ")
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, front):
-    """One mongrel2 with five handler routes, each served by its own wsgid."""
+    """One mongrel2 with five handler routes, each served by its own wsgid. In one-command
+    mode each wsgid serves its own port at /, and they share one upload directory."""
     tmp = tmp_path_factory.mktemp("stack")
+    bind = front == "bind"
     handlers = {
         "json": Handler("/", "json"),
-        "tnet": Handler("/tnet", "tnetstring"),
-        "flask": Handler("/flask", "tnetstring"),
-        "django": Handler("/django", "json"),
-        "limited": Handler("/limited", "tnetstring"),
+        "tnet": Handler("/" if bind else "/tnet", "tnetstring"),
+        "flask": Handler("/" if bind else "/flask", "tnetstring"),
+        "django": Handler("/" if bind else "/django", "json"),
+        "limited": Handler("/" if bind else "/limited", "tnetstring"),
     }
     m2 = Mongrel2(tmp / "m2", list(handlers.values()))
-    servers = {
-        "json": Wsgid(tmp / "json", handlers["json"], m2, APPS["testapp"], ["--wsgi-app", "testapp:application"]),
-        "tnet": Wsgid(tmp / "tnet", handlers["tnet"], m2, APPS["testapp"], ["--wsgi-app", "testapp.application"]),
-        "flask": Wsgid(tmp / "flask", handlers["flask"], m2, APPS["flask"], ["--wsgi-app", "app:app"]),
-        "django": Wsgid(tmp / "django", handlers["django"], m2, APPS["django"], []),
-        "limited": Wsgid(tmp / "limited", handlers["limited"], m2, APPS["testapp"],
-                         ["--wsgi-app", "testapp:application", "--max-body-size", str(1024 * 1024)], workers=1),
+    fronts = {name: Mongrel2(tmp / "m2", [h]) if bind and name != "json" else m2 for name, h in handlers.items()}
+    apps = {
+        "json": (APPS["testapp"], ["--wsgi-app", "testapp:application"]),
+        "tnet": (APPS["testapp"], ["--wsgi-app", "testapp.application"]),
+        "flask": (APPS["flask"], ["--wsgi-app", "app:app"]),
+        "django": (APPS["django"], []),
+        "limited": (APPS["testapp"], ["--wsgi-app", "testapp:application", "--max-body-size", str(1024 * 1024)]),
     }
+    servers = {name: Wsgid(tmp / name, handlers[name], fronts[name], source, args,
+                           **({"workers": 1} if name == "limited" else {}))
+               for name, (source, args) in apps.items()}
     try:
         m2.start()
         for server in servers.values():
@@ -73,13 +83,15 @@ def mongrel2(stack):
 def pytest_runtest_makereport(item, call):
     """On failure, show the logs of every process the test used."""
     if call.when == "call" and call.excinfo is not None:
-        stack = item.funcargs.get("stack")
-        if stack:
-            for name, server in stack.items():
-                if isinstance(server, Wsgid):
-                    tail = server.log()[-3000:]
-                    if tail:
-                        print(f"\n----- wsgid [{name}] log tail -----\n{tail}")
+        servers = dict(item.funcargs.get("stack") or {})
+        made = item.funcargs.get("make")
+        for i, server in enumerate(getattr(made, "started", [])):
+            servers[f"make-{i}"] = server
+        for name, server in servers.items():
+            if isinstance(server, Wsgid):
+                tail = server.log()[-3000:]
+                if tail:
+                    print(f"\n----- wsgid [{name}] log tail -----\n{tail}")
 
 
 @pytest.fixture
@@ -99,6 +111,7 @@ def make(tmp_path):
         if start:
             server.start(wait_path="/hello" if app == "testapp" else "/")
         return server
+    make.started = started
     yield make
     for server in started:
         server.stop(signal.SIGQUIT if server.proc and server.proc.poll() is None else signal.SIGTERM)

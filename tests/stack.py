@@ -1,6 +1,7 @@
 """Real processes for tests and benchmarks: a front end in a scratch chroot, either the real
 mongrel2 (Debian mongrel2-core) or our own (`wsgid server`) on the same config.sqlite, and
-wsgid (target/debug/wsgid unless WSGID_BIN says otherwise) serving an app."""
+wsgid (target/debug/wsgid unless WSGID_BIN says otherwise) serving an app; or, in
+one-command mode ("bind"), wsgid alone serving HTTP with `--bind`."""
 import os
 import shutil
 import signal
@@ -18,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WSGID = Path(os.environ.get("WSGID_BIN", ROOT / "target" / "debug" / "wsgid"))
 VENV = Path(sys.prefix)
 UPLOAD_TEMPLATE = "/tmp/upload.XXXXXX"
-# Which front end a Mongrel2() runs unless told: "mongrel2" or "wsgid" (conftest sets it
-# for each parametrized run of the suite).
-FRONTS = ("mongrel2", "wsgid")
+# Which front end a Mongrel2() runs unless told: "mongrel2", "wsgid" (`wsgid server`), or
+# "bind": none, wsgid serves HTTP itself on the Mongrel2's port (conftest sets it for each
+# parametrized run of the suite; WSGID_FRONTS=a,b runs only those).
+FRONTS = tuple(os.environ.get("WSGID_FRONTS", "mongrel2,wsgid,bind").split(","))
 DEFAULT_FRONT = os.environ.get("WSGID_FRONT", "mongrel2")
 
 
@@ -68,7 +70,9 @@ class Handler:
 
 class Mongrel2:
     """A front end chrooted in `root` (which holds run/, logs/, tmp/): the real mongrel2, or
-    `wsgid server` started with mongrel2's own arguments on the same config.sqlite."""
+    `wsgid server` started with mongrel2's own arguments on the same config.sqlite. With
+    front "bind" it starts nothing: it is the port and the upload directory of a wsgid that
+    serves HTTP itself."""
 
     def __init__(self, root, handlers, content_length=20480, extra_settings=None, upload_template=UPLOAD_TEMPLATE,
                  front=None, dirs=None):
@@ -91,9 +95,15 @@ class Mongrel2:
     def upload_dir(self):
         return self.root / "tmp"
 
+    @property
+    def bind(self):
+        return self.front == "bind"
+
     def start(self):
         for d in ("run", "logs", "tmp"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        if self.bind:
+            return
         routes = ", ".join([f"'{h.route}': {h.config()}" for h in self.handlers] + [
             f"'{route}': Dir(base='{base}', index_file='index.html', default_ctype='application/octet-stream')"
             for route, base in self.dirs.items()])
@@ -154,11 +164,19 @@ class Wsgid:
         return self.folder / "wsgid.stderr"
 
     def command(self):
-        return [str(WSGID), "--recv", self.handler.send_spec, "--send", self.handler.recv_spec,
-                "--app-path", str(self.folder), "--workers", str(self.workers),
+        m2 = self.mongrel2
+        if m2.bind:
+            # Spooled bodies go where the front end's would: the tests look there.
+            front = ["--bind", f"127.0.0.1:{m2.port}",
+                     "--upload-temp-store", f"{m2.root}{m2.upload_template}"]
+        else:
+            front = ["--recv", self.handler.send_spec, "--send", self.handler.recv_spec,
+                     "--upload-temp-store", m2.upload_template,
+                     *(["--mongrel2-chroot", str(m2.root)] if self.chroot_option else [])]
+        return [str(WSGID), *front, "--app-path", str(self.folder), "--workers", str(self.workers),
                 *(["--no-daemon", "--stdout"] if self.foreground else []),
-                *([] if self.env and "VIRTUAL_ENV" in self.env else ["--virtualenv", str(VENV)]), "--upload-temp-store", self.mongrel2.upload_template,
-                *(["--mongrel2-chroot", str(self.mongrel2.root)] if self.chroot_option else []), *self.args]
+                *([] if self.env and "VIRTUAL_ENV" in self.env else ["--virtualenv", str(VENV)]),
+                *self.args]
 
     def start(self, wait_path="/"):
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,11 @@ def chunked(body, piece=1000):
 @pytest.mark.parametrize("size", [13, 32 * 1024])
 def test_frameworks_read_the_whole_chunked_body(stack, framework, size):
     body = bytes(i % 251 for i in range(size))
-    request = (f"POST /{framework}/body HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+    server = stack[framework]
+    request = (f"POST {server.handler.route.rstrip('/')}/body HTTP/1.1\r\nHost: localhost\r\n"
+               "Transfer-Encoding: chunked\r\n"
                "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n").encode() + chunked(body)
-    status, _, reply, complete = exchange(stack["mongrel2"].port, request)
+    status, _, reply, complete = exchange(server.mongrel2.port, request)
     assert (status, complete) == (200, True), reply
     assert json.loads(reply) == {"size": size, "sha256": hashlib.sha256(body).hexdigest()}
 

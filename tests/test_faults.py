@@ -90,6 +90,7 @@ def test_pipelined_streamed_pairs_stay_in_order_under_load(make, workers):
     assert not bad, f"{len(bad)} of 60 out of order: {bad[:3]}"
 
 
+@pytest.mark.zmq_front
 def test_mongrel2_restart_never_delivers_an_old_reply_to_a_new_client(make):
     """A request in service, one held behind it (pipelined) and one queued, when mongrel2
     restarts: the new clients (whose connection ids restart at 1) get their own replies only."""
@@ -139,6 +140,7 @@ def test_mongrel2_restart_never_delivers_an_old_reply_to_a_new_client(make):
     wait_for(lambda: "earlier epoch" in server.log() or "a new epoch" in server.log(), timeout=5)
 
 
+@pytest.mark.zmq_front
 def test_a_reply_for_a_mongrel2_that_is_down_kills_no_worker(make):
     """mongrel2 stops while two workers serve: both live on, and serve after it returns."""
     server = make(workers=2, args=["--wsgi-app", "testapp:application", "--no-keep-alive"])
@@ -185,6 +187,7 @@ def fake(tmp_path):
         m2.close()
 
 
+@pytest.mark.zmq_front
 @pytest.mark.parametrize("heartbeat_ms", [0, 200])
 def test_libzmq_peers_with_and_without_heartbeats_keep_us(fake, heartbeat_ms):
     """PUSH and SUB bound as mongrel2 binds them, with ZMTP heartbeats every 200 ms: our
@@ -205,6 +208,7 @@ def test_libzmq_peers_with_and_without_heartbeats_keep_us(fake, heartbeat_ms):
     assert m2.disconnects() == 0
 
 
+@pytest.mark.zmq_front
 def test_oversized_messages_are_refused_and_never_held(fake):
     """A 64 MiB request of 1 MiB frames, over the cap: 413 for its connection, the broker's
     memory stays flat, and the next request is served."""
@@ -223,6 +227,7 @@ def test_oversized_messages_are_refused_and_never_held(fake):
     assert rss_kib(broker) < 40 * 1024
 
 
+@pytest.mark.zmq_front
 def test_a_peer_stalled_mid_frame_does_not_hold_up_a_stop(tmp_path):
     """A PUSH peer that completes the handshake, sends half a frame and stalls: TERM stops
     wsgid promptly (before: the broker blocked in a read until the graceful timeout)."""
@@ -286,6 +291,7 @@ def test_flow_control_lets_a_slow_client_receive_everything(make):
     assert growth < 16 * 1024, f"worker grew by {growth} KiB"
 
 
+@pytest.mark.zmq_front
 def test_forwarded_for_is_believed_only_from_a_trusted_peer(fake):
     """mongrel2 with no_clobber_xff passes the client's X-Forwarded-For on: it names the
     client only when the peer mongrel2 saw is a trusted front end."""
@@ -301,6 +307,7 @@ def test_forwarded_for_is_believed_only_from_a_trusted_peer(fake):
     assert (env[2]["REMOTE_ADDR"], env[2]["wsgi.url_scheme"]) == ("192.0.2.50", "http")
 
 
+@pytest.mark.zmq_front
 def test_overload_is_answered_503_and_reading_goes_on(fake):
     """More requests than the broker keeps waiting (1024, past what the queue holds) while
     the only worker sleeps: the excess is answered 503 with Retry-After and closed at once,

@@ -296,6 +296,7 @@ def test_no_loader_is_a_clear_error(make, tmp_path):
     assert "no WSGI app found: give --wsgi-app" in server.log()
 
 
+@pytest.mark.zmq_front
 @pytest.mark.skipif(os.geteuid() != 0, reason="chroot and dropping privileges need root")
 def test_chroot_and_privilege_drop(tmp_path):
     """Started as root with --chroot: workers import the app inside the app folder and run
@@ -394,6 +395,7 @@ def cmdline(pid):
         return ""
 
 
+@pytest.mark.zmq_front
 def test_mongrel2_restart_is_survived(make):
     """mongrel2 restarts (same config): the broker's PULL and PUB reconnect, in a new epoch."""
     server = make(workers=2)
@@ -458,18 +460,20 @@ def test_term_serves_every_queued_request(make):
     assert results == ["slept"] * 24
 
 
-def test_large_inline_bodies_pass_the_queue(make):
+def test_large_inline_bodies_pass_the_queue(make, front):
     """mongrel2 sends bodies under limits.content_length inline; those over the queue's
-    datagram size travel through a memfd."""
+    datagram size travel through a memfd. One-command mode sends up to 1 MiB inline."""
     server = make(workers=2, content_length=4 * 1024 * 1024)
-    for size in (1000, 64 * 1024, 3 * 1024 * 1024):
+    inline_max = 1024 * 1024 if front == "bind" else 4 * 1024 * 1024
+    for size in (1000, 64 * 1024, 1024 * 1024, 1024 * 1024 + 1, 3 * 1024 * 1024):
         body = os.urandom(size)
         r = requests.post(server.url + "/sha256", data=body, timeout=10)
         assert r.status_code == 200
         assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
-        assert r.json()["upload_path"] is None  # inline, not spooled
+        assert (r.json()["upload_path"] is None) == (size <= inline_max), size
 
 
+@pytest.mark.zmq_front
 def test_ipc_endpoints(make):
     """Unix-socket endpoints (mongrel2 names them inside its chroot), both directions."""
     server = make(workers=2, ipc=True)
@@ -494,7 +498,7 @@ def test_a_client_pipelining_too_much_is_closed_and_others_are_served(make, fron
     assert requests.get(server.url + "/hello", timeout=2).text == "Hello, World!"
     t.join()
     data, sock = result["r"]
-    if front == "wsgid":
+    if front != "mongrel2":
         assert data.count(b"HTTP/1.1 200 OK") == 60
         return
     assert sock is None, "the connection should have been closed"
