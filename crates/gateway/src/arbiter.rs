@@ -115,8 +115,7 @@ impl LocalFront {
         settings.recv = at("requests");
         settings.send = at("replies");
         if settings.upload_temp_store.is_none() {
-            settings.upload_temp_store =
-                Some(format!("{}/upload.XXXXXX", dir.path().display()));
+            settings.upload_temp_store = Some(format!("{}/upload.XXXXXX", dir.path().display()));
         }
         settings.mongrel2_chroot = "/".into();
         Ok(LocalFront {
@@ -233,8 +232,11 @@ impl Arbiter {
                 self.signal_all(Signal::SIGQUIT);
                 self.signal_broker(Signal::SIGQUIT);
                 self.signal_front(Signal::SIGQUIT);
-                (self.front_stopped, self.broker_stopped, self.workers_stopped) =
-                    (true, true, true);
+                (
+                    self.front_stopped,
+                    self.broker_stopped,
+                    self.workers_stopped,
+                ) = (true, true, true);
                 // A moment to exit cleanly (pid files, flushed replies), then KILL.
                 self.stopping = Some(Instant::now() + Duration::from_secs(1));
             }
@@ -249,8 +251,7 @@ impl Arbiter {
             }
             if let Some(deadline) = self.stopping {
                 self.stop_downstream();
-                if self.front_pid().is_none() && self.broker.is_none() && self.workers.is_empty()
-                {
+                if self.front_pid().is_none() && self.broker.is_none() && self.workers.is_empty() {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {

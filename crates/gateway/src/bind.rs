@@ -155,7 +155,14 @@ mod tests {
             Address::parse("unix:/run/app.sock"),
             Ok(Address::Unix("/run/app.sock".into()))
         );
-        for bad in ["::1:8000", "host:port", "unix:", "[::1", "[::1]8000", "h:70000"] {
+        for bad in [
+            "::1:8000",
+            "host:port",
+            "unix:",
+            "[::1",
+            "[::1]8000",
+            "h:70000",
+        ] {
             assert!(Address::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(tcp("::1", 80).to_string(), "[::1]:80");

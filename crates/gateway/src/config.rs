@@ -203,7 +203,7 @@ impl Settings {
 
 /// How requests arrive: `--bind` addresses (one-command mode), or mongrel2's handler
 /// endpoints. The command line wins over the file; one level naming both is an error.
-fn front_of(
+pub fn front_of(
     cli: &Options,
     file: &Map<String, Value>,
 ) -> anyhow::Result<(Vec<String>, String, String)> {
@@ -310,6 +310,47 @@ mod tests {
         })
         .unwrap();
         assert!(s.keep_alive);
+    }
+
+    #[test]
+    fn bind_or_endpoints_the_command_line_winning() {
+        let file = |json: &str| serde_json::from_str::<Map<String, Value>>(json).unwrap();
+        let zmq = r#"{"recv": "tcp://127.0.0.1:1", "send": "tcp://127.0.0.1:2"}"#;
+        let cli_bind = Options {
+            bind: vec!["127.0.0.1:8000".into()],
+            ..Options::default()
+        };
+        let (bind, recv, _) = front_of(&cli_bind, &file(zmq)).unwrap();
+        assert_eq!((bind.len(), recv.as_str()), (1, ""));
+        let (bind, recv, _) = front_of(&Options::default(), &file(zmq)).unwrap();
+        assert!(bind.is_empty() && recv == "tcp://127.0.0.1:1");
+        let (bind, _, _) = front_of(
+            &Options::default(),
+            &file(r#"{"bind": ["[::1]:80", "unix:/s"]}"#),
+        )
+        .unwrap();
+        assert_eq!(bind, ["[::1]:80", "unix:/s"]);
+        let (bind, _, _) = front_of(&Options::default(), &file(r#"{"bind": ":80"}"#)).unwrap();
+        assert_eq!(bind, [":80"]);
+        for (cli, json) in [
+            (
+                Options::default(),
+                r#"{"bind": ":80", "recv": "tcp://a:1", "send": "tcp://a:2"}"#,
+            ),
+            (Options::default(), r#"{"bind": "::1:80"}"#),
+            (Options::default(), r#"{"bind": [80]}"#),
+            (Options::default(), r#"{"recv": "tcp://a:1"}"#),
+            (Options::default(), "{}"),
+            (
+                Options {
+                    recv: Some("tcp://a:1".into()),
+                    ..cli_bind.clone()
+                },
+                "{}",
+            ),
+        ] {
+            assert!(front_of(&cli, &file(json)).is_err(), "{json}");
+        }
     }
 
     #[test]

@@ -13,7 +13,6 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
 
-
 use crate::http::body::Decoder;
 use crate::http::framing::ResponseFraming;
 use crate::http::request::Head;

@@ -288,7 +288,9 @@ fn bind_http(server: &config::Server) -> anyhow::Result<Listener> {
         .with_context(|| format!("cannot listen on {address}"))?;
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;
-    Ok(Listener::Tcp(mio::net::TcpListener::from_std(socket.into())))
+    Ok(Listener::Tcp(mio::net::TcpListener::from_std(
+        socket.into(),
+    )))
 }
 
 /// Each client holds a descriptor: take all the kernel allows us (the soft limit is often

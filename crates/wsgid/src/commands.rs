@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::cli::Options;
 use gateway::appdir::{self, Role};
-use gateway::config::{read_config_file, validate_spec, CONFIG_FILE};
+use gateway::config::{front_of, read_config_file, CONFIG_FILE};
 
 pub fn init(app_path: &Path) -> anyhow::Result<()> {
     eprintln!("Initializing wsgid app folder in {}...", app_path.display());
@@ -71,13 +71,16 @@ pub fn config(app_path: &Path, options: &Options, no_debug: bool) -> anyhow::Res
     if o.no_keep_alive {
         set("keep_alive", json!(false))
     }
-    for key in ["recv", "send"] {
-        match cfg.get(key) {
-            Some(Value::String(spec)) => validate_spec(spec).map_err(anyhow::Error::msg)?,
-            Some(_) => bail!("{CONFIG_FILE}: \"{key}\" must be a string"),
-            None => bail!("--{key} is required (not given and not in {CONFIG_FILE})"),
-        }
+    if !o.bind.is_empty() {
+        // The command line wins: an address given replaces mongrel2's endpoints in the file.
+        set("bind", json!(o.bind));
+        cfg.remove("recv");
+        cfg.remove("send");
+    } else if o.recv.is_some() || o.send.is_some() {
+        cfg.remove("bind");
     }
+    // What is written must serve: --bind addresses, or mongrel2's two endpoints.
+    front_of(&Options::default(), &cfg)?;
     let text = serde_json::to_string_pretty(&Value::Object(cfg))? + "\n";
     let path = app_path.join(CONFIG_FILE);
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))

@@ -100,7 +100,10 @@ fn first_id() -> u64 {
 
 impl Front {
     pub fn new(poll: Poll, mut listeners: Vec<Listener>, hub: Hub) -> anyhow::Result<Front> {
-        anyhow::ensure!(listeners.len() <= 1024, "at most 1024 addresses to listen on");
+        anyhow::ensure!(
+            listeners.len() <= 1024,
+            "at most 1024 addresses to listen on"
+        );
         for (i, listener) in listeners.iter_mut().enumerate() {
             poll.registry()
                 .register(listener, Token(LISTENERS + i), Interest::READABLE)?;
