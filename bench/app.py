@@ -1,4 +1,6 @@
 """The one app every server in the benchmark serves (as in shared/reference/peers.md)."""
+import time
+
 HELLO = b"Hello, World!"
 K64 = b"x" * 65536
 DOWNLOAD_MIB = 1024
@@ -10,6 +12,10 @@ def application(environ, start_response):
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(DOWNLOAD_MIB * 2**20))])
         return (K64 for _ in range(DOWNLOAD_MIB * 16))
+    if path == "/sleep":  # the isolation workload's slow endpoint
+        time.sleep(1)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return [b"slept"]
     if path == "/64k":
         start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", "65536")])
         return [K64]

@@ -6,7 +6,12 @@ alternation (A B C ... per round), workloads per server: hello world, a 64 KiB r
 and download with curl (elapsed time, peak RSS sampled every 50 ms), idle RSS, and 10,000 idle
 keep-alive connections held while hello is served (front ends). CPU per request is user+sys of
 the server's processes over the run divided by the requests wrk completed; the front end's
-share (mongrel2 or `wsgid server`) is its own column. Medians over rounds, ratios of ours to
+share (mongrel2, `wsgid server`, or the front end process of `wsgid --bind`) is its own column.
+"Connections served" counts wrk's connections the server had sent bytes on near the end of the
+hello run (from `ss`): a server that serves a few keep-alive connections and leaves the rest
+in its backlog scores less than 64 and its req/s are not comparable. The isolation workload
+runs hello on 63 connections while one connection keeps requesting an endpoint that sleeps
+1 s, and reports the hello p99. Medians over rounds, ratios of ours to
 each peer; the table goes to bench/results/ with the date, versions and commands. Run it with
 bench/run.
 """
@@ -90,6 +95,7 @@ class Server:
     gateway_marker = None  # cmdline substring of the gateway's own processes, if separable
     serves_static = False  # /static/64k.bin from a static route
     serves_app = True
+    has_front = False  # an HTTP front end process of its own, measured apart
 
     def __init__(self, tmp):
         self.tmp = Path(tmp) / self.name
@@ -147,6 +153,7 @@ class BehindMongrel2(Server):
     workers = 2
     front = "mongrel2"
     serves_static = True
+    has_front = True
 
     def start(self):
         self.handler = Handler("/", self.protocol, ipc_chroot=(self.tmp / "m2") if self.ipc else None)
@@ -236,6 +243,28 @@ class FrontPyzmq(Pyzmq):
     front = "wsgid"
 
 
+class OneCommand(Server):
+    """`wsgid --bind`: one command, no mongrel2."""
+    name = "wsgid --bind (one command)"
+    gateway_marker = "wsgid"
+    has_front = True
+
+    def start(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        folder = self.tmp / "app-folder"
+        folder.mkdir(exist_ok=True)
+        if not (folder / "app").exists():
+            (folder / "app").symlink_to(HERE)
+        self.popen([str(RELEASE / "wsgid"), "--bind", f"127.0.0.1:{self.port}", "--app-path", str(folder),
+                    "--wsgi-app", "app:application", "--workers", "2", "--no-daemon", "--stdout"],
+                   env={**os.environ, "WSGID_LOG": "warn"})
+        self.wait_ready()
+
+    def front_pids(self):
+        return {p for p in self.pids() if cmdline(p).split(" ")[1:2] == ["front"]}
+
+
 class Direct(Server):
     def start(self):
         self.port = free_port()
@@ -261,11 +290,22 @@ class Granian(Direct):
 
 
 class Uwsgi(Direct):
+    """Its workers accept connections themselves and serve one at a time: with 2 processes
+    and 64 keep-alive connections, most wait in the backlog (see "connections served")."""
     name = "uWSGI (--http11-socket)"
 
     def command(self):
         return [str(BENCH_VENV / "bin" / "uwsgi"), "--http11-socket", f"127.0.0.1:{self.port}", "--processes", "2",
                 "--wsgi-file", "app.py", "--disable-logging", "--master", "--die-on-term"]
+
+
+class UwsgiHttp(Direct):
+    """uWSGI behind its own HTTP router (`--http`), which serves every connection."""
+    name = "uWSGI (--http router)"
+
+    def command(self):
+        return [str(BENCH_VENV / "bin" / "uwsgi"), "--http", f"127.0.0.1:{self.port}", "--processes", "2",
+                "--wsgi-file", "app.py", "--disable-logging", "--master", "--die-on-term", "--http-keepalive"]
 
 
 class Nginx(Direct):
@@ -302,18 +342,35 @@ class Ceiling(Direct):
         return [str(RELEASE / "ceiling"), str(self.port)]
 
 
-SERVERS = {"ours": OursTnet, "ours-json": OursJson, "pyzmq": Pyzmq, "ours-ipc": OursIpc,
+SERVERS = {"bind": OneCommand, "ours": OursTnet, "ours-json": OursJson, "pyzmq": Pyzmq, "ours-ipc": OursIpc,
            "pyzmq-ipc": PyzmqIpc, "front": FrontOurs, "front-ipc": FrontOursIpc, "front-pyzmq": FrontPyzmq,
-           "gunicorn": Gunicorn, "granian": Granian, "uwsgi": Uwsgi, "nginx": Nginx, "ceiling": Ceiling}
+           "gunicorn": Gunicorn, "granian": Granian, "uwsgi": Uwsgi, "uwsgi-http": UwsgiHttp, "nginx": Nginx,
+           "ceiling": Ceiling}
 
 
 # --- workloads -------------------------------------------------------------------------
 
-def run_wrk(server, path, seconds, script=None):
+def connections_served(port):
+    """wrk's connections to `port` (accepted or still in the backlog), and how many of them the
+    server has sent bytes on."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    # Each socket is a line of addresses followed by a line of details.
+    details = [line for line in out.splitlines() if line.startswith(("\t", " ")) and "rtt:" in line]
+    return len(details), sum(1 for line in details if "bytes_sent:" in line)
+
+
+def run_wrk(server, path, seconds, script=None, connections=64):
     pids, gateway, front = server.pids(), server.gateway_pids(), server.front_pids()
     cpu0, gw0, fr0 = cpu_seconds(pids), cpu_seconds(gateway), cpu_seconds(front)
-    args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"] + (["-s", str(script)] if script else []) + [server.url + path]
+    args = [*"wrk -t2".split(), f"-c{connections}", f"-d{seconds}s", "--latency"] + \
+        (["-s", str(script)] if script else []) + [server.url + path]
+    seen = {}
+    sampler = threading.Timer(seconds * 0.9, lambda: seen.update(
+        zip(("open", "served"), connections_served(int(server.url.rsplit(":", 1)[1])))))
+    sampler.start()
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    sampler.join()
     pids |= server.pids()
     cpu, gw, fr = cpu_seconds(pids) - cpu0, cpu_seconds(gateway) - gw0, cpu_seconds(front) - fr0
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -324,7 +381,33 @@ def run_wrk(server, path, seconds, script=None):
     return {"rps": requests / seconds, "requests": requests, "p99_ms": p99_ms,
             "cpu_us": cpu * 1e6 / max(requests, 1), "gateway_cpu_us": gw * 1e6 / max(requests, 1),
             "front_cpu_us": fr * 1e6 / max(requests, 1) if front else None,
-            "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "command": " ".join(args)}
+            "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "command": " ".join(args),
+            "served_conns": seen.get("served"), "open_conns": seen.get("open")}
+
+
+def run_isolation(server, seconds):
+    """Hello on 63 connections while one keep-alive connection requests /sleep (1 s) again and
+    again: whether a slow request holds up others."""
+    import requests
+    stop, slow = threading.Event(), {"done": 0, "failed": 0}
+
+    def sleeper():
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    ok = session.get(server.url + "/sleep", timeout=30).text == "slept"
+                    slow["done" if ok else "failed"] += 1
+                except requests.RequestException:
+                    slow["failed"] += 1
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    time.sleep(0.2)
+    try:
+        hello = run_wrk(server, "/", seconds, connections=63)
+    finally:
+        stop.set()
+        thread.join()
+    return {**hello, "slow_done": slow["done"], "slow_failed": slow["failed"]}
 
 
 def run_upload(server, big_file):
@@ -442,9 +525,10 @@ def fmt(value, digits=0):
 def report(results, servers, args, stamp):
     names = [SERVERS[s].name for s in servers]
     med = {n: {} for n in names}
-    rate_fields = ("rps", "p99_ms", "cpu_us", "gateway_cpu_us", "front_cpu_us", "errors")
+    rate_fields = ("rps", "p99_ms", "cpu_us", "gateway_cpu_us", "front_cpu_us", "errors", "served_conns",
+                   "open_conns", "slow_done", "slow_failed")
     for name in names:
-        for key in ("hello", "64k", "post", "static"):
+        for key in ("hello", "64k", "post", "static", "isolation"):
             runs = [r[name][key] for r in results if key in r.get(name, {})]
             if runs:
                 med[name][key] = {f: median([run.get(f) for run in runs]) for f in rate_fields}
@@ -462,18 +546,34 @@ def report(results, servers, args, stamp):
             med[name]["idle"] = median(idles)
     lines = [f"# Benchmark {stamp}", "", f"Command: `{' '.join(['bench/run', *sys.argv[1:]])}`; "
              f"{args.rounds} rounds in alternation, wrk -t2 -c64 -d{args.seconds}s, medians.", ""]
-    lines += ["| server | hello req/s | p99 ms | CPU µs/req | front end µs/req | gateway µs/req | 64 KiB req/s | CPU µs/req | "
-              "front end µs/req | POST 1 MiB req/s | CPU µs/req | static 64 KiB req/s | CPU µs/req | errors |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| server | hello req/s | connections served | p99 ms | CPU µs/req | front end µs/req | gateway µs/req | "
+              "64 KiB req/s | p99 ms | CPU µs/req | front end µs/req | POST 1 MiB req/s | p99 ms | CPU µs/req | "
+              "static 64 KiB req/s | CPU µs/req | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         m = med[name]
         h, k, p, st = m.get("hello", {}), m.get("64k", {}), m.get("post", {}), m.get("static", {})
         gateway = fmt(h.get("gateway_cpu_us"), 1) if SERVERS_BY_NAME[name].gateway_marker else "–"
         errors = sum(int(x.get("errors") or 0) for x in (h, k, p, st))
-        lines.append(f"| {name} | {fmt(h.get('rps'))} | {fmt(h.get('p99_ms'), 1)} | {fmt(h.get('cpu_us'), 1)} | "
-                     f"{fmt(h.get('front_cpu_us'), 1)} | {gateway} | {fmt(k.get('rps'))} | {fmt(k.get('cpu_us'), 1)} | "
-                     f"{fmt(k.get('front_cpu_us'), 1)} | {fmt(p.get('rps'))} | {fmt(p.get('cpu_us'), 1)} | "
+        served = (f"{fmt(h.get('served_conns'))} of {fmt(h.get('open_conns'))}"
+                  if h.get("open_conns") is not None else "–")
+        if h.get("open_conns") and (h.get("served_conns") or 0) < 64:
+            served += " (not comparable)"
+        lines.append(f"| {name} | {fmt(h.get('rps'))} | {served} | {fmt(h.get('p99_ms'), 1)} | {fmt(h.get('cpu_us'), 1)} | "
+                     f"{fmt(h.get('front_cpu_us'), 1)} | {gateway} | {fmt(k.get('rps'))} | {fmt(k.get('p99_ms'), 1)} | "
+                     f"{fmt(k.get('cpu_us'), 1)} | {fmt(k.get('front_cpu_us'), 1)} | {fmt(p.get('rps'))} | "
+                     f"{fmt(p.get('p99_ms'), 1)} | {fmt(p.get('cpu_us'), 1)} | "
                      f"{fmt(st.get('rps'))} | {fmt(st.get('cpu_us'), 1)} | {errors} |")
+    iso_names = [n for n in names if "isolation" in med[n]]
+    if iso_names:
+        lines += ["", "Isolation: hello on 63 connections while one connection keeps requesting a 1 s endpoint:", "",
+                  "| server | hello req/s | hello p99 ms | connections served | slow requests done | errors |",
+                  "|---|---|---|---|---|---|"]
+        for name in iso_names:
+            i = med[name]["isolation"]
+            lines.append(f"| {name} | {fmt(i.get('rps'))} | {fmt(i.get('p99_ms'), 1)} | "
+                         f"{fmt(i.get('served_conns'))} of {fmt(i.get('open_conns'))} | {fmt(i.get('slow_done'))} | "
+                         f"{fmt((i.get('errors') or 0) + (i.get('slow_failed') or 0))} |")
     lines += ["", "| server | idle RSS MiB | 1 GiB upload s | upload peak RSS MiB (all) | front end peak | wsgid worker peak | "
               "1 GiB download s | download peak RSS MiB (all) | front end peak | wsgid worker peak |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -483,7 +583,7 @@ def report(results, servers, args, stamp):
         for key in ("upload", "download"):
             u = m.get(key, {})
             worker = fmt(u.get("worker_peak_rss_mib"), 1) if SERVERS_BY_NAME[name].gateway_marker == "wsgid" else "–"
-            front = fmt(u.get("front_peak_rss_mib"), 1) if issubclass(SERVERS_BY_NAME[name], BehindMongrel2) else "–"
+            front = fmt(u.get("front_peak_rss_mib"), 1) if SERVERS_BY_NAME[name].has_front else "–"
             bad = "" if u.get("ok", True) else " (failed)"
             cells += [f"{fmt(u.get('seconds'), 2)}{bad}", fmt(u.get("peak_rss_mib"), 1), front, worker]
         lines.append(f"| {name} | {' | '.join(cells)} |")
@@ -506,10 +606,11 @@ def report(results, servers, args, stamp):
         return f"| {a} | {b} | {' | '.join(cells)} |" if set(cells) != {"–"} else None
     ours = SERVERS["ours"].name
     # ours (mongrel2 + wsgid) against the other servers; our own variants are paired below.
-    own = (Ours, FrontPyzmq)
+    own = (Ours, FrontPyzmq, OneCommand)
     pairs = [(ours, name) for name in names if ours in names and name != ours
              and SERVERS_BY_NAME[name].serves_app and not issubclass(SERVERS_BY_NAME[name], own)]
-    for a, b in (("ours-ipc", "pyzmq-ipc"), ("front-ipc", "ours-ipc"), ("front", "ours"), ("front-pyzmq", "pyzmq"),
+    for a, b in (("bind", "granian"), ("bind", "gunicorn"), ("bind", "uwsgi-http"), ("bind", "front-ipc"),
+                 ("ours-ipc", "pyzmq-ipc"), ("front-ipc", "ours-ipc"), ("front", "ours"), ("front-pyzmq", "pyzmq"),
                  ("front-ipc", "granian"), ("front", "nginx"), ("front-ipc", "nginx")):
         if SERVERS[a].name in names and SERVERS[b].name in names:
             pairs.append((SERVERS[a].name, SERVERS[b].name))
@@ -537,7 +638,7 @@ def main():
     stack.WSGID = RELEASE / "wsgid"  # the front end too: `wsgid server`
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ", ".join(SERVERS))
-    parser.add_argument("--workloads", default="hello,64k,post,static,upload,download,idle,held")
+    parser.add_argument("--workloads", default="hello,64k,post,static,isolation,upload,download,idle,held")
     parser.add_argument("--held", type=int, default=10_000, help="idle keep-alive connections held")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
@@ -574,6 +675,8 @@ def main():
                     r["post"] = run_wrk(server, "/post", args.seconds, HERE / "post.lua")
                 if "static" in workloads and server.serves_static:
                     r["static"] = run_wrk(server, "/static/64k.bin", args.seconds)
+                if "isolation" in workloads and app:
+                    r["isolation"] = run_isolation(server, args.seconds)
                 if "upload" in workloads and app:
                     r["upload"] = run_upload(server, big)
                 if "download" in workloads and app:
