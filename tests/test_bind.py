@@ -163,3 +163,24 @@ def test_a_slow_request_holds_up_no_other_connection(tmp_path):
         slow.join()
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("way", ["bind", "mongrel2", "wsgid"])
+def test_the_readmes_example_serves_behind_each_front(tmp_path, way):
+    """`scripts/serve-example` as the README gives it: one command by default, or behind
+    mongrel2 or `wsgid server`."""
+    from stack import ROOT
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "FRONT": way, "BUILD": "debug"}
+    proc = subprocess.Popen([str(ROOT / "scripts" / "serve-example")], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "wb"))
+    try:
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200, timeout=60,
+                 what="the example")
+        assert "Flask" in requests.get(f"http://127.0.0.1:{port}/", timeout=5).text
+        body = os.urandom(100_000)
+        reply = requests.post(f"http://127.0.0.1:{port}/upload", files={"doc": ("d.bin", body)}, timeout=10)
+        assert reply.status_code == 200, reply.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
