@@ -17,7 +17,7 @@ from http_util import is_closed, raw_exchange
 
 MiB = 1024 * 1024
 # A body every front end spools: mongrel2's limits.content_length here is 20 KiB, one-command
-# mode sends up to 1 MiB inline.
+# mode sends up to 64 KiB inline.
 SPOOLED = 2 * MiB
 
 

@@ -121,13 +121,19 @@ pub fn inherited_listener() -> io::Result<UnixListener> {
         .ok()
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| io::Error::other("no link listener: the broker is started by the master"))?;
+    Ok(UnixListener::from(take_inherited(fd)?))
+}
+
+/// Takes ownership of a descriptor the master left open for this process (named in the
+/// environment), and closes it on exec again, so that nothing we start inherits it.
+pub fn take_inherited(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: the master left this descriptor open for us; nothing else here owns it.
-    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     nix::fcntl::fcntl(
-        &listener,
+        &fd,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )?;
-    Ok(listener)
+    Ok(fd)
 }
 
 /// The peer of a link runs as us: the broker accepts only our workers, a worker talks only
