@@ -96,6 +96,7 @@ class Server:
     serves_static = False  # /static/64k.bin from a static route
     serves_app = True
     has_front = False  # an HTTP front end process of its own, measured apart
+    keeps_alive = True  # False: closes each connection after a response (wrk reconnects)
 
     def __init__(self, tmp):
         self.tmp = Path(tmp) / self.name
@@ -275,6 +276,7 @@ class Direct(Server):
 
 class Gunicorn(Direct):
     name = "gunicorn (sync)"
+    keeps_alive = False  # the sync worker closes after each response
 
     def command(self):
         return [str(BENCH_VENV / "bin" / "gunicorn"), "-w", "2", "-k", "sync", "-b", f"127.0.0.1:{self.port}",
@@ -557,7 +559,9 @@ def report(results, servers, args, stamp):
         errors = sum(int(x.get("errors") or 0) for x in (h, k, p, st))
         served = (f"{fmt(h.get('served_conns'))} of {fmt(h.get('open_conns'))}"
                   if h.get("open_conns") is not None else "–")
-        if h.get("open_conns") and (h.get("served_conns") or 0) < 64:
+        if not SERVERS_BY_NAME[name].keeps_alive:
+            served = "each closed after its response"
+        elif h.get("open_conns") and (h.get("served_conns") or 0) < 64:
             served += " (not comparable)"
         lines.append(f"| {name} | {fmt(h.get('rps'))} | {served} | {fmt(h.get('p99_ms'), 1)} | {fmt(h.get('cpu_us'), 1)} | "
                      f"{fmt(h.get('front_cpu_us'), 1)} | {gateway} | {fmt(k.get('rps'))} | {fmt(k.get('p99_ms'), 1)} | "
@@ -571,8 +575,10 @@ def report(results, servers, args, stamp):
                   "|---|---|---|---|---|---|"]
         for name in iso_names:
             i = med[name]["isolation"]
+            served = (f"{fmt(i.get('served_conns'))} of {fmt(i.get('open_conns'))}"
+                      if SERVERS_BY_NAME[name].keeps_alive else "each closed after its response")
             lines.append(f"| {name} | {fmt(i.get('rps'))} | {fmt(i.get('p99_ms'), 1)} | "
-                         f"{fmt(i.get('served_conns'))} of {fmt(i.get('open_conns'))} | {fmt(i.get('slow_done'))} | "
+                         f"{served} | {fmt(i.get('slow_done'))} | "
                          f"{fmt((i.get('errors') or 0) + (i.get('slow_failed') or 0))} |")
     lines += ["", "| server | idle RSS MiB | 1 GiB upload s | upload peak RSS MiB (all) | front end peak | wsgid worker peak | "
               "1 GiB download s | download peak RSS MiB (all) | front end peak | wsgid worker peak |",
