@@ -83,6 +83,8 @@ pub fn run(local: Local) -> anyhow::Result<()> {
         // A proxy's X-Forwarded-For is kept; the workers believe it only from a peer in
         // `--forwarded-allow-ips`, and take the peer's address otherwise.
         ("no_clobber_xff", "1".to_string()),
+        // Credits: a slow client holds up its worker's response rather than buffering it.
+        ("download.flow_control", "1".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
