@@ -3,6 +3,7 @@ mongrel2 (Debian mongrel2-core) or our own (`wsgid server`) on the same config.s
 wsgid (target/debug/wsgid unless WSGID_BIN says otherwise) serving an app; or, in
 one-command mode ("bind"), wsgid alone serving HTTP with `--bind`."""
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,10 +27,27 @@ FRONTS = tuple(os.environ.get("WSGID_FRONTS", "mongrel2,wsgid,bind").split(","))
 DEFAULT_FRONT = os.environ.get("WSGID_FRONT", "mongrel2")
 
 
+# Ports handed out in this process, never handed out twice.
+_GIVEN = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A port the kernel picked (bind to 0)
+    is free only until it picks it again for someone's outgoing connection: then a server
+    given it cannot bind it, and a client dialing it while nobody listens can connect to
+    itself (both seen in CI, as a front end that never listened and a stop that hung)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10000, max(low, 10001))
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
 
 
 def wait_for(predicate, timeout=20.0, what="condition"):
