@@ -69,6 +69,28 @@ pub fn ready_command(socket_type: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A property of a READY command's metadata (`name-len name value-len(4, BE) value`...),
+/// by name, compared as ASCII without case (RFC 37); `Err` when the metadata is malformed.
+pub fn ready_property<'a>(data: &'a [u8], wanted: &[u8]) -> Result<Option<&'a [u8]>, String> {
+    let mut rest = data;
+    while let Some((&len, after)) = rest.split_first() {
+        let (name, after) = after
+            .split_at_checked(len as usize)
+            .ok_or("a malformed READY: short property name")?;
+        let (len, after) = after
+            .split_first_chunk::<4>()
+            .ok_or("a malformed READY: short property length")?;
+        let (value, after) = after
+            .split_at_checked(u32::from_be_bytes(*len) as usize)
+            .ok_or("a malformed READY: short property value")?;
+        if name.eq_ignore_ascii_case(wanted) {
+            return Ok(Some(value));
+        }
+        rest = after;
+    }
+    Ok(None)
+}
+
 /// A command's name and data.
 pub fn split_command(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let len = *body.first()? as usize;
@@ -265,6 +287,20 @@ mod tests {
         let ready = ready_command(b"PUB");
         assert_eq!(&ready[..2], &[FLAG_COMMAND, 25]);
         assert!(ready.ends_with(b"Socket-Type\x00\x00\x00\x03PUB"));
+    }
+
+    #[test]
+    fn reads_ready_properties() {
+        let ready = ready_command(b"PUSH");
+        let (name, data) = split_command(&ready[2..]).unwrap();
+        assert_eq!(name, b"READY");
+        assert_eq!(ready_property(data, b"socket-type"), Ok(Some(&b"PUSH"[..])));
+        assert_eq!(ready_property(data, b"Identity"), Ok(None));
+        let mut two = b"\x08Identity\x00\x00\x00\x00".to_vec();
+        two.extend_from_slice(data);
+        assert_eq!(ready_property(&two, b"Socket-Type"), Ok(Some(&b"PUSH"[..])));
+        assert!(ready_property(&data[..data.len() - 1], b"Socket-Type").is_err());
+        assert!(ready_property(b"\x0bSocket-Type\x00\x00", b"Socket-Type").is_err());
     }
 
     #[test]

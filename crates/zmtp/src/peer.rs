@@ -39,6 +39,19 @@ pub enum SocketType {
 }
 
 impl SocketType {
+    /// Whether a peer socket of type `other` (READY's `Socket-Type`) may talk to us (RFC 28:
+    /// PUSH with PULL, PUB with SUB, and the X variants). Anything else, our own type
+    /// included (a TCP connection that met itself), is refused.
+    fn accepts(self, other: &[u8]) -> bool {
+        let names: &[&[u8]] = match self {
+            SocketType::Pull => &[b"PUSH"],
+            SocketType::Push => &[b"PULL"],
+            SocketType::Pub => &[b"SUB", b"XSUB"],
+            SocketType::Sub => &[b"PUB", b"XPUB"],
+        };
+        names.iter().any(|n| n.eq_ignore_ascii_case(other))
+    }
+
     fn name(self) -> &'static [u8] {
         match self {
             SocketType::Pull => b"PULL",
@@ -432,6 +445,16 @@ impl Peer {
                     codec::split_command(&body).ok_or("a malformed command from the peer")?;
                 match name {
                     b"READY" if *stage == Stage::Greeting => {
+                        match codec::ready_property(data, b"Socket-Type")? {
+                            Some(other) if !self.kind.accepts(other) => {
+                                return Err(format!(
+                                    "the peer is a {} socket, which a {} cannot talk to",
+                                    String::from_utf8_lossy(other),
+                                    String::from_utf8_lossy(self.kind.name())
+                                ));
+                            }
+                            _ => {}
+                        }
                         *stage = Stage::Ready;
                         self.backoff = FIRST_RETRY;
                         if self.warned {

@@ -8,14 +8,25 @@ use zmtp::{Peer, PeerEvent, SocketType};
 fn drive_until(
     peer: &mut Peer,
     limit: Duration,
-    mut until: impl FnMut(&[PeerEvent]) -> bool,
+    until: impl FnMut(&[PeerEvent]) -> bool,
 ) -> Vec<PeerEvent> {
+    let (events, done) = drive(peer, limit, until);
+    assert!(done, "timed out; events so far: {events:?}");
+    events
+}
+
+/// Drives `peer` for `limit` or until `until` says stop: the events, and whether it did.
+fn drive(
+    peer: &mut Peer,
+    limit: Duration,
+    mut until: impl FnMut(&[PeerEvent]) -> bool,
+) -> (Vec<PeerEvent>, bool) {
     let deadline = Instant::now() + limit;
     let mut events = Vec::new();
     while Instant::now() < deadline {
         peer.drive(&mut events, true);
         if until(&events) {
-            return events;
+            return (events, true);
         }
         if let Some((fd, read, write)) = peer.poll_interest() {
             let mut flags = 0;
@@ -36,7 +47,7 @@ fn drive_until(
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    panic!("timed out; events so far: {events:?}");
+    (events, false)
 }
 
 fn messages(events: &[PeerEvent]) -> Vec<&[u8]> {
@@ -203,4 +214,18 @@ fn an_error_command_ends_the_connection() {
         .iter()
         .any(|e| matches!(e, PeerEvent::Down(r) if r.contains("go away now"))));
     server.join().unwrap();
+}
+
+#[test]
+fn a_peer_of_a_type_we_cannot_talk_to_never_comes_up() {
+    // What a TCP connection that met itself looks like too: our own type answering.
+    let context = zmq::Context::new();
+    let pull = context.socket(zmq::PULL).unwrap();
+    pull.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = pull.get_last_endpoint().unwrap().unwrap();
+    let mut peer = Peer::new(&endpoint, SocketType::Pull, 1000).unwrap();
+    let (events, up) = drive(&mut peer, Duration::from_secs(1), |e| {
+        e.contains(&PeerEvent::Up)
+    });
+    assert!(!up, "{events:?}");
 }
