@@ -74,23 +74,84 @@ pub struct Arbiter {
     stopping: Option<Instant>,
     ready_read: OwnedFd,
     ready_write: OwnedFd,
-    /// The broker process (see `broker`), and when it may be started again.
-    broker: Option<i32>,
+    /// The broker process (see `broker`).
+    broker: Kept,
     broker_endpoint: String,
     /// The link's listening socket, bound once and lent to each broker.
     link_listener: std::os::unix::net::UnixListener,
-    next_broker_spawn: Instant,
     /// One-command mode: the front end.
     front: Option<LocalFront>,
-    /// Stopping: who has been told to stop (each after the one before exited).
-    front_stopped: bool,
-    broker_stopped: bool,
+    /// Stopping: the workers have been told to stop (after the broker exited).
     workers_stopped: bool,
     /// A worker has been ready since the start: later failures to load the app (a reload
     /// of broken code) are retried while the others serve; before, they end the master.
     ever_ready: bool,
     boot: BootReport,
     boot_failed: bool,
+}
+
+/// A process the master keeps exactly one of (the broker; the front end in one-command
+/// mode): restarted when it dies, at most once a second.
+struct Kept {
+    /// Its name in log lines.
+    name: &'static str,
+    pid: Option<i32>,
+    next_spawn: Instant,
+    /// Stopping: told to stop already.
+    stop_sent: bool,
+}
+
+impl Kept {
+    fn new(name: &'static str) -> Kept {
+        Kept {
+            name,
+            pid: None,
+            next_spawn: Instant::now(),
+            stop_sent: false,
+        }
+    }
+
+    /// None runs and it may be started again.
+    fn due(&self) -> bool {
+        self.pid.is_none() && Instant::now() >= self.next_spawn
+    }
+
+    fn started(&mut self, spawned: anyhow::Result<u32>) {
+        self.next_spawn = Instant::now() + Duration::from_secs(1);
+        match spawned {
+            Ok(pid) => {
+                tracing::info!(pid, "{} started", self.name);
+                self.pid = Some(pid as i32);
+            }
+            Err(e) => tracing::error!("cannot start the {}: {e:#}", self.name),
+        }
+    }
+
+    /// Whether `pid` was this process (then it is gone, and restarted unless stopping).
+    fn reaped(&mut self, pid: i32, status: &WaitStatus, stopping: bool) -> bool {
+        if self.pid != Some(pid) {
+            return false;
+        }
+        self.pid = None;
+        if !stopping {
+            tracing::error!(pid, ?status, "the {} died; restarting it", self.name);
+        }
+        true
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Some(pid) = self.pid {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Stopping: TERM once; whether it still runs.
+    fn stop(&mut self) -> bool {
+        if self.pid.is_some() && !std::mem::replace(&mut self.stop_sent, true) {
+            self.signal(Signal::SIGTERM);
+        }
+        self.pid.is_some()
+    }
 }
 
 /// One-command mode's front end (`server::local`) and what it is lent.
@@ -100,8 +161,7 @@ struct LocalFront {
     /// Private (0700): the front end's sockets towards the broker, and spooled bodies
     /// unless `--upload-temp-store` says otherwise. Removed when the master exits.
     _dir: tempfile::TempDir,
-    pid: Option<i32>,
-    next_spawn: Instant,
+    process: Kept,
 }
 
 impl LocalFront {
@@ -121,8 +181,7 @@ impl LocalFront {
         Ok(LocalFront {
             listeners,
             _dir: dir,
-            pid: None,
-            next_spawn: Instant::now(),
+            process: Kept::new("front end"),
         })
     }
 }
@@ -168,17 +227,14 @@ impl Arbiter {
             stopping: None,
             ready_read,
             ready_write,
-            broker: None,
+            broker: Kept::new("broker"),
             link_listener: crate::link::listen(&broker_endpoint)
                 .with_context(|| format!("cannot listen on the worker link @{broker_endpoint}"))?,
             broker_endpoint,
             ever_ready: false,
             boot,
             boot_failed: false,
-            next_broker_spawn: Instant::now(),
             front,
-            front_stopped: false,
-            broker_stopped: false,
             workers_stopped: false,
         })
     }
@@ -229,14 +285,12 @@ impl Arbiter {
             self.reap();
             if flags.quit.swap(false, Ordering::Relaxed) {
                 tracing::info!("QUIT: stopping now");
+                for kept in self.kept_mut() {
+                    kept.signal(Signal::SIGQUIT);
+                    kept.stop_sent = true;
+                }
                 self.signal_all(Signal::SIGQUIT);
-                self.signal_broker(Signal::SIGQUIT);
-                self.signal_front(Signal::SIGQUIT);
-                (
-                    self.front_stopped,
-                    self.broker_stopped,
-                    self.workers_stopped,
-                ) = (true, true, true);
+                self.workers_stopped = true;
                 // A moment to exit cleanly (pid files, flushed replies), then KILL.
                 self.stopping = Some(Instant::now() + Duration::from_secs(1));
             }
@@ -251,19 +305,19 @@ impl Arbiter {
             }
             if let Some(deadline) = self.stopping {
                 self.stop_downstream();
-                if self.front_pid().is_none() && self.broker.is_none() && self.workers.is_empty() {
+                if self.kept_mut().all(|k| k.pid.is_none()) && self.workers.is_empty() {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!("graceful timeout over: killing what is left");
                     self.signal_all(Signal::SIGKILL);
-                    self.signal_broker(Signal::SIGKILL);
-                    self.signal_front(Signal::SIGKILL);
+                    for kept in self.kept_mut() {
+                        kept.signal(Signal::SIGKILL);
+                    }
                 }
             } else {
                 self.handle_requests(&flags);
-                self.keep_front();
-                self.keep_broker();
+                self.keep_processes();
                 self.maintain();
                 self.retire_replaced();
                 if self.workers.is_empty() && self.target == 0 {
@@ -283,15 +337,11 @@ impl Arbiter {
             // New clients are refused from now on, not left in a backlog nobody reads.
             front.listeners.clear();
         }
-        if let Some(pid) = self.front_pid() {
-            if !std::mem::replace(&mut self.front_stopped, true) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-        } else if self.broker.is_some() {
-            if !std::mem::replace(&mut self.broker_stopped, true) {
-                self.signal_broker(Signal::SIGTERM);
-            }
-        } else if !std::mem::replace(&mut self.workers_stopped, true) {
+        // In order: each is told once the one before it has gone.
+        if self.kept_mut().any(Kept::stop) {
+            return;
+        }
+        if !std::mem::replace(&mut self.workers_stopped, true) {
             self.signal_all(Signal::SIGTERM);
         }
     }
@@ -409,54 +459,26 @@ impl Arbiter {
         Ok(child.id())
     }
 
-    /// Starts the broker when there is none (first start, or it died: at most once a second).
-    fn keep_broker(&mut self) {
-        if self.broker.is_some() || Instant::now() < self.next_broker_spawn {
-            return;
-        }
-        self.next_broker_spawn = Instant::now() + Duration::from_secs(1);
-        match self.spawn_child("broker") {
-            Ok(pid) => {
-                tracing::info!(pid, link = %self.broker_endpoint, "broker started");
-                self.broker = Some(pid as i32);
+    /// The processes kept one of, in the order they stop: the front end, then the broker.
+    fn kept_mut(&mut self) -> impl Iterator<Item = &mut Kept> {
+        self.front
+            .as_mut()
+            .map(|f| &mut f.process)
+            .into_iter()
+            .chain([&mut self.broker])
+    }
+
+    /// Starts the front end and the broker when they are not running.
+    fn keep_processes(&mut self) {
+        if self.front.as_ref().is_some_and(|f| f.process.due()) {
+            let spawned = self.spawn_child("front");
+            if let Some(front) = self.front.as_mut() {
+                front.process.started(spawned);
             }
-            Err(e) => tracing::error!("cannot start the broker: {e:#}"),
         }
-    }
-
-    /// Starts the front end when there is none (one-command mode; at most once a second).
-    fn keep_front(&mut self) {
-        let Some(front) = self.front.as_ref() else {
-            return;
-        };
-        if front.pid.is_some() || Instant::now() < front.next_spawn {
-            return;
-        }
-        let spawned = self.spawn_child("front");
-        let front = self.front.as_mut().expect("checked above");
-        front.next_spawn = Instant::now() + Duration::from_secs(1);
-        match spawned {
-            Ok(pid) => {
-                tracing::info!(pid, bind = ?self.settings.bind, "front end started");
-                front.pid = Some(pid as i32);
-            }
-            Err(e) => tracing::error!("cannot start the front end: {e:#}"),
-        }
-    }
-
-    fn front_pid(&self) -> Option<i32> {
-        self.front.as_ref().and_then(|f| f.pid)
-    }
-
-    fn signal_front(&self, signal: Signal) {
-        if let Some(pid) = self.front_pid() {
-            let _ = kill(Pid::from_raw(pid), signal);
-        }
-    }
-
-    fn signal_broker(&self, signal: Signal) {
-        if let Some(pid) = self.broker {
-            let _ = kill(Pid::from_raw(pid), signal);
+        if self.broker.due() {
+            let spawned = self.spawn_child("broker");
+            self.broker.started(spawned);
         }
     }
 
@@ -501,28 +523,11 @@ impl Arbiter {
                 Ok(status) => status,
             };
             let Some(pid) = status.pid() else { return };
-            if self.front_pid() == Some(pid.as_raw()) {
-                if let Some(front) = self.front.as_mut() {
-                    front.pid = None;
-                }
-                if self.stopping.is_none() {
-                    tracing::error!(
-                        pid = pid.as_raw(),
-                        ?status,
-                        "the front end died; restarting it"
-                    );
-                }
-                continue;
-            }
-            if self.broker == Some(pid.as_raw()) {
-                self.broker = None;
-                if self.stopping.is_none() {
-                    tracing::error!(
-                        pid = pid.as_raw(),
-                        ?status,
-                        "the broker died; restarting it"
-                    );
-                }
+            let stopping = self.stopping.is_some();
+            if self
+                .kept_mut()
+                .any(|k| k.reaped(pid.as_raw(), &status, stopping))
+            {
                 continue;
             }
             let Some(state) = self.workers.remove(&pid.as_raw()) else {
