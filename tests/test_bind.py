@@ -2,6 +2,7 @@
 mode (front "bind")."""
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import time
 import pytest
 import requests
 
-from faults import children, role_of
+from faults import Reader, children, role_of
 from stack import APPS, VENV, WSGID, Handler, Mongrel2, Wsgid, free_port, wait_for
 
 pytestmark = pytest.mark.one_front
@@ -161,6 +162,86 @@ def test_a_slow_request_holds_up_no_other_connection(tmp_path):
                 assert reply.elapsed.total_seconds() < 0.5
         assert slow.is_alive(), "the slow request was still in service all along"
         slow.join()
+    finally:
+        assert server.stop() == 0
+
+
+def pid_of(server, role):
+    pids = [pid for pid in children(server.proc.pid) if role_of(pid) == role]
+    return pids[0] if pids else None
+
+
+def test_lent_connections_never_carry_a_reply_to_another_client_through_churn_and_kills(tmp_path):
+    """Workers write responses to the client's connection themselves (the front end lends
+    it). Clients that pipeline, drop their connections unread, and reconnect (so the front
+    end reuses descriptor numbers at once) while the broker, a worker and the front end are
+    killed in turn: every response read names the request it answers."""
+    server = serve(tmp_path, workers=3)
+    stop, wrong, served, failures = threading.Event(), [], [0], [0]
+
+    def client(name):
+        rng, n = random.Random(name), 0
+        while not stop.is_set():
+            tags = [f"{name}-{n}-{k}" for k in range(rng.randint(1, 3))]
+            n += 1
+            try:
+                with socket.create_connection(("127.0.0.1", server.mongrel2.port), timeout=5) as sock:
+                    sock.sendall(b"".join(f"GET /id?{t} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                                          for t in tags))
+                    if rng.random() < 0.3:
+                        continue  # gone before reading: its connection's number is free again
+                    reader = Reader(sock)
+                    for tag in tags:
+                        status, _, body, complete = reader.response(time.time() + 5)
+                        if status is None or not complete:
+                            failures[0] += 1
+                            break
+                        if body != f"id={tag}".encode():
+                            wrong.append((tag, body))
+                        served[0] += 1
+            except OSError:
+                failures[0] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    try:
+        for t in threads:
+            t.start()
+        for role in ("broker", "worker", "front"):
+            time.sleep(1.0)
+            before = served[0]
+            os.kill(pid_of(server, role), signal.SIGKILL)
+            wait_for(lambda: served[0] > before + 50, timeout=15, what=f"service after killing the {role}")
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert not wrong, wrong[:5]
+        assert served[0] > 500, (served[0], failures[0])
+        assert requests.get(server.url + "/id?after", timeout=5).text == "id=after"
+    finally:
+        stop.set()
+        assert server.stop() == 0
+
+
+def test_a_worker_killed_while_writing_to_a_lent_connection_closes_it(tmp_path):
+    """The worker writes the response itself; killed half-way, its client sees the connection
+    end (not a hang, not another response), and the next client is served."""
+    server = serve(tmp_path, workers=2)
+    try:
+        with socket.create_connection(("127.0.0.1", server.mongrel2.port), timeout=10) as sock:
+            sock.sendall(b"GET /events?n=100&every=0.05 HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200") and b"data: 0" in first
+            pid = int(requests.get(server.url + "/pid", timeout=5).text)
+            others = [p for p in server.worker_pids() if p != pid]
+            os.kill(others[0], signal.SIGKILL)
+            started, rest = time.time(), b""
+            while chunk := sock.recv(65536):
+                rest += chunk
+            assert time.time() - started < 5
+            assert b"HTTP/1.1" not in rest
+            assert b"data: 99" not in rest
+        assert requests.get(server.url + "/id?next", timeout=5).text == "id=next"
     finally:
         assert server.stop() == 0
 

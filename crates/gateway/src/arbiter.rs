@@ -174,6 +174,7 @@ impl LocalFront {
         let at = |name: &str| format!("ipc://{}/{name}", dir.path().display());
         settings.recv = at("requests");
         settings.send = at("replies");
+        settings.lending = Some(dir.path().join("lending"));
         if settings.upload_temp_store.is_none() {
             settings.upload_temp_store = Some(format!("{}/upload.XXXXXX", dir.path().display()));
         }

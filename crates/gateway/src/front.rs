@@ -33,6 +33,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         listeners,
         requests: settings.recv.clone(),
         replies: settings.send.clone(),
+        lending: settings.lending.clone(),
         temp_store,
         inline_body: INLINE_BODY,
         grace: Duration::from_secs(settings.graceful_timeout),

@@ -10,6 +10,7 @@ pub mod appdir;
 pub mod arbiter;
 pub mod bind;
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod front;

@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::Arc;
@@ -59,11 +59,15 @@ const QUEUE_HEADER: usize = 9;
 pub const MAX_REPLY_PIECE: usize = 256 * 1024;
 
 /// A reply frame's header: the request's sequence number (u64 LE), the payload's length
-/// (u32 LE), the piece kind, three spare bytes; the payload follows.
+/// (u32 LE), the piece kind, whether the response went to the client directly, two spare
+/// bytes; the payload follows.
 pub struct ReplyHeader {
     pub seq: u64,
     pub len: u32,
     pub piece: Piece,
+    /// The worker wrote this response to the client's connection itself (see
+    /// `Taken::Request::client`); this frame, which carries no payload, ends it.
+    pub direct: bool,
 }
 
 impl ReplyHeader {
@@ -78,6 +82,7 @@ impl ReplyHeader {
             Piece::Last => 1,
             Piece::LastThenClose => 2,
         };
+        out[13] = u8::from(self.direct);
         out
     }
 
@@ -92,10 +97,20 @@ impl ReplyHeader {
             2 => Piece::LastThenClose,
             other => return Some(Err(format!("a reply frame of kind {other}"))),
         };
+        let direct = match raw[13] {
+            0 => false,
+            1 if piece != Piece::Middle && len == 0 => true,
+            _ => return Some(Err("a malformed direct reply frame".to_string())),
+        };
         if len as usize > MAX_REPLY_PIECE {
             return Some(Err(format!("a reply frame of {len} bytes")));
         }
-        Some(Ok(ReplyHeader { seq, len, piece }))
+        Some(Ok(ReplyHeader {
+            seq,
+            len,
+            piece,
+            direct,
+        }))
     }
 }
 
@@ -217,9 +232,12 @@ impl BrokerChannels {
     }
 
     /// Queues a request; `Ok(false)` when the queue is full (poll `queue_fd` for room).
-    pub fn enqueue(&self, seq: u64, msg: &[u8]) -> io::Result<bool> {
+    /// With `client`, the client's connection travels with it, for the worker to write the
+    /// response to (the last descriptor of the frame).
+    pub fn enqueue(&self, seq: u64, msg: &[u8], client: Option<BorrowedFd>) -> io::Result<bool> {
+        let client = client.map(|fd| fd.as_raw_fd());
         if msg.len() <= INLINE_MAX {
-            return self.send_frame(INLINE, seq, msg, &[]);
+            return self.send_frame(INLINE, seq, msg, client.as_slice());
         }
         let mut file: File = nix::sys::memfd::memfd_create(
             c"wsgid-request",
@@ -227,7 +245,8 @@ impl BrokerChannels {
         )?
         .into();
         file.write_all(msg)?;
-        self.send_frame(IN_FILE, seq, &[], &[file.as_raw_fd()])
+        let fds: Vec<RawFd> = std::iter::once(file.as_raw_fd()).chain(client).collect();
+        self.send_frame(IN_FILE, seq, &[], &fds)
     }
 
     /// Queues a probe: once a worker records it as taken, every request queued before it
@@ -264,11 +283,12 @@ pub enum Taken {
     Request {
         seq: u64,
         msg: Vec<u8>,
+        /// The client's connection, when the front end lent it for this request: the
+        /// response is written to it directly, not relayed (one-command mode).
+        client: Option<OwnedFd>,
     },
     /// An upload's end whose connection is gone: remove its file, answer nothing.
-    Discard {
-        msg: Vec<u8>,
-    },
+    Discard { msg: Vec<u8> },
     /// Nothing queued now.
     Empty,
     /// Nothing queued, ever again: the broker is gone.
@@ -299,10 +319,31 @@ impl Replier {
         Ok(())
     }
 
+    /// Tells the broker that the response to `seq` was written to the client directly and
+    /// is complete (`piece` says whether the connection is to close).
+    pub fn direct_done(&self, seq: u64, piece: Piece) -> io::Result<()> {
+        let header = ReplyHeader {
+            seq,
+            len: 0,
+            piece,
+            direct: true,
+        };
+        self.write_header_and(&header.encode(), &[])
+    }
+
     fn write_frame(&self, seq: u64, payload: &[u8], piece: Piece) -> io::Result<()> {
         let len = payload.len() as u32;
-        let header = ReplyHeader { seq, len, piece }.encode();
-        let mut parts = [IoSlice::new(&header), IoSlice::new(payload)];
+        let header = ReplyHeader {
+            seq,
+            len,
+            piece,
+            direct: false,
+        };
+        self.write_header_and(&header.encode(), payload)
+    }
+
+    fn write_header_and(&self, header: &[u8], payload: &[u8]) -> io::Result<()> {
+        let mut parts = [IoSlice::new(header), IoSlice::new(payload)];
         let mut parts = &mut parts[..];
         let mut stream = &self.stream;
         while !parts.is_empty() {
@@ -376,7 +417,7 @@ impl WorkerChannels {
 
     fn take_unmarked(&mut self) -> io::Result<Taken> {
         loop {
-            let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+            let mut cmsg = nix::cmsg_space!([RawFd; 2]);
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
             let (len, truncated, fds) = {
                 let mut iov = [IoSliceMut::new(&mut self.buf)];
@@ -409,7 +450,7 @@ impl WorkerChannels {
                 });
             }
             match self.unpack(len, truncated, fds) {
-                Ok(msg) => return Ok(Taken::Request { seq, msg }),
+                Ok((msg, client)) => return Ok(Taken::Request { seq, msg, client }),
                 Err(e) => {
                     tracing::error!("a queued request was lost: {e}");
                     self.replier.reply(seq, &[], Piece::LastThenClose)?;
@@ -423,18 +464,19 @@ impl WorkerChannels {
         len: usize,
         truncated: bool,
         fds: io::Result<Vec<OwnedFd>>,
-    ) -> io::Result<Vec<u8>> {
+    ) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
         if truncated {
             return Err(io::Error::other("the frame overran its buffer"));
         }
-        match (self.buf[0], fds?.into_iter().next()) {
-            (INLINE, _) => Ok(self.buf[QUEUE_HEADER..len].to_vec()),
-            (IN_FILE, Some(fd)) => {
-                let mut file = File::from(fd);
+        let mut fds = fds?.into_iter();
+        match (self.buf[0], fds.len()) {
+            (INLINE, 0 | 1) => Ok((self.buf[QUEUE_HEADER..len].to_vec(), fds.next())),
+            (IN_FILE, 1 | 2) => {
+                let mut file = File::from(fds.next().expect("counted"));
                 file.rewind()?;
                 let mut msg = Vec::new();
                 file.read_to_end(&mut msg)?;
-                Ok(msg)
+                Ok((msg, fds.next()))
             }
             _ => Err(io::Error::other("a malformed frame")),
         }
@@ -489,6 +531,7 @@ fn owned_fds(msg: &nix::sys::socket::RecvMsg<'_, '_, ()>) -> io::Result<Vec<Owne
 mod tests {
     use super::*;
     use crate::records::RingReader;
+    use std::os::fd::AsFd;
 
     fn pair() -> (BrokerChannels, WorkerChannels, RingReader, UnixStream) {
         let name = format!(
@@ -509,8 +552,12 @@ mod tests {
 
     fn take(worker: &mut WorkerChannels) -> (u64, Vec<u8>) {
         match worker.take().unwrap() {
-            Taken::Request { seq, msg } => (seq, msg),
-            _ => panic!("nothing taken"),
+            Taken::Request {
+                seq,
+                msg,
+                client: None,
+            } => (seq, msg),
+            _ => panic!("nothing taken, or a client with it"),
         }
     }
 
@@ -532,8 +579,8 @@ mod tests {
     fn requests_inline_and_in_a_file_arrive_in_order_with_records_and_replies() {
         let (broker, mut worker, reader, mut stream) = pair();
         let big: Vec<u8> = (0..INLINE_MAX * 3).map(|i| (i % 251) as u8).collect();
-        assert!(broker.enqueue(1, b"small").unwrap());
-        assert!(broker.enqueue(2, &big).unwrap());
+        assert!(broker.enqueue(1, b"small", None).unwrap());
+        assert!(broker.enqueue(2, &big, None).unwrap());
         assert_eq!(take(&mut worker), (1, b"small".to_vec()));
         worker.replier().reply(1, b"hello", Piece::Last).unwrap();
         let (seq, msg) = take(&mut worker);
@@ -561,7 +608,7 @@ mod tests {
         assert_eq!([&got[1].1[..], &rest[0].1[..]].concat(), big);
         // The broker is gone (the link's stream was closed); queued requests remain.
         assert!(!worker.broker_gone());
-        assert!(broker.enqueue(3, b"last").unwrap());
+        assert!(broker.enqueue(3, b"last", None).unwrap());
         drop(stream);
         drop(broker);
         assert!(worker.broker_gone());
@@ -575,7 +622,7 @@ mod tests {
         let (broker, mut worker, _reader, _stream) = pair();
         let msg = vec![7u8; 1000];
         let mut queued = 0u64;
-        while broker.enqueue(queued, &msg).unwrap() {
+        while broker.enqueue(queued, &msg, None).unwrap() {
             queued += 1;
             assert!(queued < 100_000, "the queue never filled");
         }
@@ -586,21 +633,76 @@ mod tests {
     }
 
     #[test]
+    fn a_lent_client_connection_travels_with_its_request_inline_or_in_a_file() {
+        let (broker, mut worker, _reader, mut stream) = pair();
+        let big = vec![3u8; INLINE_MAX + 1];
+        for (seq, msg) in [(1, &b"small"[..]), (2, &big[..])] {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            assert!(broker.enqueue(seq, msg, Some(ours.as_fd())).unwrap());
+            drop(ours);
+            let Taken::Request {
+                seq: got,
+                msg: body,
+                client: Some(client),
+            } = worker.take().unwrap()
+            else {
+                panic!("no client with the request");
+            };
+            assert_eq!((got, body == msg), (seq, true));
+            // The very connection: what the worker writes, the client reads.
+            let mut client = UnixStream::from(client);
+            client.write_all(b"direct").unwrap();
+            let mut read = [0u8; 6];
+            (&theirs).read_exact(&mut read).unwrap();
+            assert_eq!(&read, b"direct");
+            worker.replier().direct_done(seq, Piece::Last).unwrap();
+            let h = replies_headers(&mut stream, 1).remove(0);
+            assert_eq!(
+                (h.seq, h.len, h.piece, h.direct),
+                (seq, 0, Piece::Last, true)
+            );
+        }
+    }
+
+    fn replies_headers(stream: &mut UnixStream, count: usize) -> Vec<ReplyHeader> {
+        (0..count)
+            .map(|_| {
+                let mut header = [0u8; ReplyHeader::LEN];
+                stream.read_exact(&mut header).unwrap();
+                ReplyHeader::decode(&header).unwrap().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
     fn reply_headers_round_trip_and_refuse_nonsense() {
         for piece in [Piece::Middle, Piece::Last, Piece::LastThenClose] {
             let raw = ReplyHeader {
                 seq: 9,
                 len: 77,
                 piece,
+                direct: false,
             }
             .encode();
             let h = ReplyHeader::decode(&raw).unwrap().unwrap();
-            assert_eq!((h.seq, h.len, h.piece), (9, 77, piece));
+            assert_eq!((h.seq, h.len, h.piece, h.direct), (9, 77, piece, false));
         }
+        // A direct frame ends a response and carries nothing.
+        let mut direct = ReplyHeader {
+            seq: 1,
+            len: 0,
+            piece: Piece::Last,
+            direct: true,
+        }
+        .encode();
+        assert!(ReplyHeader::decode(&direct).unwrap().unwrap().direct);
+        direct[12] = 0;
+        assert!(ReplyHeader::decode(&direct).unwrap().is_err());
         let mut raw = ReplyHeader {
             seq: 1,
             len: 1,
             piece: Piece::Last,
+            direct: false,
         }
         .encode();
         assert!(ReplyHeader::decode(&raw[..15]).is_none());
@@ -610,6 +712,7 @@ mod tests {
             seq: 1,
             len: u32::MAX,
             piece: Piece::Last,
+            direct: false,
         }
         .encode();
         assert!(ReplyHeader::decode(&raw).unwrap().is_err());

@@ -19,6 +19,7 @@ use m2wire::{MessageKind, Request, UploadMarker};
 use pyo3::intern;
 use pyo3::prelude::*;
 
+use crate::client::Client;
 use crate::config::Settings;
 use crate::link::{self, Replier, Taken, WorkerChannels, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
@@ -357,11 +358,13 @@ struct Prepared<'py> {
     access: Option<String>,
 }
 
-/// The reply to one request, on its way to the broker; it notes when the response ended.
+/// The reply to one request, on its way to the broker, or written to the client when its
+/// connection was lent to us; it notes when the response ended.
 struct Reply {
     replier: Arc<Replier>,
     seq: u64,
     ended: Cell<bool>,
+    client: RefCell<Option<Client>>,
 }
 
 impl ReplySink for Reply {
@@ -369,7 +372,25 @@ impl ReplySink for Reply {
         if piece != Piece::Middle {
             self.ended.set(true);
         }
-        self.replier.reply(self.seq, payload, piece)
+        let mut lent = self.client.borrow_mut();
+        let Some(client) = lent.as_mut() else {
+            return self.replier.reply(self.seq, payload, piece);
+        };
+        let written = client.write_all(payload);
+        if piece == Piece::Middle {
+            return written;
+        }
+        if let Err(e) = written {
+            tracing::debug!(seq = self.seq, "the client is gone: {e}");
+        }
+        let piece = if client.broken() {
+            Piece::LastThenClose
+        } else {
+            piece
+        };
+        // Our copy of the connection is closed before the front end takes it back.
+        *lent = None;
+        self.replier.direct_done(self.seq, piece)
     }
 }
 
@@ -377,7 +398,9 @@ impl Worker {
     /// Does what was taken from the queue.
     fn take(&mut self, taken: Taken, replier: Arc<Replier>) {
         match taken {
-            Taken::Request { seq, msg } => self.answer(seq, msg, replier),
+            Taken::Request { seq, msg, client } => {
+                self.answer(seq, msg, replier, client.map(Client::new))
+            }
             Taken::Discard { msg } => self.discard_upload(&msg),
             Taken::Empty | Taken::Closed => {}
         }
@@ -410,11 +433,12 @@ impl Worker {
 
     /// Serves request `seq`. Whatever happens, its response ends, so the broker can free its
     /// connection; a response that cannot reach the broker is logged, and the worker lives on.
-    fn answer(&mut self, seq: u64, msg: Vec<u8>, replier: Arc<Replier>) {
+    fn answer(&mut self, seq: u64, msg: Vec<u8>, replier: Arc<Replier>, client: Option<Client>) {
         let reply = Rc::new(Reply {
             replier,
             seq,
             ended: Cell::new(false),
+            client: RefCell::new(client),
         });
         let served = Python::attach(|py| self.handle(py, msg, &reply));
         if let Err(e) = &served {

@@ -21,7 +21,9 @@ pub mod tnetstring;
 pub use encode::{encode_notice, encode_request, Notice};
 pub use error::WireError;
 pub use headers::{HeaderValue, Headers};
-pub use reply::{encode_close, encode_prefix, encode_reply, Reply, ReplyError, MAX_TARGETS};
+pub use reply::{
+    encode_close, encode_ctl, encode_prefix, encode_reply, Reply, ReplyError, MAX_TARGETS,
+};
 pub use request::{
     is_notice, parse_address, raw_headers, ConnId, HeaderEncoding, MessageKind, Request,
     UploadMarker,

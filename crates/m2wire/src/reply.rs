@@ -39,6 +39,36 @@ impl std::error::Error for ReplyError {}
 /// Appends the reply header `UUID LEN:IDS, ` to `out`; the body is appended after it.
 /// Streaming writers build this once per request and reuse it for every chunk.
 pub fn encode_prefix(out: &mut Vec<u8>, uuid: &[u8], ids: &[ConnId]) -> Result<(), ReplyError> {
+    encode_prefix_of(out, uuid, ids, b"")
+}
+
+/// An extended reply, `UUID LEN:X IDS, [ctl, {key: value...}]`: a command to the front
+/// end rather than bytes for the clients (mongrel2's `ctl` replies).
+pub fn encode_ctl(
+    uuid: &[u8],
+    ids: &[ConnId],
+    args: &[(&[u8], &[u8])],
+) -> Result<Vec<u8>, ReplyError> {
+    let mut dict = Vec::new();
+    for (key, value) in args {
+        crate::netstring::write_tagged(&mut dict, key, b',');
+        crate::netstring::write_tagged(&mut dict, value, b',');
+    }
+    let mut list = Vec::new();
+    crate::netstring::write_tagged(&mut list, b"ctl", b',');
+    crate::netstring::write_tagged(&mut list, &dict, b'}');
+    let mut out = Vec::with_capacity(uuid.len() + 24 + list.len());
+    encode_prefix_of(&mut out, uuid, ids, b"X ")?;
+    crate::netstring::write_tagged(&mut out, &list, b']');
+    Ok(out)
+}
+
+fn encode_prefix_of(
+    out: &mut Vec<u8>,
+    uuid: &[u8],
+    ids: &[ConnId],
+    mark: &[u8],
+) -> Result<(), ReplyError> {
     if !valid_sender(uuid) {
         return Err(ReplyError::BadUuid);
     }
@@ -48,7 +78,8 @@ pub fn encode_prefix(out: &mut Vec<u8>, uuid: &[u8], ids: &[ConnId]) -> Result<(
     if ids.len() > MAX_TARGETS {
         return Err(ReplyError::TooManyTargets(ids.len()));
     }
-    let mut list = Vec::with_capacity(ids.len() * 6);
+    let mut list = Vec::with_capacity(mark.len() + ids.len() * 6);
+    list.extend_from_slice(mark);
     for (i, &id) in ids.iter().enumerate() {
         if i > 0 {
             list.push(b' ');
@@ -154,6 +185,16 @@ mod tests {
             b"u 8:48 49 50, x"
         );
         assert_eq!(encode_close(b"u", &[7]).unwrap(), b"u 1:7, ");
+    }
+
+    #[test]
+    fn a_ctl_reply_is_an_extended_reply_mongrel2_would_read() {
+        let msg = encode_ctl(b"u", &[42], &[(b"done", b"close")]).unwrap();
+        assert_eq!(&msg[..], b"u 4:X 42, 25:3:ctl,15:4:done,5:close,}]");
+        let reply = Reply::parse(&msg).unwrap();
+        assert!(reply.extended);
+        assert_eq!(reply.ids().collect::<Vec<_>>(), [42]);
+        assert_eq!(reply.body, b"25:3:ctl,15:4:done,5:close,}]");
     }
 
     #[test]

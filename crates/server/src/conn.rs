@@ -79,11 +79,16 @@ pub enum Phase {
         until: Instant,
         /// The upload file an upload-done message names: removed if it is never sent.
         upload: Option<std::path::PathBuf>,
+        /// The message is marked `DIRECT` (see `Phase::Handler`).
+        direct: bool,
     },
     /// Waiting for, or relaying, a handler's response.
     Handler {
         handler: usize,
         framing: ResponseFraming,
+        /// The request went out marked `DIRECT`: its worker may write the response to the
+        /// client itself, and then ends it with a `done` reply.
+        direct: bool,
         /// No reply by then: 504.
         deadline: Option<Instant>,
     },
@@ -132,6 +137,9 @@ pub struct Conn {
     /// Handler bytes written since credits were last sent.
     pub written_for_credits: u64,
     pub log: Option<LogFacts>,
+    /// The generation of the broker connection this connection was lent under (see
+    /// `front::lend`); 0 when never lent.
+    pub lent: u64,
 }
 
 impl Conn {
@@ -156,6 +164,7 @@ impl Conn {
             last_write: now,
             written_for_credits: 0,
             log: None,
+            lent: 0,
         }
     }
 

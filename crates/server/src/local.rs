@@ -12,6 +12,7 @@ use std::time::Duration;
 use mio::Poll;
 
 use crate::config::{self, Config, Host, Protocol, Route, Server, Target};
+use crate::front::lend::Lender;
 use crate::front::Front;
 use crate::net::Listener;
 use crate::settings::Settings;
@@ -23,6 +24,9 @@ pub struct Local {
     /// `ipc://` endpoints the front end binds: requests out (PUSH), replies in (SUB).
     pub requests: String,
     pub replies: String,
+    /// Where the broker takes the client connections lent to its workers (see
+    /// `front::lend`); none: every response is relayed.
+    pub lending: Option<PathBuf>,
     /// mkstemp template for bodies over `inline_body`.
     pub temp_store: String,
     /// Bodies up to this travel in the request message; larger ones are spooled to disk.
@@ -98,7 +102,8 @@ pub fn run(local: Local) -> anyhow::Result<()> {
     };
     let poll = Poll::new()?;
     let absolute = |p: &str| PathBuf::from(p);
-    let hub = crate::run::build_hub(&config, &server, settings, &absolute, &poll, false)?;
+    let mut hub = crate::run::build_hub(&config, &server, settings, &absolute, &poll, false)?;
+    hub.lender = local.lending.map(Lender::new);
     let mut front = Front::new(poll, listeners, hub)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

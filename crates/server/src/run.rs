@@ -169,6 +169,7 @@ pub(crate) fn build_hub(
         access,
         upload_root,
         scheme: b"http",
+        lender: None,
     })
 }
 

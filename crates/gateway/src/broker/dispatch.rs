@@ -6,6 +6,7 @@ use std::rc::Rc;
 
 use m2wire::{is_notice, parse_address, ConnId, Request};
 
+use super::lent::Lent;
 use crate::link::BrokerChannels;
 
 /// Most messages held back (behind a connection in service, or by a full queue); past
@@ -167,6 +168,7 @@ impl Requests {
         epoch: u64,
         notices: &mut Vec<Vec<u8>>,
         verdicts: &mut Vec<Close>,
+        mut lent: Option<&mut Lent>,
     ) {
         let mut held: HashMap<ConnId, usize> = HashMap::new();
         let mut held_total = 0;
@@ -217,7 +219,9 @@ impl Requests {
                 continue;
             }
             let seq = self.next_seq;
-            match channels.enqueue(seq, &self.waiting[i]) {
+            let msg = &self.waiting[i];
+            let client = lent.as_deref_mut().and_then(|l| l.client_for(conn, msg));
+            match channels.enqueue(seq, msg, client) {
                 Ok(true) => {}
                 Ok(false) => {
                     full = true;

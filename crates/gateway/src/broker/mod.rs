@@ -19,6 +19,7 @@
 //! restarts its connection ids at 1, note 9: an old reply would reach a new client).
 
 mod dispatch;
+mod lent;
 mod outgoing;
 mod workers;
 
@@ -37,6 +38,7 @@ use zmtp::{Peer, PeerEvent, SocketType};
 use crate::config::Settings;
 use crate::link::BrokerChannels;
 use dispatch::{Close, Requests, MAX_WAITING};
+use lent::Lent;
 use outgoing::Outgoing;
 use workers::{Probe, Workers};
 
@@ -106,6 +108,8 @@ struct Broker {
     next_liveness_check: Instant,
     /// Following a worker that died while taking a request (see `settle_probe`).
     probe: Option<Probe>,
+    /// One-command mode: the client connections the front end lends.
+    lent: Option<Lent>,
 }
 
 pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
@@ -130,6 +134,13 @@ pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
         next_flush: None,
         next_liveness_check: Instant::now(),
         probe: None,
+        lent: match &settings.lending {
+            Some(path) => Some(
+                Lent::listen(path)
+                    .with_context(|| format!("cannot listen at {}", path.display()))?,
+            ),
+            None => None,
+        },
     };
     tracing::info!(recv = %settings.recv, send = %settings.send, "broker ready");
     let graceful = Duration::from_secs(settings.graceful_timeout);
@@ -211,6 +222,10 @@ impl Broker {
                 self.workers.accept(stream, &self.channels);
             }
         }
+        if let (true, Some(lent)) = (ready.lent, self.lent.as_mut()) {
+            lent.accept();
+            lent.receive();
+        }
         // Replies first: they free connections whose next requests wait.
         self.read_replies(&ready.workers);
         self.check_workers();
@@ -240,6 +255,11 @@ impl Broker {
                 PollFlags::POLLOUT,
             ));
         }
+        let lent_at = polled.len();
+        if let Some(lent) = &self.lent {
+            polled.extend(lent.fds().map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+        }
+        let lent_end = polled.len();
         let requests = (!self.requests_closed).then_some(&self.requests);
         // Where each peer's entry is, if it is polled.
         let mut peer_at = [None, None];
@@ -297,6 +317,7 @@ impl Broker {
         Ok(Ready {
             accept: hit(&polled[0]),
             signal: hit(&polled[1]),
+            lent: polled[lent_at..lent_end].iter().any(hit),
             requests: peer_hit(peer_at[0]),
             replies: peer_hit(peer_at[1]),
             workers: streams
@@ -323,6 +344,9 @@ impl Broker {
         let unanswered = self.queue.unanswered(self.epoch - 1);
         let dropped = self.outgoing.clear();
         self.queue.forget_epoch();
+        if let Some(lent) = self.lent.as_mut() {
+            lent.clear();
+        }
         if waiting + unanswered + dropped > 0 {
             tracing::warn!(
                 waiting,
@@ -417,8 +441,13 @@ impl Broker {
             return;
         }
         let (mut notices, mut closes) = (Vec::new(), Vec::new());
-        self.queue
-            .dispatch(&self.channels, self.epoch, &mut notices, &mut closes);
+        self.queue.dispatch(
+            &self.channels,
+            self.epoch,
+            &mut notices,
+            &mut closes,
+            self.lent.as_mut(),
+        );
         for notice in notices {
             self.on_notice(&notice);
         }
@@ -441,6 +470,9 @@ impl Broker {
                 let dropped = self.outgoing.forget(notice.conn_id);
                 self.queue.drop_waiting(notice.conn_id);
                 self.queue.forget_conn(notice.conn_id);
+                if let Some(lent) = self.lent.as_mut() {
+                    lent.forget(notice.conn_id);
+                }
                 tracing::debug!(conn = notice.conn_id, dropped, "client disconnected");
             }
             other => tracing::debug!(conn = notice.conn_id, kind = ?other, "notice"),
@@ -510,6 +542,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 struct Ready {
     accept: bool,
     signal: bool,
+    /// The front end connected to lend connections, or sent some.
+    lent: bool,
     /// mongrel2's connections have something to read (or an error to report).
     requests: bool,
     replies: bool,

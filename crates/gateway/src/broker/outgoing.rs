@@ -25,11 +25,16 @@ pub const WINDOW: Duration = Duration::from_millis(20);
 /// Flow-control state of a connection nothing was sent to for this long is forgotten.
 const CREDITS_KEPT: Duration = Duration::from_secs(600);
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
+/// The `ctl` key telling the front end that a lent connection's response is complete.
+pub const DONE: &[u8] = b"done";
 
 struct ConnOut {
     /// `UUID LEN:ID, `.
     prefix: Vec<u8>,
     pending: Vec<u8>,
+    /// A worker wrote the response to the client itself: once `pending` is sent, this
+    /// `ctl` reply tells the front end it is complete.
+    done: Option<Vec<u8>>,
     /// Close the connection once `pending` is sent.
     close: bool,
     /// When the last messages were sent, oldest first (at most `WINDOW_MESSAGES`).
@@ -48,6 +53,7 @@ impl ConnOut {
     fn idle(&self, now: Instant) -> bool {
         self.pending.is_empty()
             && !self.close
+            && self.done.is_none()
             && match self.credits {
                 Some(_) => now >= self.touched + CREDITS_KEPT,
                 None => self.sent.back().is_none_or(|&t| now >= t + WINDOW),
@@ -82,6 +88,7 @@ impl Outgoing {
                 Some(e.insert(ConnOut {
                     prefix,
                     pending: Vec::new(),
+                    done: None,
                     close: false,
                     sent: VecDeque::with_capacity(WINDOW_MESSAGES),
                     credits: None,
@@ -106,6 +113,24 @@ impl Outgoing {
             if !out.pending.is_empty() || out.close {
                 self.dirty.insert(conn);
             }
+        }
+    }
+
+    /// The response in service on `conn` was written to the client by its worker (the
+    /// front end lent the connection): the front end is told, after anything queued before.
+    pub fn push_done(&mut self, sender: &[u8], conn: ConnId, close: bool) {
+        let value: &[u8] = if close { b"close" } else { b"keep-alive" };
+        let ctl = match m2wire::encode_ctl(sender, &[conn], &[(DONE, value)]) {
+            Ok(ctl) => ctl,
+            Err(err) => return tracing::warn!(conn, "cannot reply: {err}"),
+        };
+        if let Some(out) = self.entry(sender, conn) {
+            if out.close {
+                return;
+            }
+            out.done = Some(ctl);
+            out.close = close;
+            self.dirty.insert(conn);
         }
     }
 
@@ -220,6 +245,12 @@ fn send_what_may_go(out: &mut ConnOut, now: Instant, sender: &mut impl Sender) -
             out.pending.drain(..take);
         }
     }
+    if let Some(ctl) = &out.done {
+        if !sender.send(ctl, b"") {
+            return Flushed::Blocked;
+        }
+        out.done = None;
+    }
     if out.close {
         if let (None, Some(at)) = (out.credits, out.window_opens()) {
             if now < at {
@@ -259,6 +290,34 @@ mod tests {
             self.sent.push((prefix.to_vec(), payload.to_vec()));
             true
         }
+    }
+
+    #[test]
+    fn a_direct_response_is_announced_after_what_was_queued_before_it() {
+        let (mut out, mut rec) = (Outgoing::default(), Recorder::default());
+        let now = Instant::now();
+        out.push(b"u", 7, b"relayed", false);
+        out.push_done(b"u", 7, false);
+        out.push_done(b"u", 8, true);
+        out.push(b"u", 8, b"after a close", false);
+        assert_eq!(out.flush(now, &mut rec), None);
+        let mut sent = rec.sent.clone();
+        sent.sort();
+        let keep: &[u8] = b"u 3:X 7, 31:3:ctl,21:4:done,10:keep-alive,}]";
+        let close: &[u8] = b"u 3:X 8, 25:3:ctl,15:4:done,5:close,}]";
+        assert_eq!(
+            sent,
+            [
+                (b"u 1:7, ".to_vec(), b"relayed".to_vec()),
+                (b"u 1:8, ".to_vec(), vec![]),
+                (keep.to_vec(), vec![]),
+                (close.to_vec(), vec![]),
+            ]
+        );
+        let order = |m: &[u8]| rec.sent.iter().position(|(p, _)| p == m).unwrap();
+        assert!(order(b"u 1:7, ") < order(keep));
+        assert!(order(close) < order(b"u 1:8, "));
+        assert!(out.is_empty());
     }
 
     #[test]

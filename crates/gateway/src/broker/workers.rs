@@ -235,7 +235,9 @@ impl Broker {
         }
         let (sender, conn) = (f.sender.clone(), f.conn);
         let close = header.piece == Piece::LastThenClose;
-        if !payload.is_empty() || close {
+        if header.direct {
+            self.outgoing.push_done(&sender, conn, close);
+        } else if !payload.is_empty() || close {
             self.outgoing.push(&sender, conn, payload, close);
         }
         if last {

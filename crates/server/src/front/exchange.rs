@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use m2wire::{encode_notice, encode_request, Notice};
 
-use super::{Hub, FIRST_CREDITS};
+use super::{lend, Hub, FIRST_CREDITS};
 use crate::conn::{AfterBody, Conn, Phase, Sink};
 use crate::http::body::Decoder;
 use crate::http::canned;
@@ -29,7 +29,7 @@ impl Hub {
         let limit = self.settings.content_length;
         let (decoder, sink) = match head.framing {
             Framing::Length(0) => {
-                return self.dispatch(conn, handler, &head, &key, &[], Upload::None);
+                return self.dispatch(conn, handler, &head, &key, Payload::Inline(&[]));
             }
             // Capacity up to 1 MiB at once: a large limits.content_length must not let
             // a client's Content-Length alone reserve memory.
@@ -93,8 +93,8 @@ impl Hub {
             handler,
             head,
             key,
-            &[],
-            Upload::Start(&spool.message_path),
+            Payload::UploadStart(&spool.message_path),
+            false,
         );
         self.handlers.send(handler, &message);
     }
@@ -182,8 +182,8 @@ impl Hub {
             *handler,
             head,
             key,
-            &[],
-            Upload::Start(&spool.message_path),
+            Payload::UploadStart(&spool.message_path),
+            false,
         );
         self.handlers.send(*handler, &message);
     }
@@ -215,14 +215,14 @@ impl Hub {
             return;
         };
         match sink {
-            Sink::Inline(body) => self.dispatch(conn, handler, &head, &key, &body, Upload::None),
+            Sink::Inline(body) => self.dispatch(conn, handler, &head, &key, Payload::Inline(&body)),
             Sink::Spool(spool) => {
                 let path = spool.message_path.clone();
                 if let Err(e) = spool.finish() {
                     tracing::error!("writing an upload file: {e}");
                     return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
                 }
-                self.dispatch(conn, handler, &head, &key, &[], Upload::Done(&path));
+                self.dispatch(conn, handler, &head, &key, Payload::UploadDone(&path));
             }
             Sink::Discard => {}
         }
@@ -236,16 +236,22 @@ impl Hub {
         handler: usize,
         head: &Head,
         key: &str,
-        body: &[u8],
-        upload: Upload,
+        body: Payload,
     ) {
-        let message = self.message(conn, handler, head, key, body, upload);
+        // Lent only when nothing of ours is queued for the client, which the worker's
+        // bytes would overtake (a 100 Continue, say).
+        let direct = !matches!(body, Payload::UploadStart(_))
+            && conn.out.is_empty()
+            && self.lender.as_mut().is_some_and(|l| l.lend(conn));
+        let message = self.message(conn, handler, head, key, body, direct);
         conn.first_request = false;
         if self.handlers.send(handler, &message) {
-            self.await_reply(conn, handler, head.is_head());
+            self.await_reply(conn, handler, head.is_head(), direct);
         } else {
-            let upload = match upload {
-                Upload::Done(path) => Some(self.upload_root.join(path.trim_start_matches('/'))),
+            let upload = match body {
+                Payload::UploadDone(path) => {
+                    Some(self.upload_root.join(path.trim_start_matches('/')))
+                }
                 _ => None,
             };
             conn.phase = Phase::Queued {
@@ -254,6 +260,7 @@ impl Hub {
                 is_head: head.is_head(),
                 until: Instant::now() + self.settings.handler_wait,
                 upload,
+                direct,
             };
         }
     }
@@ -276,22 +283,31 @@ impl Hub {
             handler,
             message,
             is_head,
+            direct,
             ..
         } = &conn.phase
         else {
             return;
         };
-        let (handler, is_head) = (*handler, *is_head);
+        let (handler, is_head, direct) = (*handler, *is_head, *direct);
         if handler == connected && self.handlers.send(handler, message) {
-            self.await_reply(conn, handler, is_head);
+            self.await_reply(conn, handler, is_head, direct);
         }
     }
 
-    pub(super) fn await_reply(&mut self, conn: &mut Conn, handler: usize, is_head: bool) {
+    /// A response written directly takes as long as its client reads: no deadline here.
+    pub(super) fn await_reply(
+        &mut self,
+        conn: &mut Conn,
+        handler: usize,
+        is_head: bool,
+        direct: bool,
+    ) {
         conn.phase = Phase::Handler {
             handler,
             framing: ResponseFraming::new(is_head),
-            deadline: Some(Instant::now() + self.settings.handler_timeout),
+            direct,
+            deadline: (!direct).then(|| Instant::now() + self.settings.handler_timeout),
         };
     }
 
@@ -311,11 +327,16 @@ impl Hub {
         handler: usize,
         head: &Head,
         key: &str,
-        body: &[u8],
-        upload: Upload,
+        payload: Payload,
+        direct: bool,
     ) -> Vec<u8> {
         let remote = conn.remote.ip().to_string();
-        let inline_chunked = head.framing == Framing::Chunked && matches!(upload, Upload::None);
+        let body = match payload {
+            Payload::Inline(body) => body,
+            Payload::UploadStart(_) | Payload::UploadDone(_) => &[],
+        };
+        let inline_chunked =
+            head.framing == Framing::Chunked && matches!(payload, Payload::Inline(_));
         let length = body.len().to_string();
         let mut client_xff = None;
         let mut headers: Vec<(&[u8], &[u8])> = Vec::with_capacity(24);
@@ -355,10 +376,13 @@ impl Hub {
         if self.settings.flow_control && conn.first_request {
             headers.push((b"DOWNLOAD_CREDITS", FIRST_CREDITS));
         }
-        match upload {
-            Upload::None => {}
-            Upload::Start(p) => headers.push((b"x-mongrel2-upload-start", p.as_bytes())),
-            Upload::Done(p) => {
+        if direct {
+            headers.push((lend::DIRECT, b"1"));
+        }
+        match payload {
+            Payload::Inline(_) => {}
+            Payload::UploadStart(p) => headers.push((b"x-mongrel2-upload-start", p.as_bytes())),
+            Payload::UploadDone(p) => {
                 headers.push((b"x-mongrel2-upload-start", p.as_bytes()));
                 headers.push((b"x-mongrel2-upload-done", p.as_bytes()));
             }
@@ -437,6 +461,7 @@ impl Hub {
             conn.phase = Phase::Handler {
                 handler,
                 framing: ResponseFraming::new(is_head),
+                direct: false,
                 deadline: None,
             };
         }
@@ -507,14 +532,19 @@ impl Hub {
         }
     }
 
-    /// An extended reply (`X` ids): mongrel2's `ctl` commands.
-    pub(super) fn control(&mut self, conn: &mut Conn, body: &[u8]) {
-        let command = ctl_keys(body);
-        let has = |key: &[u8]| {
+    /// An extended reply (`X` ids): mongrel2's `ctl` commands, and `done` (see `lend`).
+    pub(super) fn control(&mut self, conn: &mut Conn, from: usize, body: &[u8]) {
+        let command = ctl_args(body);
+        let arg = |key: &[u8]| {
             command
                 .as_ref()
-                .is_some_and(|keys| keys.iter().any(|k| k == key))
+                .and_then(|args| args.iter().find(|(k, _)| k == key))
+                .map(|(_, v)| v.as_slice())
         };
+        let has = |key: &[u8]| arg(key).is_some();
+        if let Some(value) = arg(lend::DONE) {
+            return self.done_directly(conn, from, value == b"close");
+        }
         match command {
             Some(_) if has(b"keep-alive") => {
                 if let Phase::Handler {
@@ -534,11 +564,35 @@ impl Hub {
             }
         }
     }
+
+    /// `done`: a worker wrote the response to the client; the connection is ours again.
+    /// Accepted only for a request that went out `DIRECT` to this handler and of which no
+    /// byte was relayed: anything else would leave the response unframed, so it closes.
+    fn done_directly(&mut self, conn: &mut Conn, from: usize, close: bool) {
+        let lent_response = matches!(
+            &conn.phase,
+            Phase::Handler { handler, direct: true, framing, .. }
+                if *handler == from && !framing.head_seen()
+        );
+        if !lent_response {
+            tracing::warn!(
+                conn = conn.id,
+                "a 'done' for a response that was not lent: the client is closed"
+            );
+            conn.phase = Phase::Closing;
+            return;
+        }
+        let close = close || !conn.keep_alive || conn.read_closed;
+        self.finish_log(conn);
+        conn.phase = if close { Phase::Closing } else { Phase::Head };
+        conn.progress = Instant::now();
+        self.advance(conn);
+    }
 }
 
-/// The keys of a `["ctl", {...}]` extended reply (a tnetstring list: the name, then a
-/// dict), read with m2wire's tnetstring dict parser; None for anything else.
-fn ctl_keys(body: &[u8]) -> Option<Vec<Vec<u8>>> {
+/// The keys and values of a `["ctl", {...}]` extended reply (a tnetstring list: the name,
+/// then a dict), read with m2wire's tnetstring dict parser; None for anything else.
+fn ctl_args(body: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let (list, b']', _) = m2wire::netstring::split_tagged(body, 0).ok()? else {
         return None;
     };
@@ -550,31 +604,48 @@ fn ctl_keys(body: &[u8]) -> Option<Vec<Vec<u8>>> {
         return None;
     }
     let headers = m2wire::tnetstring::parse_header_dict(dict, 0).ok()?;
-    Some(headers.iter().map(|(k, _)| k.to_vec()).collect())
+    Some(
+        headers
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.first().unwrap_or_default().to_vec()))
+            .collect(),
+    )
 }
 
-/// Which upload message a request message is.
+/// Where a request message's body is: in the message, or in an upload file (the upload's
+/// start is announced before the body is in, its end once it is).
 #[derive(Clone, Copy)]
-pub(super) enum Upload<'a> {
-    None,
-    Start(&'a str),
-    Done(&'a str),
+pub(super) enum Payload<'a> {
+    Inline(&'a [u8]),
+    UploadStart(&'a str),
+    UploadDone(&'a str),
 }
 
 #[cfg(test)]
 mod tests {
-    use super::ctl_keys;
+    use super::ctl_args;
+
+    fn keys(body: &[u8]) -> Option<Vec<Vec<u8>>> {
+        ctl_args(body).map(|args| args.into_iter().map(|(k, _)| k).collect())
+    }
 
     #[test]
     fn ctl_replies_are_read_as_mongrel2_writes_them() {
         // Captured (mongrel2-protocol.md §4.5): ["ctl", {"keep-alive": true}].
-        let keys = ctl_keys(b"31:3:ctl,21:10:keep-alive,4:true!}]").unwrap();
-        assert_eq!(keys, [b"keep-alive".to_vec()]);
+        let got = keys(b"31:3:ctl,21:10:keep-alive,4:true!}]").unwrap();
+        assert_eq!(got, [b"keep-alive".to_vec()]);
         assert_eq!(
-            ctl_keys(b"23:3:ctl,13:6:cancel,1:1#}]").unwrap(),
+            keys(b"23:3:ctl,13:6:cancel,1:1#}]").unwrap(),
             [b"cancel".to_vec()]
         );
-        assert!(ctl_keys(b"28:8:sendfile,13:6:cancel,1:1#}]").is_none());
-        assert!(ctl_keys(b"garbage").is_none());
+        assert!(keys(b"28:8:sendfile,13:6:cancel,1:1#}]").is_none());
+        assert!(keys(b"garbage").is_none());
+        // The broker's, as m2wire encodes it.
+        let done = m2wire::encode_ctl(b"u", &[1], &[(b"done", b"close")]).unwrap();
+        let body = m2wire::Reply::parse(&done).unwrap().body;
+        assert_eq!(
+            ctl_args(body).unwrap(),
+            [(b"done".to_vec(), b"close".to_vec())]
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 mod exchange;
 mod files;
+pub mod lend;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -67,6 +68,8 @@ pub struct Hub {
     /// The chroot as seen from here (`/` once chrooted): where upload files go.
     pub upload_root: PathBuf,
     pub scheme: &'static [u8],
+    /// One-command mode: client connections are lent to the broker (see `lend`).
+    pub lender: Option<lend::Lender>,
 }
 
 pub struct Front {
@@ -377,6 +380,10 @@ impl Front {
         let mut conn = self.conns.remove(index);
         self.ids.remove(&conn.id);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        if conn.lent != 0 {
+            // The broker (and maybe a worker) holds copies: the connection ends here.
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        }
         if let Phase::Body {
             sink: Sink::Spool(spool),
             ..
@@ -449,7 +456,7 @@ impl Front {
             };
             let conn = self.conns.get_mut(index).expect("ids and conns agree");
             if reply.extended {
-                self.hub.control(conn, reply.body);
+                self.hub.control(conn, handler, reply.body);
             } else {
                 let start = reply.body.as_ptr() as usize - msg.as_ptr() as usize;
                 self.hub

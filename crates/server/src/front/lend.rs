@@ -1,0 +1,114 @@
+//! One-command mode: client connections lent to the gateway's broker, so that a worker
+//! writes a response to its client itself instead of relaying it through the broker and
+//! here (the receiving side, and why, is `gateway::broker::lent`).
+//!
+//! A connection is lent once (its descriptor and id, on a Unix `SOCK_SEQPACKET` socket,
+//! before its first request goes out), and a request may then be answered directly only if
+//! nothing of an earlier response still waits here for its client: the request says so with
+//! the `DIRECT` header. Such a response ends with a `ctl` reply, `done`. While a worker
+//! holds a connection this side only reads it; closing it shuts it down, so that the copies
+//! elsewhere end with it.
+
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    connect, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+
+use crate::conn::Conn;
+
+/// The request header that lets the worker write to the connection; uppercase like the
+/// other headers of the server's own, which no client header can be.
+pub const DIRECT: &[u8] = b"DIRECT";
+/// The `ctl` key of the reply that ends a response written directly.
+pub const DONE: &[u8] = b"done";
+/// How long to wait before trying a broker that could not be reached again.
+const RETRY: Duration = Duration::from_secs(1);
+
+pub struct Lender {
+    path: PathBuf,
+    to: Option<OwnedFd>,
+    /// Counts the connections to a broker: a connection lent to an earlier broker is lent
+    /// again (`Conn::lent` holds the generation it was lent under).
+    generation: u64,
+    next_try: Instant,
+}
+
+impl Lender {
+    pub fn new(path: PathBuf) -> Lender {
+        Lender {
+            path,
+            to: None,
+            generation: 0,
+            next_try: Instant::now(),
+        }
+    }
+
+    /// Lends `conn`'s connection to the broker unless it has it; whether it has.
+    pub fn lend(&mut self, conn: &mut Conn) -> bool {
+        if self.to.is_none() && !self.connect() {
+            return false;
+        }
+        if conn.lent == self.generation {
+            return true;
+        }
+        let to = self.to.as_ref().expect("connected above");
+        let id = conn.id.to_le_bytes();
+        let fds = [conn.stream.as_raw_fd()];
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        match sendmsg::<()>(
+            to.as_raw_fd(),
+            &[IoSlice::new(&id)],
+            &[ControlMessage::ScmRights(&fds)],
+            flags,
+            None,
+        ) {
+            Ok(_) => {
+                conn.lent = self.generation;
+                true
+            }
+            // The broker is behind: this request is relayed.
+            Err(Errno::EAGAIN) => false,
+            Err(e) => {
+                tracing::info!("the broker's lending socket is gone ({e}); reconnecting");
+                self.to = None;
+                self.next_try = Instant::now();
+                false
+            }
+        }
+    }
+
+    fn connect(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.next_try {
+            return false;
+        }
+        self.next_try = now + RETRY;
+        let attempt = || -> nix::Result<OwnedFd> {
+            let fd = socket(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )?;
+            connect(fd.as_raw_fd(), &UnixAddr::new(&self.path)?)?;
+            Ok(fd)
+        };
+        match attempt() {
+            Ok(fd) => {
+                self.to = Some(fd);
+                self.generation += 1;
+                tracing::debug!("lending connections to the broker");
+                true
+            }
+            Err(e) => {
+                tracing::debug!("cannot reach the broker's lending socket: {e}");
+                false
+            }
+        }
+    }
+}
