@@ -3,8 +3,10 @@
 //!
 //! Why a process of its own, talking ZMTP to the broker over Unix sockets, rather than HTTP
 //! parsed inside the broker: the path is the one `wsgid server` and mongrel2 deployments
-//! take, already tested against both, and the measurements in the README show where the
-//! time goes (see "One command: the path from client to worker").
+//! take, already tested against both. What that path cost in bulk (every response byte
+//! relayed through the broker and here) is gone: the front end lends each client connection
+//! to the broker (`server::front::lend`, `broker::lent`), and workers write responses to
+//! their clients themselves. The measurements are in the README ("One command").
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;

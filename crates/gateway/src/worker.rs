@@ -4,6 +4,8 @@
 //! Requests are taken from the broker's shared queue one at a time, only when idle; a
 //! worker that stops takes no more (see `link`). Replies go back to the broker, which alone
 //! talks to mongrel2: a reply that cannot be delivered fails that response, never the worker.
+//! In one-command mode a request may come with its client's connection (see `client`): the
+//! response is then written there, and only its end goes to the broker.
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, Write as _};

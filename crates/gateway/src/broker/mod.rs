@@ -8,8 +8,10 @@
 //! queue fast requests behind slow ones (note 3). The broker stays connected while workers
 //! come and go; a request waits in the shared queue until a worker is free to take it.
 //!
-//! Replies pass through here too, for three reasons that each lost responses when every
-//! worker had its own connection: mongrel2 fair-queues between connections, so a
+//! In one-command mode the front end lends its client connections (`lent`), and a worker
+//! writes a response to its client itself; only its end passes through here, in order with
+//! the rest. Otherwise replies pass through here too, for three reasons that each lost
+//! responses when every worker had its own connection: mongrel2 fair-queues between connections, so a
 //! connection's next response could overtake the tail of the previous one (note 10); only
 //! the broker sees mongrel2's flow-control credits and restarts; and a worker with a
 //! response for a mongrel2 that is away now hands it over and lives on.
