@@ -1,5 +1,6 @@
 """One-command mode (`wsgid --bind`): what only it has. The rest of the suite also runs in this
 mode (front "bind")."""
+import hashlib
 import json
 import os
 import random
@@ -242,6 +243,65 @@ def test_a_worker_killed_while_writing_to_a_lent_connection_closes_it(tmp_path):
             assert b"HTTP/1.1" not in rest
             assert b"data: 99" not in rest
         assert requests.get(server.url + "/id?next", timeout=5).text == "id=next"
+    finally:
+        assert server.stop() == 0
+
+
+def test_pooled_upload_files_carry_each_body_to_its_own_request_only(tmp_path):
+    """Bodies up to 1 MiB are spooled to files the front end keeps and writes again (lent to
+    the worker, and given back only once the response is complete). Sixteen clients upload
+    bodies of their own, some dropping the connection as soon as the body is sent (the worker
+    may not have opened the file yet): every answer hashes its own body, and the pool's files
+    are all that remain."""
+    server = serve(tmp_path, workers=2)
+    upload_dir = server.mongrel2.upload_dir
+    wrong, answered = [], [0]
+
+    def client(name):
+        rng = random.Random(name)
+        for n in range(12):
+            body = bytes([name]) * rng.randint(65 * 1024, 1024 * 1024) + f"{name}-{n}".encode()
+            head = f"POST /sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            try:
+                with socket.create_connection(("127.0.0.1", server.mongrel2.port), timeout=10) as sock:
+                    sock.sendall(head.encode() + body)
+                    if rng.random() < 0.25:
+                        continue
+                    status, _, reply, complete = Reader(sock).response(time.time() + 10)
+                    if status != 200 or not complete:
+                        wrong.append((name, n, status, reply[:100]))
+                        continue
+                    got = json.loads(reply)
+                    if got["sha256"] != hashlib.sha256(body).hexdigest() or got["upload_path"] is not None:
+                        wrong.append((name, n, got))
+                    answered[0] += 1
+            except OSError as e:
+                wrong.append((name, n, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not wrong, wrong[:5]
+        assert answered[0] > 100
+        wait_for(lambda: len(list(upload_dir.iterdir())) <= 64, what="no spool file beyond the pool's")
+    finally:
+        assert server.stop() == 0
+    assert list(upload_dir.iterdir()) == []
+
+
+def test_an_app_that_keeps_wsgi_input_cannot_read_a_later_body(tmp_path):
+    """A pooled file takes the next body once its response is complete: a wsgi.input kept by
+    the app past its request refuses to read, rather than read another client's body."""
+    server = serve(tmp_path, workers=1)
+    try:
+        assert requests.post(server.url + "/keep-input", data=b"A" * 200_000, timeout=5).text == "kept"
+        r = requests.post(server.url + "/sha256", data=b"B" * 200_000, timeout=5)
+        assert r.json()["sha256"] == hashlib.sha256(b"B" * 200_000).hexdigest()
+        kept = requests.get(server.url + "/read-kept", timeout=5).text
+        assert kept.startswith("refused:") and "the request is over" in kept, kept
     finally:
         assert server.stop() == 0
 

@@ -6,6 +6,7 @@ import time
 from wsgiref.validate import validator
 
 CLOSED = {"count": 0}
+KEPT = {}
 
 
 class Tracked:
@@ -87,6 +88,14 @@ def inner(environ, start_response):
         return text(start_response, json.dumps({"sha256": digest.hexdigest(), "size": size,
                                                 "content_length": environ.get("CONTENT_LENGTH"),
                                                 "upload_path": environ.get("wsgid.upload_path")}))
+    if path == "/keep-input":  # an app that wrongly keeps wsgi.input past its request
+        KEPT["input"] = environ["wsgi.input"]
+        return text(start_response, "kept")
+    if path == "/read-kept":
+        try:
+            return text(start_response, "read " + repr(KEPT["input"].read(100)))
+        except OSError as e:
+            return text(start_response, f"refused: {e}")
     if path == "/move-upload":
         target = environ["QUERY_STRING"]
         os.rename(environ["wsgid.upload_path"], target)

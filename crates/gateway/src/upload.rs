@@ -50,9 +50,15 @@ pub struct UploadFile {
     /// The path on this host.
     pub path: PathBuf,
     pub size: u64,
+    /// Lent by the front end from its pool of spool files (`UPLOAD_LENT`): read for this
+    /// request only, never removed here, and its name not shown to the app.
+    pub lent: bool,
     dev: u64,
     ino: u64,
 }
+
+/// The request header of a lent upload file (the front end's own; clients' are lowercase).
+const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
 
 impl UploadPolicy {
     pub fn from_settings(settings: &crate::config::Settings) -> UploadPolicy {
@@ -149,6 +155,7 @@ impl UploadPolicy {
             named: path.to_vec(),
             path: host_path,
             size: meta.len(),
+            lent: req.header(UPLOAD_LENT) == Some(b"1"),
             dev: meta.dev(),
             ino: meta.ino(),
         })
@@ -176,6 +183,9 @@ impl UploadFile {
     /// Removes the temp file, unless the app moved it away (`wsgid.upload_path` lets it):
     /// only the very file we opened is unlinked, never a new one under the same name.
     pub fn remove(&self) -> io::Result<()> {
+        if self.lent {
+            return Ok(());
+        }
         match std::fs::symlink_metadata(&self.path) {
             Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
                 std::fs::remove_file(&self.path)

@@ -367,12 +367,16 @@ struct Reply {
     seq: u64,
     ended: Cell<bool>,
     client: RefCell<Option<Client>>,
+    /// Set once the response is complete: a lent upload file is not read after that (the
+    /// front end writes the next body into it).
+    over: Rc<Cell<bool>>,
 }
 
 impl ReplySink for Reply {
     fn send(&self, payload: &[u8], piece: Piece) -> io::Result<()> {
         if piece != Piece::Middle {
             self.ended.set(true);
+            self.over.set(true);
         }
         let mut lent = self.client.borrow_mut();
         let Some(client) = lent.as_mut() else {
@@ -441,6 +445,7 @@ impl Worker {
             seq,
             ended: Cell::new(false),
             client: RefCell::new(client),
+            over: Rc::new(Cell::new(false)),
         });
         let served = Python::attach(|py| self.handle(py, msg, &reply));
         if let Err(e) = &served {
@@ -493,20 +498,27 @@ impl Worker {
         } = prepared;
         let body = match &upload {
             Some(upload) => {
-                if let Err(e) = std::fs::write(&self.upload_marker, &upload.named) {
-                    tracing::warn!("cannot write {}: {e}", self.upload_marker.display());
+                // A lent file is the front end's to remove, whatever becomes of us.
+                if !upload.lent {
+                    if let Err(e) = std::fs::write(&self.upload_marker, &upload.named) {
+                        tracing::warn!("cannot write {}: {e}", self.upload_marker.display());
+                    }
                 }
                 let file = upload
                     .file
                     .try_clone()
                     .context("cannot reuse the upload file")?;
-                Body::file(file, upload.size)
+                if upload.lent {
+                    Body::lent_file(file, upload.size, Rc::clone(&reply.over))
+                } else {
+                    Body::file(file, upload.size)
+                }
             }
             None => Body::inline(msg, body_range.0, body_range.1),
         };
         environ.set_item(intern!(py, "wsgi.input"), Bound::new(py, Input::new(body))?)?;
         let result = call::run_app(py, self.app.bind(py), environ, &writer);
-        if let Some(upload) = upload {
+        if let Some(upload) = upload.filter(|u| !u.lent) {
             if let Err(e) = upload.remove() {
                 tracing::error!("cannot remove upload {}: {e}", upload.path.display());
             }
@@ -627,7 +639,10 @@ impl Worker {
         };
         let info = BodyInfo {
             content_length,
-            upload_path: upload.as_ref().map(|u| u.path.as_path()),
+            upload_path: upload
+                .as_ref()
+                .filter(|u| !u.lent)
+                .map(|u| u.path.as_path()),
         };
         let environ = environ::build(py, &self.template, req, py.None().into_bound(py), &info)?;
         let msg_start = req.sender.as_ptr() as usize;

@@ -17,7 +17,7 @@ use crate::http::body::Decoder;
 use crate::http::framing::ResponseFraming;
 use crate::http::request::Head;
 use crate::net::Stream;
-use crate::upload::Spool;
+use crate::upload::{PooledFile, Spool};
 
 /// Pipelined input buffered beyond the head limit while a response is pending: past this,
 /// reading stops until the connection takes its next request.
@@ -140,6 +140,10 @@ pub struct Conn {
     /// The generation of the broker connection this connection was lent under (see
     /// `front::lend`); 0 when never lent.
     pub lent: u64,
+    /// The pooled file holding the body of the request in service (see `SpoolPool`):
+    /// given back to the pool when its response is complete, removed if the connection
+    /// closes first.
+    pub upload_lent: Option<PooledFile>,
 }
 
 impl Conn {
@@ -165,6 +169,7 @@ impl Conn {
             written_for_credits: 0,
             log: None,
             lent: 0,
+            upload_lent: None,
         }
     }
 

@@ -16,6 +16,7 @@ use crate::front::lend::Lender;
 use crate::front::Front;
 use crate::net::Listener;
 use crate::settings::Settings;
+use crate::upload::SpoolPool;
 
 /// What the master decides for its front end.
 pub struct Local {
@@ -104,6 +105,7 @@ pub fn run(local: Local) -> anyhow::Result<()> {
     let absolute = |p: &str| PathBuf::from(p);
     let mut hub = crate::run::build_hub(&config, &server, settings, &absolute, &poll, false)?;
     hub.lender = local.lending.map(Lender::new);
+    hub.pool = Some(SpoolPool::default());
     let mut front = Front::new(poll, listeners, hub)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

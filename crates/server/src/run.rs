@@ -170,6 +170,8 @@ pub(crate) fn build_hub(
         upload_root,
         scheme: b"http",
         lender: None,
+        pool: None,
+        orphans: Default::default(),
     })
 }
 

@@ -3,16 +3,30 @@
 //! message naming the file, then an upload-done message once it is complete, and deletes it.
 //! The path in the messages is relative to the chroot, as the handler expects.
 
+use std::cell::Cell;
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Most spool files a pool keeps (as many bodies as wrk's 64 connections send at once), and
+/// the largest body it takes (nginx's default limit for a whole body, so: most bodies); a
+/// larger one gets a file of its own, removed by the worker as mongrel2's are, and named to
+/// the app. At most 64 MiB of page cache stays with the pool.
+const POOL_FILES: usize = 64;
+pub const POOL_BODY_MAX: u64 = 1 << 20;
+/// Writes are gathered up to this; a larger read from the socket goes to the file as it is,
+/// without a copy through the buffer.
+const WRITE_BUFFER: usize = 64 * 1024;
 
 pub struct Spool {
     file: io::BufWriter<File>,
+    /// From a `SpoolPool`: the file is rewritten for later bodies, not removed.
+    pooled: Option<PooledFile>,
     /// Where the file is for us.
     host_path: PathBuf,
     /// What the messages say: the path inside the chroot.
@@ -26,7 +40,8 @@ pub struct Spool {
 /// way a spool can end without `finish` removes its file.
 impl Drop for Spool {
     fn drop(&mut self) {
-        if !self.handed_off {
+        // A pooled file removes itself when dropped.
+        if !self.handed_off && self.pooled.is_none() {
             if let Err(e) = std::fs::remove_file(&self.host_path) {
                 tracing::warn!("cannot remove {}: {e}", self.host_path.display());
             }
@@ -59,9 +74,24 @@ impl Spool {
             String::from_utf8_lossy(generated)
         );
         Ok(Spool {
-            file: io::BufWriter::with_capacity(256 * 1024, file),
+            file: io::BufWriter::with_capacity(WRITE_BUFFER, file),
+            pooled: None,
             host_path,
             message_path,
+            written: 0,
+            handed_off: false,
+        })
+    }
+
+    /// A pooled file, written again from its start.
+    fn reuse(pooled: PooledFile) -> io::Result<Spool> {
+        let mut file = pooled.file.try_clone()?;
+        file.rewind()?;
+        Ok(Spool {
+            file: io::BufWriter::with_capacity(WRITE_BUFFER, file),
+            host_path: pooled.host_path.clone(),
+            message_path: pooled.message_path.clone(),
+            pooled: Some(pooled),
             written: 0,
             handed_off: false,
         })
@@ -72,15 +102,105 @@ impl Spool {
         self.file.write_all(data)
     }
 
-    /// The body is complete: the file is flushed and closed, the handler's to delete.
-    pub fn finish(mut self) -> io::Result<()> {
+    /// The body is complete: the file is flushed and closed, the handler's to delete; or,
+    /// from a pool, cut to this body and lent to the handler (give it back once the
+    /// response is complete).
+    pub fn finish(mut self) -> io::Result<Option<PooledFile>> {
         self.file.flush()?;
+        if let Some(pooled) = &self.pooled {
+            pooled.file.set_len(self.written)?;
+        }
         self.handed_off = true;
-        Ok(())
+        Ok(self.pooled.take())
     }
 
     /// The upload was refused or abandoned: the file goes (as when dropped).
     pub fn remove(self) {}
+}
+
+/// One-command mode's spool files, kept and written again: a fresh file costs the kernel a
+/// page allocation (and here, ext4's block reservation) for every 4 KiB of every body, more
+/// than copying the body in; a file written again reuses its pages. A pooled file is lent
+/// with its request (the message says `UPLOAD_LENT`: the worker reads it, neither removes
+/// nor shows it to the app, and stops reading it when the response is complete); it is
+/// given back only once its response is complete, and removed instead whenever its
+/// connection closes first, so no later body can be read for an earlier request.
+pub struct SpoolPool {
+    free: Vec<PooledFile>,
+    /// Pooled files in existence: free, in a spool, or lent.
+    live: Rc<Cell<usize>>,
+}
+
+/// A spool file of a pool; removed when dropped.
+pub struct PooledFile {
+    file: File,
+    host_path: PathBuf,
+    message_path: String,
+    dev: u64,
+    ino: u64,
+    live: Rc<Cell<usize>>,
+}
+
+impl Drop for PooledFile {
+    fn drop(&mut self) {
+        self.live.set(self.live.get() - 1);
+        if self.still_there() {
+            if let Err(e) = std::fs::remove_file(&self.host_path) {
+                tracing::warn!("cannot remove {}: {e}", self.host_path.display());
+            }
+        }
+    }
+}
+
+impl PooledFile {
+    /// Its name still names it (nothing replaced it there).
+    fn still_there(&self) -> bool {
+        std::fs::symlink_metadata(&self.host_path)
+            .is_ok_and(|meta| meta.dev() == self.dev && meta.ino() == self.ino)
+    }
+}
+
+impl Default for SpoolPool {
+    fn default() -> SpoolPool {
+        SpoolPool {
+            free: Vec::new(),
+            live: Rc::new(Cell::new(0)),
+        }
+    }
+}
+
+impl SpoolPool {
+    /// A spool for a body of `len` bytes: a pooled file when the body is small enough and
+    /// the pool has one (or room for one), else a file of its own.
+    pub fn take(&mut self, template: &str, root: &Path, mode: u32, len: u64) -> io::Result<Spool> {
+        if len > POOL_BODY_MAX {
+            return Spool::create(template, root, mode);
+        }
+        while let Some(pooled) = self.free.pop() {
+            if pooled.still_there() {
+                return Spool::reuse(pooled);
+            }
+        }
+        let mut spool = Spool::create(template, root, mode)?;
+        if self.live.get() < POOL_FILES {
+            let meta = spool.file.get_ref().metadata()?;
+            self.live.set(self.live.get() + 1);
+            spool.pooled = Some(PooledFile {
+                file: spool.file.get_ref().try_clone()?,
+                host_path: spool.host_path.clone(),
+                message_path: spool.message_path.clone(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+                live: Rc::clone(&self.live),
+            });
+        }
+        Ok(spool)
+    }
+
+    /// A lent file whose response is complete: its next body may be written.
+    pub fn give_back(&mut self, pooled: PooledFile) {
+        self.free.push(pooled);
+    }
 }
 
 /// Checks the template at start, so that a bad one is an error then, not on the first
@@ -105,7 +225,6 @@ pub fn check_template(template: &str, root: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn spools_with_the_mode_and_a_chroot_relative_name() {
@@ -127,5 +246,69 @@ mod tests {
         let other_path = root.path().join(other.message_path.trim_start_matches('/'));
         other.remove();
         assert!(!other_path.exists());
+    }
+
+    fn spooled(pool: &mut SpoolPool, root: &Path, body: &[u8]) -> (PathBuf, Option<PooledFile>) {
+        let mut spool = pool
+            .take("/upload.XXXXXX", root, 0o600, body.len() as u64)
+            .unwrap();
+        let path = root.join(spool.message_path.trim_start_matches('/'));
+        spool.write(body).unwrap();
+        (path, spool.finish().unwrap())
+    }
+
+    #[test]
+    fn a_pooled_file_takes_the_next_body_only_once_given_back_and_exactly_it() {
+        let root = tempfile::tempdir().unwrap();
+        let mut pool = SpoolPool::default();
+        let (first, lent) = spooled(&mut pool, root.path(), &[1u8; 5000]);
+        let lent = lent.expect("pooled");
+        // Lent: the next body gets another file.
+        let (second, other) = spooled(&mut pool, root.path(), b"other");
+        assert_ne!(first, second);
+        pool.give_back(lent);
+        let (again, lent) = spooled(&mut pool, root.path(), b"short");
+        assert_eq!(again, first);
+        assert_eq!(
+            std::fs::read(&first).unwrap(),
+            b"short",
+            "no tail of the last body"
+        );
+        // Dropped (its connection closed first): removed, never reused.
+        drop(lent);
+        assert!(!first.exists());
+        drop(other);
+        assert!(!second.exists());
+        assert_eq!(pool.live.get(), 0);
+    }
+
+    #[test]
+    fn a_pooled_file_moved_away_or_replaced_is_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let mut pool = SpoolPool::default();
+        let (path, lent) = spooled(&mut pool, root.path(), b"kept by the app");
+        let moved = root.path().join("kept");
+        std::fs::rename(&path, &moved).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        pool.give_back(lent.unwrap());
+        let (next, _lent) = spooled(&mut pool, root.path(), b"next body");
+        assert_ne!(next, path);
+        assert_eq!(std::fs::read(&moved).unwrap(), b"kept by the app");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+    }
+
+    #[test]
+    fn large_bodies_and_bodies_past_the_pools_size_get_files_of_their_own() {
+        let root = tempfile::tempdir().unwrap();
+        let mut pool = SpoolPool::default();
+        let big = vec![0u8; POOL_BODY_MAX as usize + 1];
+        let (_, lent) = spooled(&mut pool, root.path(), &big);
+        assert!(lent.is_none());
+        let held: Vec<_> = (0..POOL_FILES)
+            .map(|_| spooled(&mut pool, root.path(), b"x").1.expect("pooled"))
+            .collect();
+        assert!(spooled(&mut pool, root.path(), b"x").1.is_none());
+        drop(held);
+        assert_eq!(pool.live.get(), 0);
     }
 }

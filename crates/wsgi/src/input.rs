@@ -5,8 +5,10 @@
 //! memory stays flat whatever the body size. Reads never go past the declared body and
 //! return `b''` at its end, as PEP 3333 asks.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::Read;
+use std::rc::Rc;
 
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
@@ -28,6 +30,9 @@ pub enum Body {
         buf: Box<[u8]>,
         lo: usize,
         hi: usize,
+        /// A file lent for this request only: once the flag says the request is over, the
+        /// file holds another request's body, and it is not read again.
+        lent_until: Option<Rc<Cell<bool>>>,
     },
 }
 
@@ -48,7 +53,17 @@ impl Body {
             buf: vec![0; FILE_BUFFER].into_boxed_slice(),
             lo: 0,
             hi: 0,
+            lent_until: None,
         }
+    }
+
+    /// A file lent for the request: read only until `over` is set.
+    pub fn lent_file(file: File, len: u64, over: Rc<Cell<bool>>) -> Body {
+        let mut body = Body::file(file, len);
+        if let Body::File { lent_until, .. } = &mut body {
+            *lent_until = Some(over);
+        }
+        body
     }
 
     /// Buffered bytes, refilled from the file when empty; empty at the end of the body.
@@ -61,7 +76,9 @@ impl Body {
                 buf,
                 lo,
                 hi,
+                lent_until,
             } => {
+                check_lent(lent_until)?;
                 if lo == hi && *remaining > 0 {
                     let want = buf
                         .len()
@@ -80,6 +97,47 @@ impl Body {
                 Ok(&buf[*lo..*hi])
             }
         }
+    }
+
+    /// With nothing buffered, a read of at least a buffer's worth from a file goes straight
+    /// into the bytes object returned, not through the buffer: `None` when that does not
+    /// apply.
+    fn read_file_direct<'py>(
+        &mut self,
+        py: Python<'py>,
+        limit: Option<usize>,
+    ) -> Option<PyResult<Bound<'py, PyBytes>>> {
+        let Body::File {
+            file,
+            remaining,
+            lo,
+            hi,
+            lent_until,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let want = limit.map_or(*remaining, |l| (l as u64).min(*remaining));
+        if lo != hi || want < FILE_BUFFER as u64 {
+            return None;
+        }
+        if let Err(e) = check_lent(lent_until) {
+            return Some(Err(io_err(e)));
+        }
+        let read = PyBytes::new_with(py, want as usize, |buf| {
+            file.read_exact(buf).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => io_err(std::io::Error::new(
+                    e.kind(),
+                    "upload file is shorter than the request body",
+                )),
+                _ => io_err(e),
+            })
+        });
+        if read.is_ok() {
+            *remaining -= want;
+        }
+        Some(read)
     }
 
     fn consume(&mut self, n: usize) {
@@ -123,6 +181,15 @@ impl Body {
     }
 }
 
+fn check_lent(lent_until: &Option<Rc<Cell<bool>>>) -> std::io::Result<()> {
+    if lent_until.as_ref().is_some_and(|over| over.get()) {
+        return Err(std::io::Error::other(
+            "the request is over: its body can no longer be read",
+        ));
+    }
+    Ok(())
+}
+
 #[pyclass(module = "wsgid", unsendable)]
 pub struct Input {
     body: Body,
@@ -148,6 +215,9 @@ impl Input {
     #[pyo3(signature = (size = None))]
     fn read<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
         let limit = size_arg(size);
+        if let Some(read) = self.body.read_file_direct(py, limit) {
+            return read;
+        }
         // Fast path: the answer is already contiguous in the buffer (always for inline bodies).
         let in_memory = matches!(self.body, Body::Memory { .. });
         let available = self.body.fill_buf().map_err(io_err)?;

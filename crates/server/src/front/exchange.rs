@@ -17,6 +17,13 @@ use crate::http::request::{Framing, Head};
 use crate::http::Status;
 use crate::upload::Spool;
 
+/// The request header (the server's own, uppercase) saying the upload file is lent from a
+/// pool: the handler reads it but neither removes it nor shows its name to the app.
+pub const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
+/// Most orphaned upload files kept for their workers (those of a worker that died are
+/// never claimed: the oldest are removed).
+const MAX_ORPHANS: usize = 64;
+
 impl Hub {
     pub(super) fn start_handler(
         &mut self,
@@ -42,7 +49,7 @@ impl Hub {
                     // An upload is announced at once: a handler must be there to hear it.
                     return self.unavailable(conn, handler, true);
                 }
-                let Some(spool) = self.spool(conn) else {
+                let Some(spool) = self.spool(conn, Some(n)) else {
                     return;
                 };
                 self.announce_upload(conn, handler, &head, &key, &spool);
@@ -65,12 +72,18 @@ impl Hub {
     }
 
     /// A file for a body over the limit, or a 413 (no upload.temp_store) or 500 answered.
-    pub(super) fn spool(&mut self, conn: &mut Conn) -> Option<Spool> {
+    /// `len`: the body's, when known (a body of known length may go to a pooled file).
+    pub(super) fn spool(&mut self, conn: &mut Conn, len: Option<u64>) -> Option<Spool> {
         let Some(template) = self.settings.temp_store.as_deref() else {
             self.refuse(conn, Status::PAYLOAD_TOO_LARGE, true, "");
             return None;
         };
-        match Spool::create(template, &self.upload_root, self.settings.temp_store_mode) {
+        let (root, mode) = (&self.upload_root, self.settings.temp_store_mode);
+        let created = match (self.pool.as_mut(), len) {
+            (Some(pool), Some(len)) => pool.take(template, root, mode, len),
+            _ => Spool::create(template, root, mode),
+        };
+        match created {
             Ok(spool) => Some(spool),
             Err(e) => {
                 tracing::error!("cannot create an upload file from {template}: {e}");
@@ -152,7 +165,7 @@ impl Hub {
 
     /// A chunked body past `limits.content_length` moves to an upload file.
     pub(super) fn spool_grown_body(&mut self, conn: &mut Conn) {
-        let Some(mut spool) = self.spool(conn) else {
+        let Some(mut spool) = self.spool(conn, None) else {
             return;
         };
         let Phase::Body { sink, .. } = &mut conn.phase else {
@@ -218,9 +231,12 @@ impl Hub {
             Sink::Inline(body) => self.dispatch(conn, handler, &head, &key, Payload::Inline(&body)),
             Sink::Spool(spool) => {
                 let path = spool.message_path.clone();
-                if let Err(e) = spool.finish() {
-                    tracing::error!("writing an upload file: {e}");
-                    return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
+                match spool.finish() {
+                    Ok(lent) => conn.upload_lent = lent,
+                    Err(e) => {
+                        tracing::error!("writing an upload file: {e}");
+                        return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
+                    }
                 }
                 self.dispatch(conn, handler, &head, &key, Payload::UploadDone(&path));
             }
@@ -265,11 +281,15 @@ impl Hub {
         }
     }
 
-    /// A queued upload-done message that will never be sent: its file is nobody else's.
+    /// A queued upload-done message that will never be sent: its file is nobody else's (a
+    /// pooled file removes itself, with the connection).
     pub(super) fn forget_upload(&mut self, conn: &mut Conn) {
-        if let Phase::Queued {
-            upload: Some(path), ..
-        } = &conn.phase
+        if let (
+            Phase::Queued {
+                upload: Some(path), ..
+            },
+            None,
+        ) = (&conn.phase, &conn.upload_lent)
         {
             if let Err(e) = std::fs::remove_file(path) {
                 tracing::warn!("cannot remove {}: {e}", path.display());
@@ -385,6 +405,9 @@ impl Hub {
             Payload::UploadDone(p) => {
                 headers.push((b"x-mongrel2-upload-start", p.as_bytes()));
                 headers.push((b"x-mongrel2-upload-done", p.as_bytes()));
+                if conn.upload_lent.is_some() {
+                    headers.push((UPLOAD_LENT, b"1"));
+                }
             }
         }
         let h = &self.handlers.list[handler];
@@ -498,6 +521,9 @@ impl Hub {
                 if let Some(log) = conn.log.as_mut() {
                     log.status = status;
                 }
+                // Complete by its framing, which its worker may reach before it is done
+                // (and before it stops reading the body): a lent upload file is not reused.
+                conn.upload_lent = None;
                 self.finish_log(conn);
                 conn.phase = if close { Phase::Closing } else { Phase::Head };
                 conn.progress = Instant::now();
@@ -565,6 +591,46 @@ impl Hub {
         }
     }
 
+    /// A connection closes with a lent upload file: if its request went out, a worker may
+    /// not have opened the file yet, so it stays until that worker is done with it.
+    pub(super) fn orphan_upload(&mut self, conn: &mut Conn) {
+        let Some(file) = conn.upload_lent.take() else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Queued { .. }) {
+            return; // never sent: removed now
+        }
+        if self.orphans.len() == MAX_ORPHANS {
+            self.orphans.pop_front();
+        }
+        self.orphans.push_back((conn.id, file));
+    }
+
+    /// A `done` for a connection that is gone: its orphaned upload file may be reused.
+    pub(super) fn orphan_done(&mut self, id: u64, body: &[u8]) {
+        let done = ctl_args(body).is_some_and(|args| args.iter().any(|(k, _)| k == lend::DONE));
+        let Some(at) = self
+            .orphans
+            .iter()
+            .position(|(c, _)| *c == id)
+            .filter(|_| done)
+        else {
+            return;
+        };
+        let (_, file) = self.orphans.remove(at).expect("found");
+        if let Some(pool) = self.pool.as_mut() {
+            pool.give_back(file);
+        }
+    }
+
+    /// `done` came: the worker has finished the request, and stopped reading a lent upload
+    /// file before it said so; the file may take the next body.
+    fn give_back_upload(&mut self, conn: &mut Conn) {
+        if let (Some(pool), Some(file)) = (self.pool.as_mut(), conn.upload_lent.take()) {
+            pool.give_back(file);
+        }
+    }
+
     /// `done`: a worker wrote the response to the client; the connection is ours again.
     /// Accepted only for a request that went out `DIRECT` to this handler and of which no
     /// byte was relayed: anything else would leave the response unframed, so it closes.
@@ -583,6 +649,7 @@ impl Hub {
             return;
         }
         let close = close || !conn.keep_alive || conn.read_closed;
+        self.give_back_upload(conn);
         self.finish_log(conn);
         conn.phase = if close { Phase::Closing } else { Phase::Head };
         conn.progress = Instant::now();

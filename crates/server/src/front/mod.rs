@@ -70,6 +70,11 @@ pub struct Hub {
     pub scheme: &'static [u8],
     /// One-command mode: client connections are lent to the broker (see `lend`).
     pub lender: Option<lend::Lender>,
+    /// One-command mode: spool files are kept and written again (see `SpoolPool`).
+    pub pool: Option<crate::upload::SpoolPool>,
+    /// Lent upload files of connections that closed while their request was in a
+    /// worker's hands: given back when its `done` comes, removed past `MAX_ORPHANS`.
+    pub orphans: std::collections::VecDeque<(u64, crate::upload::PooledFile)>,
 }
 
 pub struct Front {
@@ -392,6 +397,7 @@ impl Front {
             spool.remove();
         }
         self.hub.forget_upload(&mut conn);
+        self.hub.orphan_upload(&mut conn);
         self.hub.finish_log(&mut conn);
         if let Some(h) = conn.handler {
             self.hub.notify(h, conn.id, Notice::Disconnect);
@@ -451,6 +457,9 @@ impl Front {
         }
         for id in reply.ids() {
             let Some(&index) = self.ids.get(&id) else {
+                if reply.extended {
+                    self.hub.orphan_done(id, reply.body);
+                }
                 self.hub.notify(handler, id, Notice::Disconnect);
                 continue;
             };
