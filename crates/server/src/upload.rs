@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Seek, Write};
-use std::os::fd::FromRawFd;
+use std::os::fd::{BorrowedFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -100,6 +100,23 @@ impl Spool {
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         self.written += data.len() as u64;
         self.file.write_all(data)
+    }
+
+    /// Moves `len` bytes waiting in `pipe` to the file, after what was written before.
+    pub fn splice_from(&mut self, pipe: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+        self.file.flush()?;
+        let mut left = len;
+        while left > 0 {
+            let flags = nix::fcntl::SpliceFFlags::SPLICE_F_MOVE;
+            match nix::fcntl::splice(pipe, None, self.file.get_ref(), None, left, flags) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => left -= n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.written += len as u64;
+        Ok(())
     }
 
     /// The body is complete: the file is flushed and closed, the handler's to delete; or,

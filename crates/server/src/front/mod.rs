@@ -9,6 +9,7 @@
 mod exchange;
 mod files;
 pub mod lend;
+mod splice;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -27,6 +28,7 @@ use crate::access_log::{AccessLog, Entry};
 use crate::conn::{Conn, LogFacts, Phase, Sink};
 use crate::dir::DirRoute;
 use crate::handlers::{Aux, Handlers, Role, AUX_BASE};
+use crate::http::body::Decoder;
 use crate::http::canned;
 use crate::http::request::{self, Framing, Head, HeadLimits};
 use crate::http::Status;
@@ -34,6 +36,7 @@ use crate::mime::MimeTypes;
 use crate::net::Listener;
 use crate::routing::Router;
 use crate::settings::Settings;
+use splice::Moved;
 
 /// Listeners' tokens: `LISTENERS + i`, below the handlers' (`AUX_BASE`).
 const LISTENERS: usize = AUX_BASE - 1024;
@@ -93,6 +96,8 @@ pub struct Front {
     scratch: Box<[u8]>,
     /// An accept failed (out of descriptors): connections may be waiting.
     accept_again: bool,
+    /// Moves spooled bodies from sockets to files (none if the pipe could not be made).
+    body_pipe: Option<splice::BodyPipe>,
 }
 
 /// Connection ids are never reused, not even across a restart of the server: they start
@@ -127,6 +132,9 @@ impl Front {
             ready: Vec::new(),
             scratch: vec![0; 256 * 1024].into_boxed_slice(),
             accept_again: false,
+            body_pipe: splice::BodyPipe::new()
+                .inspect_err(|e| tracing::warn!("no pipe for spooling bodies ({e}): read instead"))
+                .ok(),
         })
     }
 
@@ -294,6 +302,37 @@ impl Front {
                 break;
             }
             conn.read_pending = false;
+            if let Some(pipe) = self.body_pipe.as_mut() {
+                match pipe.move_body(conn, budget) {
+                    Moved::NotApplicable => {}
+                    Moved::Bytes(n) => {
+                        budget = budget.saturating_sub(n);
+                        conn.progress = Instant::now();
+                        if matches!(
+                            conn.phase,
+                            Phase::Body {
+                                decoder: Decoder::Length { remaining: 0 },
+                                ..
+                            }
+                        ) {
+                            self.hub.finish_body(conn);
+                        }
+                        // More may wait in the socket, and no new edge will say so.
+                        conn.read_pending = true;
+                        continue;
+                    }
+                    Moved::WouldBlock => break,
+                    Moved::Closed | Moved::ClientFailed => {
+                        conn.read_closed = true;
+                        break;
+                    }
+                    Moved::SpoolFailed(e) => {
+                        tracing::error!("writing an upload file: {e}");
+                        self.hub.abandon_body(conn, Status::INTERNAL_ERROR);
+                        break;
+                    }
+                }
+            }
             match conn.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     conn.read_closed = true;
