@@ -306,6 +306,43 @@ def test_an_app_that_keeps_wsgi_input_cannot_read_a_later_body(tmp_path):
         assert server.stop() == 0
 
 
+def test_more_keep_alive_clients_than_the_broker_can_hold_descriptors_for_are_all_served(tmp_path):
+    """Each lent connection costs the broker a descriptor. Under an open files limit of 256,
+    242 keep-alive clients (the front end holds them all): the broker keeps some descriptors
+    for its own work and relays the connections past them. Every client is answered, twice,
+    and again after a HUP reload."""
+    front = Mongrel2(tmp_path / "m2", [Handler("/")], front="bind")
+    front.start()
+    server = Wsgid(tmp_path / "app", front.handlers[0], front, APPS["testapp"],
+                   ["--wsgi-app", "testapp:application"], workers=2)
+    command = server.command
+    server.command = lambda: ["prlimit", "--nofile=256:256", "--", *command()]
+    server.start(wait_path="/hello")
+    clients = []
+    try:
+        for i in range(242):
+            clients.append(socket.create_connection(("127.0.0.1", front.port), timeout=10))
+
+        def round_trip(tag):
+            for i, sock in enumerate(clients):
+                sock.sendall(f"GET /id?{tag}-{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            for i, sock in enumerate(clients):
+                status, _, body, complete = Reader(sock).response(time.time() + 10)
+                assert (status, body, complete) == (200, f"id={tag}-{i}".encode(), True), (tag, i)
+
+        round_trip("first")
+        round_trip("second")
+        old = set(server.worker_pids())
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: set(server.worker_pids()).isdisjoint(old) and len(server.worker_pids()) == 2,
+                 what="new workers")
+        round_trip("reloaded")
+    finally:
+        for sock in clients:
+            sock.close()
+        assert server.stop() == 0
+
+
 @pytest.mark.parametrize("way", ["bind", "mongrel2", "wsgid"])
 def test_the_readmes_example_serves_behind_each_front(tmp_path, way):
     """`scripts/serve-example` as the README gives it: one command by default, or behind

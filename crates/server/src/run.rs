@@ -297,14 +297,20 @@ fn bind_http(server: &config::Server) -> anyhow::Result<Listener> {
 }
 
 /// Each client holds a descriptor: take all the kernel allows us (the soft limit is often
-/// 1024, far below what an idle keep-alive crowd needs).
-pub(crate) fn raise_fd_limit() {
+/// 1024, far below what an idle keep-alive crowd needs). Returns the limit in force.
+pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard {
+        if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
             tracing::warn!("cannot raise the open files limit from {soft}");
+            return soft;
         }
+        return hard;
     }
+    soft
 }
 
 /// A pid file naming a live process means another server runs: refuse. A dead one is

@@ -31,11 +31,17 @@ pub struct Lent {
     /// The front end's connection.
     from: Option<OwnedFd>,
     conns: HashMap<ConnId, OwnedFd>,
+    /// Most connections held: the rest of the descriptors stay for the broker's own work
+    /// (workers' links, request files); a connection past this is relayed.
+    most: usize,
 }
 
 impl Lent {
-    /// Listens at `path` (a stale socket of an earlier broker is replaced).
+    /// Listens at `path` (a stale socket of an earlier broker is replaced). The open files
+    /// limit is raised, and a quarter of it (at least 64) kept from lent connections.
     pub fn listen(path: &Path) -> io::Result<Lent> {
+        let limit = usize::try_from(server::run::raise_fd_limit()).unwrap_or(usize::MAX);
+        let most = limit.saturating_sub((limit / 4).max(64));
         let listener = socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -52,6 +58,7 @@ impl Lent {
             listener,
             from: None,
             conns: HashMap::new(),
+            most,
         })
     }
 
@@ -118,6 +125,9 @@ impl Lent {
                 }
             }
             match (bytes, fds.pop(), fds.is_empty()) {
+                (8, Some(_), true) if self.conns.len() >= self.most => {
+                    tracing::debug!("lent connections at their limit: this one is relayed");
+                }
                 (8, Some(fd), true) => {
                     self.conns.insert(u64::from_le_bytes(id), fd);
                 }
