@@ -4,7 +4,7 @@ workers, or the pyzmq handler): user and system CPU µs per request under `wrk`,
 linux-perf; its tracing slows every process: compare counts, not CPU, in that mode). For profiling work: the optimisations
 in the closing notes were measured this way, alternating the builds (--binary-dir).
 
-Usage: .venv-bench/bin/python bench/cpu_split.py [--server ours|ours-ipc|pyzmq|pyzmq-ipc]
+Usage: .venv-bench/bin/python bench/cpu_split.py [--server bind|granian|ours|ours-ipc|pyzmq|...]
            [--workers N] [--connections C] [--seconds S] [--browser-headers] [--syscalls]
            [--binary-dir target/release]
 """
@@ -40,13 +40,13 @@ def role(pid):
     words = bench.cmdline(pid).split()
     name = Path(words[0]).name if words else "?"
     if name == "wsgid":
-        return "wsgid " + (words[1] if len(words) > 1 and words[1] in ("broker", "worker") else "master")
+        return "wsgid " + (words[1] if len(words) > 1 and words[1] in ("broker", "worker", "front") else "master")
     return "pyzmq handler" if "pyzmq_handler" in " ".join(words) else name
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", default="ours", choices=["ours", "ours-ipc", "pyzmq", "pyzmq-ipc"])
+    parser.add_argument("--server", default="bind", choices=sorted(bench.SERVERS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=int, default=4)
