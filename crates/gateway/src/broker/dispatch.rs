@@ -168,102 +168,146 @@ impl Requests {
         epoch: u64,
         notices: &mut Vec<Vec<u8>>,
         verdicts: &mut Vec<Close>,
-        mut lent: Option<&mut Lent>,
+        lent: Option<&mut Lent>,
     ) {
-        let mut held: HashMap<ConnId, usize> = HashMap::new();
-        let mut held_total = 0;
-        let mut refused = HashSet::new();
-        let mut full = false;
+        let mut pass = Pass {
+            channels,
+            epoch,
+            lent,
+            notices,
+            verdicts,
+            held: HashMap::new(),
+            held_total: 0,
+            full: false,
+        };
         let mut i = 0;
         while i < self.waiting.len() {
-            if is_notice(&self.waiting[i]) {
-                notices.extend(self.waiting.remove(i));
-                continue;
-            }
-            let Some((sender_len, conn)) =
-                parse_address(&self.waiting[i]).map(|(s, conn)| (s.len(), conn))
-            else {
-                tracing::warn!("a message from mongrel2 without an address, dropped");
-                self.waiting.remove(i);
-                continue;
-            };
-            // A closed connection's requests are dropped, but an upload's end has its temp
-            // file removed (mongrel2 sends it even after we refused the upload's start).
-            if self.closing.contains_key(&conn) || self.closed.contains(&conn) {
-                let msg = self.waiting.remove(i).expect("index in range");
-                self.discard(msg);
-                continue;
-            }
-            if self.busy.contains_key(&conn) {
-                let count = held.entry(conn).or_default();
-                *count += 1;
-                held_total += 1;
-                if *count <= PIPELINE_LIMIT && held_total <= MAX_HELD {
-                    i += 1;
-                    continue;
-                }
-                // Pipelining clients must not fill what we hold for everyone.
-                if refused.insert(conn) {
-                    tracing::warn!(
-                        conn,
-                        "closing a connection that pipelined too many requests"
-                    );
-                }
-                let msg = self.waiting.remove(i).expect("index in range");
-                verdicts.extend(self.close_when_done(&msg[..sender_len], conn));
-                continue;
-            }
-            if full {
-                // Queue full: requests wait, but notices behind them are still handled.
-                i += 1;
-                continue;
-            }
-            let seq = self.next_seq;
-            let msg = &self.waiting[i];
-            let client = lent.as_deref_mut().and_then(|l| l.client_for(conn, msg));
-            match channels.enqueue(seq, msg, client) {
-                Ok(true) => {}
-                Ok(false) => {
-                    full = true;
-                    i += 1;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(conn, "cannot queue a request ({e}); closing its connection");
-                    let msg = self.waiting.remove(i).expect("index in range");
-                    verdicts.extend(self.close_when_done(&msg[..sender_len], conn));
-                    continue;
-                }
-            }
-            self.next_seq += 1;
-            let msg = self.waiting.remove(i).expect("index in range");
-            *self.busy.entry(conn).or_default() += 1;
-            let sender = self.shared_sender(&msg[..sender_len]);
-            let taker = None;
-            self.in_flight.insert(
-                seq,
-                InFlight {
-                    conn,
-                    sender,
-                    epoch,
-                    taker,
-                },
-            );
+            i = self.dispatch_at(i, &mut pass);
         }
-        // Last: the loop above may have added some (requests of closed connections).
-        while let Some(msg) = self.discards.front().filter(|_| !full) {
+        // Last: the pass may have added some (requests of closed connections).
+        while let Some(msg) = self.discards.front().filter(|_| !pass.full) {
             match channels.discard(self.next_seq, msg) {
                 Ok(true) => self.next_seq += 1,
                 Ok(false) => {
-                    full = true;
+                    pass.full = true;
                     break;
                 }
                 Err(e) => tracing::error!("cannot queue an upload's removal: {e}"),
             }
             self.discards.pop_front();
         }
-        self.queue_full = full;
+        self.queue_full = pass.full;
     }
+
+    /// Handles the waiting message at `i`: passes over it, drops it or queues it. Returns
+    /// the index of the next message to look at.
+    fn dispatch_at(&mut self, i: usize, pass: &mut Pass<'_>) -> usize {
+        if is_notice(&self.waiting[i]) {
+            pass.notices.extend(self.waiting.remove(i));
+            return i;
+        }
+        let Some((sender_len, conn)) =
+            parse_address(&self.waiting[i]).map(|(s, conn)| (s.len(), conn))
+        else {
+            tracing::warn!("a message from mongrel2 without an address, dropped");
+            self.waiting.remove(i);
+            return i;
+        };
+        // A closed connection's requests are dropped, but an upload's end has its temp
+        // file removed (mongrel2 sends it even after we refused the upload's start).
+        if self.closing.contains_key(&conn) || self.closed.contains(&conn) {
+            let msg = self.waiting.remove(i).expect("index in range");
+            self.discard(msg);
+            return i;
+        }
+        if self.busy.contains_key(&conn) {
+            return self.hold(i, conn, sender_len, pass);
+        }
+        if pass.full {
+            // Queue full: requests wait, but notices behind them are still handled.
+            return i + 1;
+        }
+        self.enqueue(i, conn, sender_len, pass)
+    }
+
+    /// A request of a connection in service waits its turn, unless the connection has
+    /// pipelined past the limits (its held requests must not fill what we hold for
+    /// everyone): then it is closed once its requests in flight are answered, and what it
+    /// sent since is dropped.
+    fn hold(&mut self, i: usize, conn: ConnId, sender_len: usize, pass: &mut Pass<'_>) -> usize {
+        let count = pass.held.entry(conn).or_default();
+        *count += 1;
+        pass.held_total += 1;
+        if *count <= PIPELINE_LIMIT && pass.held_total <= MAX_HELD {
+            return i + 1;
+        }
+        // Its requests passed over earlier in this pass are before `i`, and go too.
+        let earlier = *count - 1;
+        pass.held_total -= *count;
+        pass.held.remove(&conn);
+        tracing::warn!(
+            conn,
+            "closing a connection that pipelined too many requests"
+        );
+        let msg = self.waiting.remove(i).expect("index in range");
+        pass.verdicts
+            .extend(self.close_when_done(&msg[..sender_len], conn));
+        i - earlier
+    }
+
+    /// Queues the request at `i` for the workers (with its client's connection, when it is
+    /// lent), and notes it in flight.
+    fn enqueue(&mut self, i: usize, conn: ConnId, sender_len: usize, pass: &mut Pass<'_>) -> usize {
+        let seq = self.next_seq;
+        let msg = &self.waiting[i];
+        let client = pass
+            .lent
+            .as_deref_mut()
+            .and_then(|l| l.client_for(conn, msg));
+        match pass.channels.enqueue(seq, msg, client) {
+            Ok(true) => {}
+            Ok(false) => {
+                pass.full = true;
+                return i + 1;
+            }
+            Err(e) => {
+                tracing::error!(conn, "cannot queue a request ({e}); closing its connection");
+                let msg = self.waiting.remove(i).expect("index in range");
+                pass.verdicts
+                    .extend(self.close_when_done(&msg[..sender_len], conn));
+                return i;
+            }
+        }
+        self.next_seq += 1;
+        let msg = self.waiting.remove(i).expect("index in range");
+        *self.busy.entry(conn).or_default() += 1;
+        let sender = self.shared_sender(&msg[..sender_len]);
+        self.in_flight.insert(
+            seq,
+            InFlight {
+                conn,
+                sender,
+                epoch: pass.epoch,
+                taker: None,
+            },
+        );
+        i
+    }
+}
+
+/// One pass of `dispatch` over the waiting messages: where requests go, and what the pass
+/// has held back so far.
+struct Pass<'a> {
+    channels: &'a BrokerChannels,
+    epoch: u64,
+    lent: Option<&'a mut Lent>,
+    notices: &'a mut Vec<Vec<u8>>,
+    verdicts: &'a mut Vec<Close>,
+    /// Requests passed over per connection in service, and in all.
+    held: HashMap<ConnId, usize>,
+    held_total: usize,
+    /// The queue is full: requests wait for the next pass.
+    full: bool,
 }
 
 /// The message, when it is a genuine upload's end (mongrel2's upload-done).
@@ -271,4 +315,59 @@ fn upload_done(msg: Vec<u8>) -> Option<Vec<u8>> {
     let done =
         Request::parse(&msg).is_ok_and(|r| matches!(r.upload(), m2wire::UploadMarker::Done(_)));
     done.then_some(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(conn: ConnId, n: usize) -> Vec<u8> {
+        let headers = r#"{"METHOD":"GET","VERSION":"HTTP/1.1"}"#;
+        format!("uuid {conn} /{n} {}:{headers},0:,", headers.len()).into_bytes()
+    }
+
+    fn queued_conns(requests: &Requests) -> Vec<ConnId> {
+        let mut conns: Vec<_> = requests.in_flight.values().map(|f| f.conn).collect();
+        conns.sort();
+        conns
+    }
+
+    #[test]
+    fn pipelined_requests_wait_for_their_connection_and_others_pass_them() {
+        let channels = BrokerChannels::new().unwrap();
+        let mut requests = Requests::default();
+        requests
+            .waiting
+            .extend([request(1, 0), request(1, 1), request(2, 0), request(1, 2)]);
+        let (mut notices, mut closes) = (Vec::new(), Vec::new());
+        requests.dispatch(&channels, 1, &mut notices, &mut closes, None);
+        assert_eq!(queued_conns(&requests), [1, 2]);
+        assert_eq!(requests.waiting, [request(1, 1), request(1, 2)]);
+        assert!(closes.is_empty());
+    }
+
+    #[test]
+    fn a_connection_pipelining_past_the_limit_is_closed_and_no_other_request_is_passed_over() {
+        let channels = BrokerChannels::new().unwrap();
+        let mut requests = Requests::default();
+        requests
+            .waiting
+            .extend((0..=PIPELINE_LIMIT + 1).map(|n| request(1, n)));
+        requests.waiting.extend([request(2, 0), request(3, 0)]);
+        let (mut notices, mut closes) = (Vec::new(), Vec::new());
+        requests.dispatch(&channels, 1, &mut notices, &mut closes, None);
+        // Connection 1's first request is in service; it is closed once that is answered.
+        assert!(closes.is_empty());
+        assert_eq!(queued_conns(&requests), [1, 2, 3]);
+        assert!(requests.waiting.is_empty());
+        let seq = requests
+            .in_flight
+            .iter()
+            .find(|(_, f)| f.conn == 1)
+            .map(|(s, _)| *s);
+        let close = requests
+            .finish(seq.unwrap(), 1)
+            .expect("closed once answered");
+        assert_eq!(close.1, 1);
+    }
 }
