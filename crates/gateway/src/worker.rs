@@ -360,6 +360,16 @@ struct Prepared<'py> {
     access: Option<String>,
 }
 
+/// Where a request's body is.
+enum BodyFile {
+    /// In the message (or none).
+    Inline,
+    /// In a spooled file, opened and checked.
+    File(UploadFile),
+    /// Nowhere the app will see: the message was answered or needs no answer.
+    Handled,
+}
+
 /// The reply to one request, on its way to the broker, or written to the client when its
 /// connection was lent to us; it notes when the response ended.
 struct Reply {
@@ -546,84 +556,19 @@ impl Worker {
         req: &Request<'_>,
         reply: &Rc<Reply>,
     ) -> anyhow::Result<Option<Prepared<'py>>> {
-        let conn_id = req.conn_id;
-        match req.kind() {
-            MessageKind::Http => {}
-            MessageKind::Disconnect | MessageKind::Credits | MessageKind::OtherNotification => {
-                tracing::debug!(conn_id, kind = ?req.kind(), "notification");
-                return Ok(None);
-            }
-            MessageKind::UploadStream => {
-                tracing::warn!(
-                    conn_id,
-                    "upload.stream=1 is not supported; use upload.temp_store"
-                );
-                self.refuse(
-                    reply,
-                    "501 Not Implemented",
-                    "streamed uploads are not supported",
-                )?;
-                return Ok(None);
-            }
-            other => {
-                tracing::warn!(conn_id, kind = ?other, "not an HTTP request (WSGI serves HTTP only); closing the connection");
-                reply.send(b"", Piece::LastThenClose)?;
-                return Ok(None);
-            }
+        if !self.serves_kind(req, reply)? {
+            return Ok(None);
         }
         // Inline bodies are at most mongrel2's limits.content_length; the limit still holds.
         if let Err(refusal) = self.policy.check_size(req.body.len() as u64) {
             self.refuse_upload(req, reply, refusal)?;
             return Ok(None);
         }
-        let mut upload = None;
-        match req.upload() {
-            UploadMarker::None => {}
-            UploadMarker::Start(path) => {
-                match self.policy.admit(req, path) {
-                    Ok(()) => {
-                        tracing::debug!(conn_id, path = %String::from_utf8_lossy(path), "upload started")
-                    }
-                    Err(refusal) => self.refuse_upload(req, reply, refusal)?,
-                }
-                return Ok(None);
-            }
-            UploadMarker::Done(path) => match self.policy.open(req, path) {
-                Ok(file) => {
-                    if let Err(refusal) = self.policy.check_size(file.size) {
-                        // A complete upload is ours to delete, refused or not.
-                        if let Err(e) = file.remove() {
-                            tracing::error!("cannot remove upload {}: {e}", file.path.display());
-                        }
-                        self.refuse_upload(req, reply, refusal)?;
-                        return Ok(None);
-                    }
-                    upload = Some(file)
-                }
-                Err(OpenError::Refused(refusal)) => {
-                    self.refuse_upload(req, reply, refusal)?;
-                    return Ok(None);
-                }
-                Err(OpenError::Unavailable(e)) => {
-                    tracing::error!(conn_id, path = %String::from_utf8_lossy(path), "upload file unavailable: {e}");
-                    self.refuse(
-                        reply,
-                        "500 Internal Server Error",
-                        "the uploaded body was lost",
-                    )?;
-                    return Ok(None);
-                }
-            },
-            UploadMarker::Mismatched => {
-                self.refuse_upload(
-                    req,
-                    reply,
-                    Refusal::Forged("upload start and done headers disagree"),
-                )?;
-                return Ok(None);
-            }
-        }
-
+        let upload = match self.body_file(req, reply)? {
+            BodyFile::Handled => return Ok(None),
+            BodyFile::Inline => None,
+            BodyFile::File(file) => Some(file),
+        };
         let connection = req.headers.get(b"connection").map(|v| v.joined(b","));
         let facts = RequestFacts::new(
             req.header(b"VERSION").unwrap_or(b"HTTP/1.1"),
@@ -647,23 +592,93 @@ impl Worker {
         let environ = environ::build(py, &self.template, req, py.None().into_bound(py), &info)?;
         let msg_start = req.sender.as_ptr() as usize;
         let body_start = req.body.as_ptr() as usize - msg_start;
-        // Only built when the access log is on (WSGID_LOG=warn turns it off).
-        let access = tracing::enabled!(target: "wsgid::access", tracing::Level::INFO).then(|| {
-            format!(
-                "{} \"{} {} {}\"",
-                String::from_utf8_lossy(req.header(b"REMOTE_ADDR").unwrap_or(b"-")),
-                String::from_utf8_lossy(req.header(b"METHOD").unwrap_or(b"-")),
-                String::from_utf8_lossy(req.header(b"URI").unwrap_or(req.path)),
-                String::from_utf8_lossy(req.header(b"VERSION").unwrap_or(b"-")),
-            )
-        });
         Ok(Some(Prepared {
             environ,
             writer,
             upload,
             body_range: (body_start, body_start + req.body.len()),
-            access,
+            access: access_request(req),
         }))
+    }
+
+    /// Whether the message is an HTTP request for the app; the others are handled here
+    /// (notices are ignored, what WSGI cannot serve is refused or closed).
+    fn serves_kind(&self, req: &Request<'_>, reply: &Rc<Reply>) -> anyhow::Result<bool> {
+        let conn_id = req.conn_id;
+        match req.kind() {
+            MessageKind::Http => return Ok(true),
+            MessageKind::Disconnect | MessageKind::Credits | MessageKind::OtherNotification => {
+                tracing::debug!(conn_id, kind = ?req.kind(), "notification");
+            }
+            MessageKind::UploadStream => {
+                tracing::warn!(
+                    conn_id,
+                    "upload.stream=1 is not supported; use upload.temp_store"
+                );
+                self.refuse(
+                    reply,
+                    "501 Not Implemented",
+                    "streamed uploads are not supported",
+                )?;
+            }
+            other => {
+                tracing::warn!(conn_id, kind = ?other, "not an HTTP request (WSGI serves HTTP only); closing the connection");
+                reply.send(b"", Piece::LastThenClose)?;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Where the body is, by the message's upload headers: checked before it is opened
+    /// (only files of the upload store, of the size announced, within --max-body-size).
+    fn body_file(&mut self, req: &Request<'_>, reply: &Rc<Reply>) -> anyhow::Result<BodyFile> {
+        let conn_id = req.conn_id;
+        match req.upload() {
+            UploadMarker::None => Ok(BodyFile::Inline),
+            UploadMarker::Start(path) => {
+                match self.policy.admit(req, path) {
+                    Ok(()) => {
+                        tracing::debug!(conn_id, path = %String::from_utf8_lossy(path), "upload started")
+                    }
+                    Err(refusal) => self.refuse_upload(req, reply, refusal)?,
+                }
+                Ok(BodyFile::Handled)
+            }
+            UploadMarker::Done(path) => match self.policy.open(req, path) {
+                Ok(file) => match self.policy.check_size(file.size) {
+                    Ok(()) => Ok(BodyFile::File(file)),
+                    Err(refusal) => {
+                        // A complete upload is ours to delete, refused or not.
+                        if let Err(e) = file.remove() {
+                            tracing::error!("cannot remove upload {}: {e}", file.path.display());
+                        }
+                        self.refuse_upload(req, reply, refusal)?;
+                        Ok(BodyFile::Handled)
+                    }
+                },
+                Err(OpenError::Refused(refusal)) => {
+                    self.refuse_upload(req, reply, refusal)?;
+                    Ok(BodyFile::Handled)
+                }
+                Err(OpenError::Unavailable(e)) => {
+                    tracing::error!(conn_id, path = %String::from_utf8_lossy(path), "upload file unavailable: {e}");
+                    self.refuse(
+                        reply,
+                        "500 Internal Server Error",
+                        "the uploaded body was lost",
+                    )?;
+                    Ok(BodyFile::Handled)
+                }
+            },
+            UploadMarker::Mismatched => {
+                self.refuse_upload(
+                    req,
+                    reply,
+                    Refusal::Forged("upload start and done headers disagree"),
+                )?;
+                Ok(BodyFile::Handled)
+            }
+        }
     }
 
     fn refuse_upload(
@@ -696,6 +711,20 @@ impl Worker {
             }
         }
     }
+}
+
+/// The access log line's request part; only built when the access log is on (WSGID_LOG=warn
+/// turns it off).
+fn access_request(req: &Request<'_>) -> Option<String> {
+    tracing::enabled!(target: "wsgid::access", tracing::Level::INFO).then(|| {
+        format!(
+            "{} \"{} {} {}\"",
+            String::from_utf8_lossy(req.header(b"REMOTE_ADDR").unwrap_or(b"-")),
+            String::from_utf8_lossy(req.header(b"METHOD").unwrap_or(b"-")),
+            String::from_utf8_lossy(req.header(b"URI").unwrap_or(req.path)),
+            String::from_utf8_lossy(req.header(b"VERSION").unwrap_or(b"-")),
+        )
+    })
 }
 
 /// The start of a message, for a log line about it.

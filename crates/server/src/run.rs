@@ -171,7 +171,6 @@ pub(crate) fn build_hub(
         scheme: b"http",
         lender: None,
         pool: None,
-        orphans: Default::default(),
     })
 }
 

@@ -19,6 +19,10 @@ use std::rc::Rc;
 /// the app. At most 64 MiB of page cache stays with the pool.
 const POOL_FILES: usize = 64;
 pub const POOL_BODY_MAX: u64 = 1 << 20;
+/// Most orphaned files kept (see `SpoolPool::orphan`): a request whose client left while
+/// it waited is dropped unserved, and no `done` ever claims its file, so orphans must not
+/// take the pool from the bodies arriving.
+const MAX_ORPHANS: usize = POOL_FILES / 4;
 /// Writes are gathered up to this; a larger read from the socket goes to the file as it is,
 /// without a copy through the buffer.
 const WRITE_BUFFER: usize = 64 * 1024;
@@ -144,6 +148,9 @@ impl Spool {
 /// connection closes first, so no later body can be read for an earlier request.
 pub struct SpoolPool {
     free: Vec<PooledFile>,
+    /// Lent files of connections that closed while their request was out, by connection
+    /// id, oldest first: their workers may not have opened them yet.
+    orphans: std::collections::VecDeque<(u64, PooledFile)>,
     /// Pooled files in existence: free, in a spool, or lent.
     live: Rc<Cell<usize>>,
 }
@@ -181,6 +188,7 @@ impl Default for SpoolPool {
     fn default() -> SpoolPool {
         SpoolPool {
             free: Vec::new(),
+            orphans: std::collections::VecDeque::new(),
             live: Rc::new(Cell::new(0)),
         }
     }
@@ -217,6 +225,24 @@ impl SpoolPool {
     /// A lent file whose response is complete: its next body may be written.
     pub fn give_back(&mut self, pooled: PooledFile) {
         self.free.push(pooled);
+    }
+
+    /// The connection `id` closed while its request, with `pooled`, was out: the file waits
+    /// for that request's `done` (`claim_orphan`). The oldest orphan past the limit is
+    /// removed (safe: a worker reading it keeps its own descriptor; only reuse is not).
+    pub fn orphan(&mut self, id: u64, pooled: PooledFile) {
+        if self.orphans.len() == MAX_ORPHANS {
+            self.orphans.pop_front();
+        }
+        self.orphans.push_back((id, pooled));
+    }
+
+    /// The request of closed connection `id` is done: its file, if still kept, is free.
+    pub fn claim_orphan(&mut self, id: u64) {
+        if let Some(at) = self.orphans.iter().position(|(c, _)| *c == id) {
+            let (_, pooled) = self.orphans.remove(at).expect("found");
+            self.give_back(pooled);
+        }
     }
 }
 
@@ -327,5 +353,28 @@ mod tests {
         assert!(spooled(&mut pool, root.path(), b"x").1.is_none());
         drop(held);
         assert_eq!(pool.live.get(), 0);
+    }
+
+    #[test]
+    fn orphans_never_hold_the_pool_from_new_bodies() {
+        let root = tempfile::tempdir().unwrap();
+        let mut pool = SpoolPool::default();
+        for id in 0..POOL_FILES as u64 {
+            let (_, lent) = spooled(&mut pool, root.path(), b"left behind");
+            pool.orphan(id, lent.expect("pooled"));
+        }
+        let mut held: Vec<_> = (0..POOL_FILES / 2)
+            .map(|_| spooled(&mut pool, root.path(), b"x").1.expect("pooled"))
+            .collect();
+        while let (_, Some(lent)) = spooled(&mut pool, root.path(), b"x") {
+            held.push(lent);
+        }
+        // The pool is full now. A claimed orphan (the newest is still kept) takes the next
+        // body; one long removed is nothing to claim.
+        pool.claim_orphan(0);
+        assert!(spooled(&mut pool, root.path(), b"y").1.is_none());
+        pool.claim_orphan(POOL_FILES as u64 - 1);
+        let (path, lent) = spooled(&mut pool, root.path(), b"y");
+        assert!(lent.is_some() && path.exists());
     }
 }

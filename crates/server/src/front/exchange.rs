@@ -20,9 +20,6 @@ use crate::upload::Spool;
 /// The request header (the server's own, uppercase) saying the upload file is lent from a
 /// pool: the handler reads it but neither removes it nor shows its name to the app.
 pub const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
-/// Most orphaned upload files kept for their workers (those of a worker that died are
-/// never claimed: the oldest are removed).
-const MAX_ORPHANS: usize = 64;
 
 impl Hub {
     pub(super) fn start_handler(
@@ -93,9 +90,10 @@ impl Hub {
         }
     }
 
+    /// Tells the handler a body is being spooled (mongrel2's upload start).
     pub(super) fn announce_upload(
         &mut self,
-        conn: &mut Conn,
+        conn: &Conn,
         handler: usize,
         head: &Head,
         key: &str,
@@ -190,15 +188,7 @@ impl Hub {
         else {
             return;
         };
-        let message = self.message(
-            conn,
-            *handler,
-            head,
-            key,
-            Payload::UploadStart(&spool.message_path),
-            false,
-        );
-        self.handlers.send(*handler, &message);
+        self.announce_upload(conn, *handler, head, key, spool);
     }
 
     pub(super) fn abandon_body(&mut self, conn: &mut Conn, status: Status) {
@@ -600,26 +590,16 @@ impl Hub {
         if matches!(conn.phase, Phase::Queued { .. }) {
             return; // never sent: removed now
         }
-        if self.orphans.len() == MAX_ORPHANS {
-            self.orphans.pop_front();
+        if let Some(pool) = self.pool.as_mut() {
+            pool.orphan(conn.id, file);
         }
-        self.orphans.push_back((conn.id, file));
     }
 
     /// A `done` for a connection that is gone: its orphaned upload file may be reused.
     pub(super) fn orphan_done(&mut self, id: u64, body: &[u8]) {
         let done = ctl_args(body).is_some_and(|args| args.iter().any(|(k, _)| k == lend::DONE));
-        let Some(at) = self
-            .orphans
-            .iter()
-            .position(|(c, _)| *c == id)
-            .filter(|_| done)
-        else {
-            return;
-        };
-        let (_, file) = self.orphans.remove(at).expect("found");
-        if let Some(pool) = self.pool.as_mut() {
-            pool.give_back(file);
+        if let (true, Some(pool)) = (done, self.pool.as_mut()) {
+            pool.claim_orphan(id);
         }
     }
 

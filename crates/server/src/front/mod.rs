@@ -75,9 +75,6 @@ pub struct Hub {
     pub lender: Option<lend::Lender>,
     /// One-command mode: spool files are kept and written again (see `SpoolPool`).
     pub pool: Option<crate::upload::SpoolPool>,
-    /// Lent upload files of connections that closed while their request was in a
-    /// worker's hands: given back when its `done` comes, removed past `MAX_ORPHANS`.
-    pub orphans: std::collections::VecDeque<(u64, crate::upload::PooledFile)>,
 }
 
 pub struct Front {
