@@ -101,6 +101,11 @@ impl Spool {
         })
     }
 
+    /// From a pool: lent with its request, and taken back.
+    pub fn is_pooled(&self) -> bool {
+        self.pooled.is_some()
+    }
+
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         self.written += data.len() as u64;
         self.file.write_all(data)

@@ -49,7 +49,12 @@ impl Hub {
                 let Some(spool) = self.spool(conn, Some(n)) else {
                     return;
                 };
-                self.announce_upload(conn, handler, &head, &key, &spool);
+                // A pooled body (one-command mode, at most 1 MiB) is not announced: the
+                // start would cost a trip through the broker and a worker's wake-up for
+                // every such request, for a refusal the done message gives moments later.
+                if !spool.is_pooled() {
+                    self.announce_upload(conn, handler, &head, &key, &spool);
+                }
                 (Decoder::length(n), Sink::Spool(spool))
             }
             Framing::Chunked => (Decoder::chunked(), Sink::Inline(Vec::new())),
