@@ -247,15 +247,17 @@ def test_a_worker_killed_while_writing_to_a_lent_connection_closes_it(tmp_path):
         assert server.stop() == 0
 
 
-def test_pooled_upload_files_carry_each_body_to_its_own_request_only(tmp_path):
-    """Bodies up to 1 MiB are spooled to files the front end keeps and writes again (lent to
-    the worker, and given back only once the response is complete). Sixteen clients upload
-    bodies of their own, some dropping the connection as soon as the body is sent (the worker
-    may not have opened the file yet): every answer hashes its own body, and the pool's files
-    are all that remain."""
+def test_piped_and_pooled_bodies_carry_each_body_to_its_own_request_only(tmp_path):
+    """Bodies up to 1 MiB go to the worker in a pipe of their own, or, when the pipe fills
+    before the body is in (a client sending it in many small pieces), in a file the front end
+    keeps and writes again (lent to the worker, and given back only once the response is
+    complete). Sixteen clients upload bodies of their own, a third of them in 1 KiB pieces,
+    some dropping the connection as soon as the body is sent (the worker may not have opened
+    the pipe or file yet): every answer hashes its own body, and the pool's files are all that
+    remain."""
     server = serve(tmp_path, workers=2)
     upload_dir = server.mongrel2.upload_dir
-    wrong, answered = [], [0]
+    wrong, answered, dribbled = [], [0], [0]
 
     def client(name):
         rng = random.Random(name)
@@ -264,7 +266,15 @@ def test_pooled_upload_files_carry_each_body_to_its_own_request_only(tmp_path):
             head = f"POST /sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
             try:
                 with socket.create_connection(("127.0.0.1", server.mongrel2.port), timeout=10) as sock:
-                    sock.sendall(head.encode() + body)
+                    if rng.random() < 0.33:
+                        # Each piece is a segment of its own: the pipe's slots fill first.
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        sock.sendall(head.encode())
+                        for at in range(0, len(body), 1024):
+                            sock.sendall(body[at:at + 1024])
+                        dribbled[0] += 1
+                    else:
+                        sock.sendall(head.encode() + body)
                     if rng.random() < 0.25:
                         continue
                     status, _, reply, complete = Reader(sock).response(time.time() + 10)
@@ -286,6 +296,9 @@ def test_pooled_upload_files_carry_each_body_to_its_own_request_only(tmp_path):
             t.join(60)
         assert not wrong, wrong[:5]
         assert answered[0] > 100
+        assert dribbled[0] > 30
+        # Files are made only for bodies whose pipe filled: the dribbled ones.
+        assert list(upload_dir.iterdir()), "no dribbled body moved from its pipe to a file"
         wait_for(lambda: len(list(upload_dir.iterdir())) <= 64, what="no spool file beyond the pool's")
     finally:
         assert server.stop() == 0

@@ -49,6 +49,10 @@ const INLINE_MAX: usize = 64 * 1024;
 /// A queued request: kind, sequence number (u64 LE), then the message when inline.
 const INLINE: u8 = b'm';
 const IN_FILE: u8 = b'f';
+/// The same, with the body in a pipe. A frame's descriptors are, in this order: the
+/// message's memfd (`IN_FILE`), the body's pipe (these two), the client's connection.
+const INLINE_WITH_BODY: u8 = b'M';
+const IN_FILE_WITH_BODY: u8 = b'F';
 /// Not a request: the worker that takes it only records it (see `BrokerChannels::probe`).
 const PROBE: u8 = b'p';
 /// An upload's end for a connection that is gone: its temp file is removed, the app is not
@@ -233,13 +237,15 @@ impl BrokerChannels {
         self.send_frame(DISCARD, seq, &msg[..msg.len().min(INLINE_MAX)], &[])
     }
 
-    /// Queues a request; `Ok(false)` when the queue is full (poll `queue_fd` for room).
-    /// With `client`, the client's connection travels with it, for the worker to write the
-    /// response to (the last descriptor of the frame).
-    pub fn enqueue(&self, seq: u64, msg: &[u8], client: Option<BorrowedFd>) -> io::Result<bool> {
-        let client = client.map(|fd| fd.as_raw_fd());
+    /// Queues a request, with what the front end lent for it; `Ok(false)` when the queue is
+    /// full (poll `queue_fd` for room).
+    pub fn enqueue(&self, seq: u64, msg: &[u8], lendings: Lendings) -> io::Result<bool> {
+        let with_body = lendings.body.is_some();
+        let lent = lendings.body.into_iter().chain(lendings.client);
+        let lent: Vec<RawFd> = lent.map(|fd| fd.as_raw_fd()).collect();
         if msg.len() <= INLINE_MAX {
-            return self.send_frame(INLINE, seq, msg, client.as_slice());
+            let kind = if with_body { INLINE_WITH_BODY } else { INLINE };
+            return self.send_frame(kind, seq, msg, &lent);
         }
         let mut file: File = nix::sys::memfd::memfd_create(
             c"wsgid-request",
@@ -247,8 +253,13 @@ impl BrokerChannels {
         )?
         .into();
         file.write_all(msg)?;
-        let fds: Vec<RawFd> = std::iter::once(file.as_raw_fd()).chain(client).collect();
-        self.send_frame(IN_FILE, seq, &[], &fds)
+        let fds: Vec<RawFd> = std::iter::once(file.as_raw_fd()).chain(lent).collect();
+        let kind = if with_body {
+            IN_FILE_WITH_BODY
+        } else {
+            IN_FILE
+        };
+        self.send_frame(kind, seq, &[], &fds)
     }
 
     /// Queues a probe: once a worker records it as taken, every request queued before it
@@ -270,6 +281,19 @@ impl BrokerChannels {
     }
 }
 
+/// The request header (the front end's own, uppercase as no client header is) of a body
+/// sent in a pipe of its own, which travels with the request.
+pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
+
+/// What the front end lent for a request (one-command mode), to travel with it.
+#[derive(Default)]
+pub struct Lendings<'a> {
+    /// The client's connection, for the worker to write the response to.
+    pub client: Option<BorrowedFd<'a>>,
+    /// The pipe holding the body.
+    pub body: Option<BorrowedFd<'a>>,
+}
+
 /// A worker's side of the link.
 pub struct WorkerChannels {
     /// The stream to the broker: its end means the broker is gone.
@@ -288,6 +312,8 @@ pub enum Taken {
         /// The client's connection, when the front end lent it for this request: the
         /// response is written to it directly, not relayed (one-command mode).
         client: Option<OwnedFd>,
+        /// The pipe holding the body, when it came in one (one-command mode).
+        body: Option<OwnedFd>,
     },
     /// An upload's end whose connection is gone: remove its file, answer nothing.
     Discard { msg: Vec<u8> },
@@ -419,7 +445,7 @@ impl WorkerChannels {
 
     fn take_unmarked(&mut self) -> io::Result<Taken> {
         loop {
-            let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+            let mut cmsg = nix::cmsg_space!([RawFd; 3]);
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
             let (len, truncated, fds) = {
                 let mut iov = [IoSliceMut::new(&mut self.buf)];
@@ -452,7 +478,14 @@ impl WorkerChannels {
                 });
             }
             match self.unpack(len, truncated, fds) {
-                Ok((msg, client)) => return Ok(Taken::Request { seq, msg, client }),
+                Ok((msg, body, client)) => {
+                    return Ok(Taken::Request {
+                        seq,
+                        msg,
+                        client,
+                        body,
+                    })
+                }
                 Err(e) => {
                     tracing::error!("a queued request was lost: {e}");
                     self.replier.reply(seq, &[], Piece::LastThenClose)?;
@@ -461,27 +494,39 @@ impl WorkerChannels {
         }
     }
 
+    /// The message of a request frame, and the body pipe and client connection it carries.
     fn unpack(
         &self,
         len: usize,
         truncated: bool,
         fds: io::Result<Vec<OwnedFd>>,
-    ) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
+    ) -> io::Result<(Vec<u8>, Option<OwnedFd>, Option<OwnedFd>)> {
+        let malformed = || io::Error::other("a malformed frame");
         if truncated {
             return Err(io::Error::other("the frame overran its buffer"));
         }
+        let kind = self.buf[0];
         let mut fds = fds?.into_iter();
-        match (self.buf[0], fds.len()) {
-            (INLINE, 0 | 1) => Ok((self.buf[QUEUE_HEADER..len].to_vec(), fds.next())),
-            (IN_FILE, 1 | 2) => {
-                let mut file = File::from(fds.next().expect("counted"));
+        let msg = match kind {
+            INLINE | INLINE_WITH_BODY => self.buf[QUEUE_HEADER..len].to_vec(),
+            IN_FILE | IN_FILE_WITH_BODY => {
+                let mut file = File::from(fds.next().ok_or_else(malformed)?);
                 file.rewind()?;
                 let mut msg = Vec::new();
                 file.read_to_end(&mut msg)?;
-                Ok((msg, fds.next()))
+                msg
             }
-            _ => Err(io::Error::other("a malformed frame")),
+            _ => return Err(malformed()),
+        };
+        let body = match kind {
+            INLINE_WITH_BODY | IN_FILE_WITH_BODY => Some(fds.next().ok_or_else(malformed)?),
+            _ => None,
+        };
+        let client = fds.next();
+        if fds.next().is_some() {
+            return Err(malformed());
         }
+        Ok((msg, body, client))
     }
 
     /// Records a request as taken. A full ring means the broker has read none of our
@@ -558,6 +603,7 @@ mod tests {
                 seq,
                 msg,
                 client: None,
+                body: None,
             } => (seq, msg),
             _ => panic!("nothing taken, or a client with it"),
         }
@@ -581,8 +627,8 @@ mod tests {
     fn requests_inline_and_in_a_file_arrive_in_order_with_records_and_replies() {
         let (broker, mut worker, reader, mut stream) = pair();
         let big: Vec<u8> = (0..INLINE_MAX * 3).map(|i| (i % 251) as u8).collect();
-        assert!(broker.enqueue(1, b"small", None).unwrap());
-        assert!(broker.enqueue(2, &big, None).unwrap());
+        assert!(broker.enqueue(1, b"small", Lendings::default()).unwrap());
+        assert!(broker.enqueue(2, &big, Lendings::default()).unwrap());
         assert_eq!(take(&mut worker), (1, b"small".to_vec()));
         worker.replier().reply(1, b"hello", Piece::Last).unwrap();
         let (seq, msg) = take(&mut worker);
@@ -610,7 +656,7 @@ mod tests {
         assert_eq!([&got[1].1[..], &rest[0].1[..]].concat(), big);
         // The broker is gone (the link's stream was closed); queued requests remain.
         assert!(!worker.broker_gone());
-        assert!(broker.enqueue(3, b"last", None).unwrap());
+        assert!(broker.enqueue(3, b"last", Lendings::default()).unwrap());
         drop(stream);
         drop(broker);
         assert!(worker.broker_gone());
@@ -624,7 +670,7 @@ mod tests {
         let (broker, mut worker, _reader, _stream) = pair();
         let msg = vec![7u8; 1000];
         let mut queued = 0u64;
-        while broker.enqueue(queued, &msg, None).unwrap() {
+        while broker.enqueue(queued, &msg, Lendings::default()).unwrap() {
             queued += 1;
             assert!(queued < 100_000, "the queue never filled");
         }
@@ -635,34 +681,52 @@ mod tests {
     }
 
     #[test]
-    fn a_lent_client_connection_travels_with_its_request_inline_or_in_a_file() {
+    fn a_lent_client_connection_and_body_pipe_travel_with_their_request_inline_or_in_a_file() {
         let (broker, mut worker, _reader, mut stream) = pair();
         let big = vec![3u8; INLINE_MAX + 1];
-        for (seq, msg) in [(1, &b"small"[..]), (2, &big[..])] {
-            let (ours, theirs) = UnixStream::pair().unwrap();
-            assert!(broker.enqueue(seq, msg, Some(ours.as_fd())).unwrap());
-            drop(ours);
-            let Taken::Request {
-                seq: got,
-                msg: body,
-                client: Some(client),
-            } = worker.take().unwrap()
-            else {
-                panic!("no client with the request");
-            };
-            assert_eq!((got, body == msg), (seq, true));
-            // The very connection: what the worker writes, the client reads.
-            let mut client = UnixStream::from(client);
-            client.write_all(b"direct").unwrap();
-            let mut read = [0u8; 6];
-            (&theirs).read_exact(&mut read).unwrap();
-            assert_eq!(&read, b"direct");
-            worker.replier().direct_done(seq, Piece::Last).unwrap();
-            let h = replies_headers(&mut stream, 1).remove(0);
-            assert_eq!(
-                (h.seq, h.len, h.piece, h.direct),
-                (seq, 0, Piece::Last, true)
-            );
+        let mut seq = 0;
+        for msg in [&b"small"[..], &big[..]] {
+            for (with_client, with_body) in [(true, false), (false, true), (true, true)] {
+                seq += 1;
+                let (ours, theirs) = UnixStream::pair().unwrap();
+                let (body_read, body_write) = UnixStream::pair().unwrap();
+                let lendings = Lendings {
+                    client: with_client.then(|| ours.as_fd()),
+                    body: with_body.then(|| body_read.as_fd()),
+                };
+                assert!(broker.enqueue(seq, msg, lendings).unwrap());
+                drop((ours, body_read));
+                let Taken::Request {
+                    seq: got,
+                    msg: got_msg,
+                    client,
+                    body,
+                } = worker.take().unwrap()
+                else {
+                    panic!("no request");
+                };
+                assert_eq!((got, got_msg == msg), (seq, true));
+                assert_eq!((client.is_some(), body.is_some()), (with_client, with_body));
+                // The very sockets: what is written at one end is read at the other.
+                if let Some(body) = body {
+                    (&body_write).write_all(b"body").unwrap();
+                    let mut read = [0u8; 4];
+                    (&UnixStream::from(body)).read_exact(&mut read).unwrap();
+                    assert_eq!(&read, b"body");
+                }
+                if let Some(client) = client {
+                    UnixStream::from(client).write_all(b"direct").unwrap();
+                    let mut read = [0u8; 6];
+                    (&theirs).read_exact(&mut read).unwrap();
+                    assert_eq!(&read, b"direct");
+                }
+                worker.replier().direct_done(seq, Piece::Last).unwrap();
+                let h = replies_headers(&mut stream, 1).remove(0);
+                assert_eq!(
+                    (h.seq, h.len, h.piece, h.direct),
+                    (seq, 0, Piece::Last, true)
+                );
+            }
         }
     }
 

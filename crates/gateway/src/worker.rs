@@ -5,9 +5,11 @@
 //! worker that stops takes no more (see `link`). Replies go back to the broker, which alone
 //! talks to mongrel2: a reply that cannot be delivered fails that response, never the worker.
 //! In one-command mode a request may come with its client's connection (see `client`): the
-//! response is then written there, and only its end goes to the broker.
+//! response is then written there, and only its end goes to the broker; a body up to 1 MiB
+//! may come in a pipe of its own.
 
 use std::cell::{Cell, RefCell};
+use std::fs::File;
 use std::io::{self, Write as _};
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
@@ -23,7 +25,7 @@ use pyo3::prelude::*;
 
 use crate::client::Client;
 use crate::config::Settings;
-use crate::link::{self, Replier, Taken, WorkerChannels, LINK_ENV};
+use crate::link::{self, Replier, Taken, WorkerChannels, BODY_PIPE, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use wsgi::environ::{self, BodyInfo, EnvironTemplate};
@@ -356,6 +358,8 @@ struct Prepared<'py> {
     writer: Rc<RefCell<ResponseWriter>>,
     upload: Option<UploadFile>,
     body_range: (usize, usize),
+    /// The body's length, when it comes in a pipe (`BODY_PIPE`).
+    pipe_body: Option<u64>,
     /// The access-log line's request part, when the access log is on.
     access: Option<String>,
 }
@@ -414,9 +418,18 @@ impl Worker {
     /// Does what was taken from the queue.
     fn take(&mut self, taken: Taken, replier: Arc<Replier>) {
         match taken {
-            Taken::Request { seq, msg, client } => {
-                self.answer(seq, msg, replier, client.map(Client::new))
-            }
+            Taken::Request {
+                seq,
+                msg,
+                client,
+                body,
+            } => self.answer(
+                seq,
+                msg,
+                body.map(File::from),
+                replier,
+                client.map(Client::new),
+            ),
             Taken::Discard { msg } => self.discard_upload(&msg),
             Taken::Empty | Taken::Closed => {}
         }
@@ -449,7 +462,15 @@ impl Worker {
 
     /// Serves request `seq`. Whatever happens, its response ends, so the broker can free its
     /// connection; a response that cannot reach the broker is logged, and the worker lives on.
-    fn answer(&mut self, seq: u64, msg: Vec<u8>, replier: Arc<Replier>, client: Option<Client>) {
+    /// `piped`: the body, when it came in a pipe of its own.
+    fn answer(
+        &mut self,
+        seq: u64,
+        msg: Vec<u8>,
+        piped: Option<File>,
+        replier: Arc<Replier>,
+        client: Option<Client>,
+    ) {
         let reply = Rc::new(Reply {
             replier,
             seq,
@@ -457,7 +478,7 @@ impl Worker {
             client: RefCell::new(client),
             over: Rc::new(Cell::new(false)),
         });
-        let served = Python::attach(|py| self.handle(py, msg, &reply));
+        let served = Python::attach(|py| self.handle(py, msg, piped, &reply));
         if let Err(e) = &served {
             tracing::error!(seq, "cannot answer a request: {e:#}");
         }
@@ -486,7 +507,13 @@ impl Worker {
             .reply_error(status, &format!("{reason}\n"))
     }
 
-    fn handle(&mut self, py: Python<'_>, msg: Vec<u8>, reply: &Rc<Reply>) -> anyhow::Result<()> {
+    fn handle(
+        &mut self,
+        py: Python<'_>,
+        msg: Vec<u8>,
+        piped: Option<File>,
+        reply: &Rc<Reply>,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         let prepared = match Request::parse(&msg) {
             Err(e) => {
@@ -504,6 +531,7 @@ impl Worker {
             writer,
             upload,
             body_range,
+            pipe_body,
             access,
         } = prepared;
         let body = match &upload {
@@ -524,7 +552,19 @@ impl Worker {
                     Body::file(file, upload.size)
                 }
             }
-            None => Body::inline(msg, body_range.0, body_range.1),
+            None => match (pipe_body, piped) {
+                (Some(len), Some(pipe)) => Body::lent_file(pipe, len, Rc::clone(&reply.over)),
+                (Some(_), None) => {
+                    tracing::error!("a request's body pipe did not come with it");
+                    self.refuse(
+                        reply,
+                        "500 Internal Server Error",
+                        "the request body was lost",
+                    )?;
+                    return Ok(());
+                }
+                (None, _) => Body::inline(msg, body_range.0, body_range.1),
+            },
         };
         environ.set_item(intern!(py, "wsgi.input"), Bound::new(py, Input::new(body))?)?;
         let result = call::run_app(py, self.app.bind(py), environ, &writer);
@@ -597,6 +637,7 @@ impl Worker {
             writer,
             upload,
             body_range: (body_start, body_start + req.body.len()),
+            pipe_body: (req.header(BODY_PIPE) == Some(b"1")).then(|| content_length.unwrap_or(0)),
             access: access_request(req),
         }))
     }

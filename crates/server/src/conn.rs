@@ -17,7 +17,7 @@ use crate::http::body::Decoder;
 use crate::http::framing::ResponseFraming;
 use crate::http::request::Head;
 use crate::net::Stream;
-use crate::upload::{PooledFile, Spool};
+use crate::upload::{PipeTicket, PooledFile, RequestPipe, Spool};
 
 /// Pipelined input buffered beyond the head limit while a response is pending: past this,
 /// reading stops until the connection takes its next request.
@@ -46,6 +46,8 @@ pub enum Out {
 pub enum Sink {
     Inline(Vec<u8>),
     Spool(Spool),
+    /// One-command mode: a pipe of its own, sent to the worker with the request.
+    Pipe(RequestPipe),
     /// Read and dropped (a Dir request with a body).
     Discard,
 }
@@ -140,10 +142,18 @@ pub struct Conn {
     /// The generation of the broker connection this connection was lent under (see
     /// `front::lend`); 0 when never lent.
     pub lent: u64,
-    /// The pooled file holding the body of the request in service (see `SpoolPool`):
-    /// given back to the pool when its response is complete, removed if the connection
-    /// closes first.
-    pub upload_lent: Option<PooledFile>,
+    /// What holds the body of the request in service, lent with it: given back when its
+    /// response is complete.
+    pub upload_lent: Option<LentBody>,
+}
+
+/// A body lent to a worker with its request.
+pub enum LentBody {
+    /// A pooled file (see `SpoolPool`): reused once the response is complete, removed if the
+    /// connection closes first.
+    File(PooledFile),
+    /// A pipe's place among those allowed (see `RequestPipes`).
+    Pipe(PipeTicket),
 }
 
 impl Conn {

@@ -16,7 +16,7 @@ use crate::front::lend::Lender;
 use crate::front::Front;
 use crate::net::Listener;
 use crate::settings::Settings;
-use crate::upload::SpoolPool;
+use crate::upload::{RequestPipes, SpoolPool};
 
 /// What the master decides for its front end.
 pub struct Local {
@@ -106,6 +106,7 @@ pub fn run(local: Local) -> anyhow::Result<()> {
     let mut hub = crate::run::build_hub(&config, &server, settings, &absolute, &poll, false)?;
     hub.lender = local.lending.map(Lender::new);
     hub.pool = Some(SpoolPool::default());
+    hub.pipes = Some(RequestPipes::default());
     let mut front = Front::new(poll, listeners, hub)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

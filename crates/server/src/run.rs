@@ -171,6 +171,7 @@ pub(crate) fn build_hub(
         scheme: b"http",
         lender: None,
         pool: None,
+        pipes: None,
     })
 }
 

@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Seek, Write};
-use std::os::fd::{BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -248,6 +248,103 @@ impl SpoolPool {
             let (_, pooled) = self.orphans.remove(at).expect("found");
             self.give_back(pooled);
         }
+    }
+}
+
+/// One-command mode's bodies that fit a pipe (up to 1 MiB, the size an unprivileged
+/// process may give one): each goes to the worker in a pipe of its own, sent with its
+/// request. The socket's pages move into the pipe (`splice`) and the worker reads them out:
+/// no copy here and no file, where a spool file costs a copy into the page cache (half the
+/// front end's CPU per 1 MiB POST). A pipe carries one body and is never reused.
+pub struct RequestPipes {
+    /// Pipes whose request is not complete yet: each holds up to 1 MiB of kernel memory.
+    live: Rc<Cell<usize>>,
+}
+
+/// Most pipes whose requests are not complete; past this, bodies go to files.
+const MAX_PIPES: usize = 64;
+pub const PIPE_BODY_MAX: u64 = 1 << 20;
+
+/// A body's pipe being filled: the request goes out with the read end.
+pub struct RequestPipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    pub written: u64,
+    ticket: PipeTicket,
+}
+
+/// Counts a pipe as live until its request is complete (or its connection closed).
+pub struct PipeTicket(Rc<Cell<usize>>);
+
+impl Drop for PipeTicket {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+impl Default for RequestPipes {
+    fn default() -> RequestPipes {
+        RequestPipes {
+            live: Rc::new(Cell::new(0)),
+        }
+    }
+}
+
+impl RequestPipes {
+    /// A pipe for a body of `len` bytes, if one may be had; else the body goes to a file.
+    pub fn take(&mut self, len: u64) -> Option<RequestPipe> {
+        if len > PIPE_BODY_MAX || self.live.get() >= MAX_PIPES {
+            return None;
+        }
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        // The worker's end blocks: the body is in whole before the worker reads.
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok()?;
+        fcntl(&write, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).ok()?;
+        let got = fcntl(&write, FcntlArg::F_SETPIPE_SZ(i32::try_from(len).ok()?)).ok()?;
+        if (got as u64) < len {
+            return None;
+        }
+        self.live.set(self.live.get() + 1);
+        Some(RequestPipe {
+            read,
+            write,
+            written: 0,
+            ticket: PipeTicket(Rc::clone(&self.live)),
+        })
+    }
+}
+
+impl RequestPipe {
+    /// The end body bytes go in at (spliced from the socket).
+    pub fn input(&self) -> BorrowedFd<'_> {
+        self.write.as_fd()
+    }
+
+    /// Bytes already read from the socket (with the head) go in by a copy.
+    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match nix::unistd::write(&self.write, data) {
+                Ok(n) => {
+                    data = &data[n..];
+                    self.written += n as u64;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The body is in: the read end, for the worker, and the ticket, to hold until the
+    /// request is complete. The write end closes here, so the worker meets the body's end.
+    pub fn finish(self) -> (OwnedFd, PipeTicket) {
+        (self.read, self.ticket)
+    }
+
+    /// What was written so far goes to `spool` instead (the pipe filled before the body
+    /// was in: spliced socket pages may fill its slots only in part).
+    pub fn spill(self, spool: &mut Spool) -> io::Result<()> {
+        spool.splice_from(self.read.as_fd(), self.written as usize)
     }
 }
 

@@ -260,12 +260,17 @@ impl Requests {
     fn enqueue(&mut self, i: usize, conn: ConnId, sender_len: usize, pass: &mut Pass<'_>) -> usize {
         let seq = self.next_seq;
         let msg = &self.waiting[i];
-        let client = pass
+        let lendings = pass
             .lent
             .as_deref_mut()
-            .and_then(|l| l.client_for(conn, msg));
-        match pass.channels.enqueue(seq, msg, client) {
-            Ok(true) => {}
+            .map(|l| l.lendings_for(conn, msg))
+            .unwrap_or_default();
+        match pass.channels.enqueue(seq, msg, lendings) {
+            Ok(true) => {
+                if let Some(lent) = pass.lent.as_deref_mut() {
+                    lent.queued(conn);
+                }
+            }
             Ok(false) => {
                 pass.full = true;
                 return i + 1;

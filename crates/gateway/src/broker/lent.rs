@@ -9,6 +9,9 @@
 //! accepted meanwhile. The front end shuts a connection down when it closes it, so that the
 //! copies here and in a worker cannot keep it open; the copy here is dropped when the front
 //! end says the client disconnected, when a new front end connects, and at a new epoch.
+//!
+//! A body that fits a pipe comes the same way, in a pipe of its own (9 bytes: the id, then
+//! `B`), just before its request (marked `BODY_PIPE`), and goes on with it to the worker.
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
@@ -16,6 +19,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use m2wire::{ConnId, Request};
+
+use crate::link::{Lendings, BODY_PIPE};
 use nix::errno::Errno;
 use nix::sys::socket::{
     accept4, bind, getsockopt, listen, recvmsg, socket, sockopt, AddressFamily, Backlog,
@@ -25,12 +30,16 @@ use nix::sys::socket::{
 /// The request header (set by the front end, never by a client) that lets a worker write
 /// the response to the client's connection.
 pub const DIRECT: &[u8] = b"DIRECT";
+/// The last byte of a datagram that carries a body pipe.
+const BODY: u8 = b'B';
 
 pub struct Lent {
     listener: OwnedFd,
     /// The front end's connection.
     from: Option<OwnedFd>,
     conns: HashMap<ConnId, OwnedFd>,
+    /// Body pipes of requests not queued yet (one per connection at most: its next).
+    bodies: HashMap<ConnId, OwnedFd>,
     /// Most connections held: the rest of the descriptors stay for the broker's own work
     /// (workers' links, request files); a connection past this is relayed.
     most: usize,
@@ -58,6 +67,7 @@ impl Lent {
             listener,
             from: None,
             conns: HashMap::new(),
+            bodies: HashMap::new(),
             most,
         })
     }
@@ -93,7 +103,7 @@ impl Lent {
     /// Takes the connections the front end has sent.
     pub fn receive(&mut self) {
         while let Some(from) = &self.from {
-            let mut id = [0u8; 8];
+            let mut id = [0u8; 9];
             let mut cmsg = nix::cmsg_space!([RawFd; 1]);
             let mut iov = [IoSliceMut::new(&mut id)];
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
@@ -129,30 +139,54 @@ impl Lent {
                     tracing::debug!("lent connections at their limit: this one is relayed");
                 }
                 (8, Some(fd), true) => {
-                    self.conns.insert(u64::from_le_bytes(id), fd);
+                    self.conns.insert(conn_id(&id), fd);
+                }
+                (9, Some(fd), true) if id[8] == BODY => {
+                    self.bodies.insert(conn_id(&id), fd);
                 }
                 _ => tracing::warn!("a malformed message on the lending socket, dropped"),
             }
         }
     }
 
-    /// The connection a request may be answered on directly: the front end marked it so
-    /// and lent it.
-    pub fn client_for(&mut self, conn: ConnId, msg: &[u8]) -> Option<BorrowedFd<'_>> {
-        self.from.as_ref()?;
-        let direct = Request::parse(msg).is_ok_and(|req| req.header(DIRECT) == Some(b"1"));
-        if !direct {
-            return None;
+    /// What goes with a request to its worker: the connection it may be answered on
+    /// directly (the front end marked it so and lent it), and its body's pipe.
+    pub fn lendings_for(&mut self, conn: ConnId, msg: &[u8]) -> Lendings<'_> {
+        if self.from.is_none() {
+            return Lendings::default();
         }
-        if !self.conns.contains_key(&conn) {
+        let (direct, body) = match Request::parse(msg) {
+            Ok(req) => (
+                req.header(DIRECT) == Some(b"1"),
+                req.header(BODY_PIPE) == Some(b"1"),
+            ),
+            Err(_) => (false, false),
+        };
+        if (direct && !self.conns.contains_key(&conn)) || (body && !self.bodies.contains_key(&conn))
+        {
             // Sent before the request, so it is there to read.
             self.receive();
         }
-        self.conns.get(&conn).map(AsFd::as_fd)
+        if body && !self.bodies.contains_key(&conn) {
+            tracing::warn!(
+                conn,
+                "a request's body pipe did not come: its worker refuses it"
+            );
+        }
+        Lendings {
+            client: self.conns.get(&conn).filter(|_| direct).map(AsFd::as_fd),
+            body: self.bodies.get(&conn).filter(|_| body).map(AsFd::as_fd),
+        }
+    }
+
+    /// The request of `conn` is queued: its body pipe went with it.
+    pub fn queued(&mut self, conn: ConnId) {
+        self.bodies.remove(&conn);
     }
 
     pub fn forget(&mut self, conn: ConnId) {
         self.conns.remove(&conn);
+        self.bodies.remove(&conn);
     }
 
     fn disconnect(&mut self) {
@@ -163,5 +197,10 @@ impl Lent {
     /// A new epoch or a new front end: every connection lent before is dropped.
     pub fn clear(&mut self) {
         self.conns.clear();
+        self.bodies.clear();
     }
+}
+
+fn conn_id(datagram: &[u8; 9]) -> ConnId {
+    u64::from_le_bytes(datagram[..8].try_into().expect("8 bytes"))
 }

@@ -3,23 +3,26 @@
 //! to the client as far as its framing goes.
 
 use std::ops::Range;
+use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::time::Instant;
 
 use m2wire::{encode_notice, encode_request, Notice};
 
 use super::{lend, Hub, FIRST_CREDITS};
-use crate::conn::{AfterBody, Conn, Phase, Sink};
+use crate::conn::{AfterBody, Conn, LentBody, Phase, Sink};
 use crate::http::body::Decoder;
 use crate::http::canned;
 use crate::http::framing::{Fed, ResponseFraming};
 use crate::http::request::{Framing, Head};
 use crate::http::Status;
-use crate::upload::Spool;
+use crate::upload::{RequestPipe, Spool};
 
 /// The request header (the server's own, uppercase) saying the upload file is lent from a
 /// pool: the handler reads it but neither removes it nor shows its name to the app.
 pub const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
+/// The request header of a body sent in a pipe of its own, ahead of the request.
+pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
 
 impl Hub {
     pub(super) fn start_handler(
@@ -46,16 +49,21 @@ impl Hub {
                     // An upload is announced at once: a handler must be there to hear it.
                     return self.unavailable(conn, handler, true);
                 }
-                let Some(spool) = self.spool(conn, Some(n)) else {
-                    return;
-                };
-                // A pooled body (one-command mode, at most 1 MiB) is not announced: the
-                // start would cost a trip through the broker and a worker's wake-up for
-                // every such request, for a refusal the done message gives moments later.
-                if !spool.is_pooled() {
-                    self.announce_upload(conn, handler, &head, &key, &spool);
+                if let Some(pipe) = self.pipes.as_mut().and_then(|p| p.take(n)) {
+                    (Decoder::length(n), Sink::Pipe(pipe))
+                } else {
+                    let Some(spool) = self.spool(conn, Some(n)) else {
+                        return;
+                    };
+                    // A pooled body (one-command mode, at most 1 MiB) is not announced: the
+                    // start would cost a trip through the broker and a worker's wake-up for
+                    // every such request, for a refusal the done message gives moments
+                    // later.
+                    if !spool.is_pooled() {
+                        self.announce_upload(conn, handler, &head, &key, &spool);
+                    }
+                    (Decoder::length(n), Sink::Spool(spool))
                 }
-                (Decoder::length(n), Sink::Spool(spool))
             }
             Framing::Chunked => (Decoder::chunked(), Sink::Inline(Vec::new())),
         };
@@ -137,6 +145,11 @@ impl Hub {
                     disk_error.get_or_insert(e);
                 }
             }
+            Sink::Pipe(p) => {
+                if let Err(e) = p.write(data) {
+                    disk_error.get_or_insert(e);
+                }
+            }
             Sink::Discard => {}
         });
         let step = match step {
@@ -196,6 +209,35 @@ impl Hub {
         self.announce_upload(conn, *handler, head, key, spool);
     }
 
+    /// A body's pipe filled before the body was in: the body goes on in a file.
+    pub(super) fn spill_pipe(&mut self, conn: &mut Conn) {
+        let Phase::Body {
+            decoder: Decoder::Length { remaining },
+            sink: Sink::Pipe(pipe),
+            ..
+        } = &conn.phase
+        else {
+            return;
+        };
+        let len = pipe.written + remaining;
+        let Some(mut spool) = self.spool(conn, Some(len)) else {
+            return;
+        };
+        let Phase::Body { sink, .. } = &mut conn.phase else {
+            return spool.remove();
+        };
+        let Sink::Pipe(pipe) = std::mem::replace(sink, Sink::Discard) else {
+            return spool.remove();
+        };
+        tracing::debug!(conn = conn.id, "a body's pipe filled up: spooled to a file");
+        if let Err(e) = pipe.spill(&mut spool) {
+            tracing::error!("writing an upload file: {e}");
+            spool.remove();
+            return self.abandon_body(conn, Status::INTERNAL_ERROR);
+        }
+        *sink = Sink::Spool(spool);
+    }
+
     pub(super) fn abandon_body(&mut self, conn: &mut Conn, status: Status) {
         if let Phase::Body {
             sink: Sink::Spool(spool),
@@ -224,19 +266,62 @@ impl Hub {
         };
         match sink {
             Sink::Inline(body) => self.dispatch(conn, handler, &head, &key, Payload::Inline(&body)),
-            Sink::Spool(spool) => {
-                let path = spool.message_path.clone();
-                match spool.finish() {
-                    Ok(lent) => conn.upload_lent = lent,
-                    Err(e) => {
-                        tracing::error!("writing an upload file: {e}");
-                        return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
-                    }
-                }
-                self.dispatch(conn, handler, &head, &key, Payload::UploadDone(&path));
-            }
+            Sink::Spool(spool) => self.dispatch_spooled(conn, handler, &head, &key, spool),
+            Sink::Pipe(pipe) => self.dispatch_pipe(conn, handler, &head, &key, pipe),
             Sink::Discard => {}
         }
+    }
+
+    /// The upload-done message for a spooled body.
+    fn dispatch_spooled(
+        &mut self,
+        conn: &mut Conn,
+        handler: usize,
+        head: &Head,
+        key: &str,
+        spool: Spool,
+    ) {
+        let path = spool.message_path.clone();
+        match spool.finish() {
+            Ok(lent) => conn.upload_lent = lent.map(LentBody::File),
+            Err(e) => {
+                tracing::error!("writing an upload file: {e}");
+                return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
+            }
+        }
+        self.dispatch(conn, handler, head, key, Payload::UploadDone(&path));
+    }
+
+    /// A body in a pipe goes to the broker (sent before the request, as connections are),
+    /// and on with the request to its worker. When the broker cannot take it now, the body
+    /// moves to a file and the request goes as an upload.
+    fn dispatch_pipe(
+        &mut self,
+        conn: &mut Conn,
+        handler: usize,
+        head: &Head,
+        key: &str,
+        pipe: RequestPipe,
+    ) {
+        let len = pipe.written;
+        let (body, ticket) = pipe.finish();
+        if self
+            .lender
+            .as_mut()
+            .is_some_and(|l| l.lend_body(conn.id, &body))
+        {
+            conn.upload_lent = Some(LentBody::Pipe(ticket));
+            return self.dispatch(conn, handler, head, key, Payload::Pipe);
+        }
+        let Some(mut spool) = self.spool(conn, Some(len)) else {
+            return;
+        };
+        if let Err(e) = spool.splice_from(body.as_fd(), len as usize) {
+            tracing::error!("writing an upload file: {e}");
+            spool.remove();
+            return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
+        }
+        self.dispatch_spooled(conn, handler, head, key, spool);
     }
 
     /// Sends the request to its handler and waits for the reply; with no handler
@@ -348,7 +433,7 @@ impl Hub {
         let remote = conn.remote.ip().to_string();
         let body = match payload {
             Payload::Inline(body) => body,
-            Payload::UploadStart(_) | Payload::UploadDone(_) => &[],
+            Payload::UploadStart(_) | Payload::UploadDone(_) | Payload::Pipe => &[],
         };
         let inline_chunked =
             head.framing == Framing::Chunked && matches!(payload, Payload::Inline(_));
@@ -400,10 +485,11 @@ impl Hub {
             Payload::UploadDone(p) => {
                 headers.push((b"x-mongrel2-upload-start", p.as_bytes()));
                 headers.push((b"x-mongrel2-upload-done", p.as_bytes()));
-                if conn.upload_lent.is_some() {
+                if matches!(conn.upload_lent, Some(LentBody::File(_))) {
                     headers.push((UPLOAD_LENT, b"1"));
                 }
             }
+            Payload::Pipe => headers.push((BODY_PIPE, b"1")),
         }
         let h = &self.handlers.list[handler];
         let mut out = Vec::with_capacity(256 + body.len() + 32 * headers.len());
@@ -589,7 +675,7 @@ impl Hub {
     /// A connection closes with a lent upload file: if its request went out, a worker may
     /// not have opened the file yet, so it stays until that worker is done with it.
     pub(super) fn orphan_upload(&mut self, conn: &mut Conn) {
-        let Some(file) = conn.upload_lent.take() else {
+        let Some(LentBody::File(file)) = conn.upload_lent.take() else {
             return;
         };
         if matches!(conn.phase, Phase::Queued { .. }) {
@@ -611,7 +697,9 @@ impl Hub {
     /// `done` came: the worker has finished the request, and stopped reading a lent upload
     /// file before it said so; the file may take the next body.
     fn give_back_upload(&mut self, conn: &mut Conn) {
-        if let (Some(pool), Some(file)) = (self.pool.as_mut(), conn.upload_lent.take()) {
+        if let (Some(pool), Some(LentBody::File(file))) =
+            (self.pool.as_mut(), conn.upload_lent.take())
+        {
             pool.give_back(file);
         }
     }
@@ -671,6 +759,8 @@ pub(super) enum Payload<'a> {
     Inline(&'a [u8]),
     UploadStart(&'a str),
     UploadDone(&'a str),
+    /// In a pipe sent ahead (see `RequestPipes`).
+    Pipe,
 }
 
 #[cfg(test)]

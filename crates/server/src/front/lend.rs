@@ -5,7 +5,8 @@
 //! A connection is lent once (its descriptor and id, on a Unix `SOCK_SEQPACKET` socket,
 //! before its first request goes out), and a request may then be answered directly only if
 //! nothing of an earlier response still waits here for its client: the request says so with
-//! the `DIRECT` header. Such a response ends with a `ctl` reply, `done`. While a worker
+//! the `DIRECT` header. Such a response ends with a `ctl` reply, `done`. A body that fits a
+//! pipe goes the same way, in a pipe of its own, just before its request (`BODY_PIPE`). While a worker
 //! holds a connection this side only reads it; closing it shuts it down, so that the copies
 //! elsewhere end with it.
 
@@ -24,6 +25,8 @@ use crate::conn::Conn;
 /// The request header that lets the worker write to the connection; uppercase like the
 /// other headers of the server's own, which no client header can be.
 pub const DIRECT: &[u8] = b"DIRECT";
+/// The last byte of a 9-byte datagram that carries a body pipe (8 bytes: a connection).
+pub const BODY: u8 = b'B';
 /// The `ctl` key of the reply that ends a response written directly.
 pub const DONE: &[u8] = b"done";
 /// How long to wait before trying a broker that could not be reached again.
@@ -56,22 +59,37 @@ impl Lender {
         if conn.lent == self.generation {
             return true;
         }
-        let to = self.to.as_ref().expect("connected above");
-        let id = conn.id.to_le_bytes();
-        let fds = [conn.stream.as_raw_fd()];
+        let lent = self.send(&conn.id.to_le_bytes(), &conn.stream);
+        if lent {
+            conn.lent = self.generation;
+        }
+        lent
+    }
+
+    /// Sends the body pipe of `id`'s next request ahead of it (`BODY_PIPE`); whether it went.
+    pub fn lend_body(&mut self, id: u64, body: &OwnedFd) -> bool {
+        if self.to.is_none() && !self.connect() {
+            return false;
+        }
+        let mut datagram = [BODY; 9];
+        datagram[..8].copy_from_slice(&id.to_le_bytes());
+        self.send(&datagram, body)
+    }
+
+    fn send(&mut self, datagram: &[u8], fd: &impl AsRawFd) -> bool {
+        let to = self.to.as_ref().expect("connected");
+        let fds = [fd.as_raw_fd()];
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
         match sendmsg::<()>(
             to.as_raw_fd(),
-            &[IoSlice::new(&id)],
+            &[IoSlice::new(datagram)],
             &[ControlMessage::ScmRights(&fds)],
             flags,
             None,
         ) {
-            Ok(_) => {
-                conn.lent = self.generation;
-                true
-            }
-            // The broker is behind: this request is relayed.
+            Ok(_) => true,
+            // The broker is behind: the request goes the other way (relayed, or its body
+            // in a file).
             Err(Errno::EAGAIN) => false,
             Err(e) => {
                 tracing::info!("the broker's lending socket is gone ({e}); reconnecting");

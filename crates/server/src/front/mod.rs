@@ -75,6 +75,8 @@ pub struct Hub {
     pub lender: Option<lend::Lender>,
     /// One-command mode: spool files are kept and written again (see `SpoolPool`).
     pub pool: Option<crate::upload::SpoolPool>,
+    /// One-command mode: bodies up to 1 MiB go to the workers in pipes (see `RequestPipes`).
+    pub pipes: Option<crate::upload::RequestPipes>,
 }
 
 pub struct Front {
@@ -327,6 +329,10 @@ impl Front {
                         tracing::error!("writing an upload file: {e}");
                         self.hub.abandon_body(conn, Status::INTERNAL_ERROR);
                         break;
+                    }
+                    Moved::PipeFull => {
+                        self.hub.spill_pipe(conn);
+                        continue;
                     }
                 }
             }

@@ -3,7 +3,7 @@
 //! them once into the file, where `read` then `write` would copy twice, through our memory.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
@@ -33,6 +33,8 @@ pub enum Moved {
     ClientFailed,
     /// The file could not be written: the body is lost (the pipe was emptied).
     SpoolFailed(io::Error),
+    /// The body's own pipe is full before the body is in: it goes to a file instead.
+    PipeFull,
 }
 
 impl BodyPipe {
@@ -43,11 +45,12 @@ impl BodyPipe {
         Ok(BodyPipe { read, write, size })
     }
 
-    /// Moves what the socket has of `conn`'s body (at most `budget`) into its spool file.
+    /// Moves what the socket has of `conn`'s body (at most `budget`) into its spool file,
+    /// or straight into its own pipe.
     pub fn move_body(&mut self, conn: &mut Conn, budget: usize) -> Moved {
         let Phase::Body {
             decoder: Decoder::Length { remaining },
-            sink: Sink::Spool(spool),
+            sink: sink @ (Sink::Spool(_) | Sink::Pipe(_)),
             ..
         } = &mut conn.phase
         else {
@@ -57,17 +60,34 @@ impl BodyPipe {
             return Moved::NotApplicable;
         }
         let want = (*remaining).min(budget.min(self.size) as u64) as usize;
+        let to = match sink {
+            Sink::Pipe(pipe) => pipe.input(),
+            _ => self.write.as_fd(),
+        };
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-        let n = match splice(conn.stream.as_fd(), None, &self.write, None, want, flags) {
+        let n = match splice(conn.stream.as_fd(), None, to, None, want, flags) {
             Ok(0) => return Moved::Closed,
             Ok(n) => n,
+            // Either end may be what blocks: the shared pipe is always emptied, a body's own
+            // may fill up with part-used pages.
+            Err(Errno::EAGAIN)
+                if matches!(sink, Sink::Pipe(_)) && has_input(conn.stream.as_fd()) =>
+            {
+                return Moved::PipeFull
+            }
             Err(Errno::EAGAIN) => return Moved::WouldBlock,
             Err(Errno::EINTR) => return Moved::Bytes(0),
             Err(_) => return Moved::ClientFailed,
         };
-        if let Err(e) = spool.splice_from(self.read.as_fd(), n) {
-            self.empty();
-            return Moved::SpoolFailed(e);
+        match sink {
+            Sink::Pipe(pipe) => pipe.written += n as u64,
+            Sink::Spool(spool) => {
+                if let Err(e) = spool.splice_from(self.read.as_fd(), n) {
+                    self.empty();
+                    return Moved::SpoolFailed(e);
+                }
+            }
+            _ => unreachable!("matched above"),
         }
         *remaining -= n as u64;
         Moved::Bytes(n)
@@ -80,4 +100,12 @@ impl BodyPipe {
             *self = fresh;
         }
     }
+}
+
+/// Whether the socket has bytes to read.
+fn has_input(socket: BorrowedFd<'_>) -> bool {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given, which outlives the call.
+    let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+    r == 0 && n > 0
 }
