@@ -305,6 +305,45 @@ def test_piped_and_pooled_bodies_carry_each_body_to_its_own_request_only(tmp_pat
     assert list(upload_dir.iterdir()) == []
 
 
+def test_pipelined_requests_each_get_their_own_piped_body(tmp_path):
+    """Requests sent back to back on one connection, GETs between POSTs whose bodies go in
+    pipes: each is answered in order, with its own body. (That a pipe goes only with the
+    request that names it is unit-tested in `broker::lent`.)"""
+    server = serve(tmp_path, workers=2)
+    try:
+        bodies = [bytes([65 + i]) * (100_000 + 50_000 * i) if i % 2 else None for i in range(8)]
+        wire = b""
+        for body in bodies:
+            if body is None:
+                wire += b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+            else:
+                wire += f"POST /sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                wire += body
+        with socket.create_connection(("127.0.0.1", server.mongrel2.port), timeout=10) as sock:
+            sock.sendall(wire)
+            reader = Reader(sock)
+            for body in bodies:
+                status, _, reply, complete = reader.response(time.time() + 10)
+                assert status == 200 and complete, (status, reply[:200])
+                if body is not None:
+                    assert json.loads(reply)["sha256"] == hashlib.sha256(body).hexdigest()
+    finally:
+        assert server.stop() == 0
+
+
+def test_max_body_size_holds_for_bodies_in_pipes(tmp_path):
+    server = serve(tmp_path, args=("--max-body-size", "150000"), workers=1)
+    try:
+        r = requests.post(server.url + "/sha256", data=b"x" * 200_000, timeout=5)
+        assert r.status_code == 413, r.text
+        body = b"y" * 140_000
+        r = requests.post(server.url + "/sha256", data=body, timeout=5)
+        assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
+        assert "refused upload larger than --max-body-size" in server.log()
+    finally:
+        assert server.stop() == 0
+
+
 def test_an_app_that_keeps_wsgi_input_cannot_read_a_later_body(tmp_path):
     """A pooled file takes the next body once its response is complete: a wsgi.input kept by
     the app past its request refuses to read, rather than read another client's body."""

@@ -599,8 +599,15 @@ impl Worker {
         if !self.serves_kind(req, reply)? {
             return Ok(None);
         }
+        // A piped body is as long as declared (the front end sends it whole).
+        let piped_len = req
+            .header(BODY_PIPE)
+            .map(|_| req.content_length().unwrap_or(0));
         // Inline bodies are at most mongrel2's limits.content_length; the limit still holds.
-        if let Err(refusal) = self.policy.check_size(req.body.len() as u64) {
+        if let Err(refusal) = self
+            .policy
+            .check_size(piped_len.unwrap_or(req.body.len() as u64))
+        {
             self.refuse_upload(req, reply, refusal)?;
             return Ok(None);
         }
@@ -637,7 +644,7 @@ impl Worker {
             writer,
             upload,
             body_range: (body_start, body_start + req.body.len()),
-            pipe_body: (req.header(BODY_PIPE) == Some(b"1")).then(|| content_length.unwrap_or(0)),
+            pipe_body: piped_len,
             access: access_request(req),
         }))
     }

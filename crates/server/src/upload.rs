@@ -256,60 +256,89 @@ impl SpoolPool {
 /// request. The socket's pages move into the pipe (`splice`) and the worker reads them out:
 /// no copy here and no file, where a spool file costs a copy into the page cache (half the
 /// front end's CPU per 1 MiB POST). A pipe carries one body and is never reused.
+#[derive(Default)]
 pub struct RequestPipes {
-    /// Pipes whose request is not complete yet: each holds up to 1 MiB of kernel memory.
-    live: Rc<Cell<usize>>,
+    /// Pipes whose request is not complete yet, and the pages they may hold.
+    held: Rc<Cell<Held>>,
+    /// Numbers the pipes: the broker gives a pipe only to the request that names it.
+    next_serial: u64,
 }
 
-/// Most pipes whose requests are not complete; past this, bodies go to files.
-const MAX_PIPES: usize = 64;
-pub const PIPE_BODY_MAX: u64 = 1 << 20;
+#[derive(Clone, Copy, Default)]
+struct Held {
+    pipes: usize,
+    pages: usize,
+}
+
+/// Most pipes whose requests are not complete (the broker holds as many); past this,
+/// bodies go to files.
+pub const MAX_PIPES: usize = 64;
+/// Most pages those pipes may hold: 56 MiB, under the 64 MiB past which the kernel gives an
+/// unprivileged user's new pipes (the app's too) two pages only (`pipe-user-pages-soft`).
+const MAX_PIPE_PAGES: usize = 56 * 256;
+const PIPE_BODY_MAX: u64 = 1 << 20;
+const PAGE: u64 = 4096;
 
 /// A body's pipe being filled: the request goes out with the read end.
 pub struct RequestPipe {
     read: OwnedFd,
     write: OwnedFd,
     pub written: u64,
+    pub serial: u64,
     ticket: PipeTicket,
 }
 
-/// Counts a pipe as live until its request is complete (or its connection closed).
-pub struct PipeTicket(Rc<Cell<usize>>);
+/// Counts a pipe as held until its request is complete (or its connection closed).
+pub struct PipeTicket {
+    held: Rc<Cell<Held>>,
+    pages: usize,
+}
 
 impl Drop for PipeTicket {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
-impl Default for RequestPipes {
-    fn default() -> RequestPipes {
-        RequestPipes {
-            live: Rc::new(Cell::new(0)),
-        }
+        let held = self.held.get();
+        self.held.set(Held {
+            pipes: held.pipes - 1,
+            pages: held.pages - self.pages,
+        });
     }
 }
 
 impl RequestPipes {
     /// A pipe for a body of `len` bytes, if one may be had; else the body goes to a file.
     pub fn take(&mut self, len: u64) -> Option<RequestPipe> {
-        if len > PIPE_BODY_MAX || self.live.get() >= MAX_PIPES {
+        // A slot holds at most a page, and spliced network segments fill it only in part
+        // (1448 bytes of an Ethernet frame's payload): slots for three times the body,
+        // within the largest pipe.
+        let size = (len * 3).clamp(PAGE, PIPE_BODY_MAX);
+        let pages = (size / PAGE).next_power_of_two() as usize;
+        let held = self.held.get();
+        if len > PIPE_BODY_MAX || held.pipes >= MAX_PIPES || held.pages + pages > MAX_PIPE_PAGES {
             return None;
         }
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
         // The worker's end blocks: the body is in whole before the worker reads.
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok()?;
         fcntl(&write, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).ok()?;
-        let got = fcntl(&write, FcntlArg::F_SETPIPE_SZ(i32::try_from(len).ok()?)).ok()?;
+        let got = fcntl(&write, FcntlArg::F_SETPIPE_SZ(i32::try_from(size).ok()?)).ok()?;
         if (got as u64) < len {
             return None;
         }
-        self.live.set(self.live.get() + 1);
+        let pages = got as usize / PAGE as usize;
+        self.held.set(Held {
+            pipes: held.pipes + 1,
+            pages: held.pages + pages,
+        });
+        self.next_serial += 1;
         Some(RequestPipe {
             read,
             write,
             written: 0,
-            ticket: PipeTicket(Rc::clone(&self.live)),
+            serial: self.next_serial,
+            ticket: PipeTicket {
+                held: Rc::clone(&self.held),
+                pages,
+            },
         })
     }
 }

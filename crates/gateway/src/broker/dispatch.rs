@@ -265,10 +265,11 @@ impl Requests {
             .as_deref_mut()
             .map(|l| l.lendings_for(conn, msg))
             .unwrap_or_default();
+        let piped = lendings.body.is_some();
         match pass.channels.enqueue(seq, msg, lendings) {
             Ok(true) => {
-                if let Some(lent) = pass.lent.as_deref_mut() {
-                    lent.queued(conn);
+                if let Some(lent) = pass.lent.as_deref_mut().filter(|_| piped) {
+                    lent.queued_body(conn);
                 }
             }
             Ok(false) => {

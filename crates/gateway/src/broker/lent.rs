@@ -10,8 +10,9 @@
 //! copies here and in a worker cannot keep it open; the copy here is dropped when the front
 //! end says the client disconnected, when a new front end connects, and at a new epoch.
 //!
-//! A body that fits a pipe comes the same way, in a pipe of its own (9 bytes: the id, then
-//! `B`), just before its request (marked `BODY_PIPE`), and goes on with it to the worker.
+//! A body that fits a pipe comes the same way, in a pipe of its own (17 bytes: the id, `B`,
+//! the pipe's serial number), just before its request, which names the pipe (`BODY_PIPE:
+//! serial`); it goes on with that request only, to its worker.
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
@@ -30,16 +31,20 @@ use nix::sys::socket::{
 /// The request header (set by the front end, never by a client) that lets a worker write
 /// the response to the client's connection.
 pub const DIRECT: &[u8] = b"DIRECT";
-/// The last byte of a datagram that carries a body pipe.
+/// The 9th byte of a datagram that carries a body pipe.
 const BODY: u8 = b'B';
+/// Most body pipes held: the front end has no more out at once. Past it (pipes whose
+/// requests were dropped, say) the oldest goes.
+const MAX_BODIES: usize = server::upload::MAX_PIPES;
 
 pub struct Lent {
     listener: OwnedFd,
     /// The front end's connection.
     from: Option<OwnedFd>,
     conns: HashMap<ConnId, OwnedFd>,
-    /// Body pipes of requests not queued yet (one per connection at most: its next).
-    bodies: HashMap<ConnId, OwnedFd>,
+    /// Body pipes of requests not queued yet, with their serial numbers (one per
+    /// connection at most: its next).
+    bodies: HashMap<ConnId, (u64, OwnedFd)>,
     /// Most connections held: the rest of the descriptors stay for the broker's own work
     /// (workers' links, request files); a connection past this is relayed.
     most: usize,
@@ -103,7 +108,7 @@ impl Lent {
     /// Takes the connections the front end has sent.
     pub fn receive(&mut self) {
         while let Some(from) = &self.from {
-            let mut id = [0u8; 9];
+            let mut id = [0u8; 17];
             let mut cmsg = nix::cmsg_space!([RawFd; 1]);
             let mut iov = [IoSliceMut::new(&mut id)];
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
@@ -141,33 +146,57 @@ impl Lent {
                 (8, Some(fd), true) => {
                     self.conns.insert(conn_id(&id), fd);
                 }
-                (9, Some(fd), true) if id[8] == BODY => {
-                    self.bodies.insert(conn_id(&id), fd);
+                (17, Some(fd), true) if id[8] == BODY => {
+                    let serial = u64::from_le_bytes(id[9..].try_into().expect("8 bytes"));
+                    self.hold_body(conn_id(&id), serial, fd);
                 }
                 _ => tracing::warn!("a malformed message on the lending socket, dropped"),
             }
         }
     }
 
-    /// What goes with a request to its worker: the connection it may be answered on
-    /// directly (the front end marked it so and lent it), and its body's pipe.
-    pub fn lendings_for(&mut self, conn: ConnId, msg: &[u8]) -> Lendings<'_> {
-        if self.from.is_none() {
-            return Lendings::default();
+    fn hold_body(&mut self, conn: ConnId, serial: u64, pipe: OwnedFd) {
+        if self.bodies.len() >= MAX_BODIES && !self.bodies.contains_key(&conn) {
+            let oldest = self
+                .bodies
+                .iter()
+                .min_by_key(|(_, (s, _))| *s)
+                .map(|(c, _)| *c);
+            if let Some(oldest) = oldest {
+                tracing::warn!(
+                    conn = oldest,
+                    "a body pipe whose request never came, dropped"
+                );
+                self.bodies.remove(&oldest);
+            }
         }
+        self.bodies.insert(conn, (serial, pipe));
+    }
+
+    /// What goes with a request to its worker: the connection it may be answered on
+    /// directly (the front end marked it so and lent it), and the body pipe it names.
+    pub fn lendings_for(&mut self, conn: ConnId, msg: &[u8]) -> Lendings<'_> {
         let (direct, body) = match Request::parse(msg) {
             Ok(req) => (
                 req.header(DIRECT) == Some(b"1"),
-                req.header(BODY_PIPE) == Some(b"1"),
+                req.header(BODY_PIPE).and_then(serial_of),
             ),
-            Err(_) => (false, false),
+            Err(_) => (false, None),
         };
-        if (direct && !self.conns.contains_key(&conn)) || (body && !self.bodies.contains_key(&conn))
-        {
+        if self.from.is_none() && body.is_some() {
+            // The front end's lending connection may not be taken yet: the pipe is on it.
+            self.accept();
+        }
+        if self.from.is_none() {
+            return Lendings::default();
+        }
+        let has_body =
+            |l: &Lent| body.is_none_or(|s| l.bodies.get(&conn).is_some_and(|(h, _)| *h == s));
+        if (direct && !self.conns.contains_key(&conn)) || !has_body(self) {
             // Sent before the request, so it is there to read.
             self.receive();
         }
-        if body && !self.bodies.contains_key(&conn) {
+        if !has_body(self) {
             tracing::warn!(
                 conn,
                 "a request's body pipe did not come: its worker refuses it"
@@ -175,16 +204,23 @@ impl Lent {
         }
         Lendings {
             client: self.conns.get(&conn).filter(|_| direct).map(AsFd::as_fd),
-            body: self.bodies.get(&conn).filter(|_| body).map(AsFd::as_fd),
+            body: self
+                .bodies
+                .get(&conn)
+                .filter(|(held, _)| Some(*held) == body)
+                .map(|(_, pipe)| pipe.as_fd()),
         }
     }
 
-    /// The request of `conn` is queued: its body pipe went with it.
-    pub fn queued(&mut self, conn: ConnId) {
+    /// The request of `conn` that named its body pipe is queued: the pipe went with it.
+    pub fn queued_body(&mut self, conn: ConnId) {
         self.bodies.remove(&conn);
     }
 
+    /// The client of `conn` disconnected. A body pipe sent before the front end said so is
+    /// taken first, so that it goes too.
     pub fn forget(&mut self, conn: ConnId) {
+        self.receive();
         self.conns.remove(&conn);
         self.bodies.remove(&conn);
     }
@@ -201,6 +237,125 @@ impl Lent {
     }
 }
 
-fn conn_id(datagram: &[u8; 9]) -> ConnId {
+fn conn_id(datagram: &[u8; 17]) -> ConnId {
     u64::from_le_bytes(datagram[..8].try_into().expect("8 bytes"))
+}
+
+fn serial_of(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{connect, sendmsg, ControlMessage};
+    use std::fs::File;
+    use std::io::IoSlice;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A broker's `Lent` and the front end's side of its lending socket.
+    fn lent_and_front(name: &str) -> (Lent, OwnedFd) {
+        let path = std::env::temp_dir().join(format!("wsgid-lent-{}-{name}", std::process::id()));
+        let mut lent = Lent::listen(&path).unwrap();
+        let front = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        connect(front.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        lent.accept();
+        std::fs::remove_file(&path).unwrap();
+        (lent, front)
+    }
+
+    /// Sends a new pipe's read end for `conn` as serial `serial`; returns its inode.
+    fn send_body(front: &OwnedFd, conn: ConnId, serial: u64) -> u64 {
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        let mut datagram = [BODY; 17];
+        datagram[..8].copy_from_slice(&conn.to_le_bytes());
+        datagram[9..].copy_from_slice(&serial.to_le_bytes());
+        let fds = [read.as_raw_fd()];
+        sendmsg::<()>(
+            front.as_raw_fd(),
+            &[IoSlice::new(&datagram)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        inode(read.as_fd())
+    }
+
+    fn inode(fd: BorrowedFd<'_>) -> u64 {
+        File::from(fd.try_clone_to_owned().unwrap())
+            .metadata()
+            .unwrap()
+            .ino()
+    }
+
+    fn request(conn: ConnId, serial: Option<u64>) -> Vec<u8> {
+        let serial = serial.map(|s| s.to_string());
+        let mut headers: Vec<(&[u8], &[u8])> = vec![(b"METHOD", b"POST")];
+        if let Some(s) = &serial {
+            headers.push((BODY_PIPE, s.as_bytes()));
+        }
+        let mut out = Vec::new();
+        m2wire::encode_request(
+            &mut out,
+            b"front",
+            conn,
+            b"/",
+            m2wire::HeaderEncoding::Json,
+            &headers,
+            b"",
+        );
+        out
+    }
+
+    fn body_of(lent: &mut Lent, conn: ConnId, serial: Option<u64>) -> Option<u64> {
+        let msg = request(conn, serial);
+        lent.lendings_for(conn, &msg).body.map(inode)
+    }
+
+    #[test]
+    fn a_pipe_goes_only_with_the_request_that_names_it() {
+        let (mut lent, front) = lent_and_front("names");
+        let first = send_body(&front, 7, 1);
+        // A request naming a later pipe does not get an earlier, stale one.
+        assert_eq!(body_of(&mut lent, 7, Some(2)), None);
+        let second = send_body(&front, 7, 2);
+        assert_ne!(first, second);
+        // A request without a body pipe gets none, though one is held for its connection.
+        assert_eq!(body_of(&mut lent, 7, None), None);
+        // Another connection's request naming the same serial gets nothing.
+        assert_eq!(body_of(&mut lent, 8, Some(2)), None);
+        assert_eq!(body_of(&mut lent, 7, Some(2)), Some(second));
+        lent.queued_body(7);
+        assert_eq!(body_of(&mut lent, 7, Some(2)), None);
+    }
+
+    #[test]
+    fn a_pipe_sent_before_its_client_left_is_dropped_with_it() {
+        let (mut lent, front) = lent_and_front("forget");
+        send_body(&front, 9, 1);
+        lent.forget(9);
+        lent.receive();
+        assert!(lent.bodies.is_empty());
+    }
+
+    #[test]
+    fn pipes_whose_requests_never_came_are_held_at_most_as_many_as_the_front_end_has() {
+        let (mut lent, front) = lent_and_front("cap");
+        for conn in 0..MAX_BODIES as u64 + 3 {
+            send_body(&front, conn, conn + 1);
+        }
+        lent.receive();
+        assert_eq!(lent.bodies.len(), MAX_BODIES);
+        // The oldest went.
+        assert!((0..3).all(|conn| !lent.bodies.contains_key(&conn)));
+        let last = MAX_BODIES as u64 + 2;
+        assert!(body_of(&mut lent, last, Some(last + 1)).is_some());
+    }
 }

@@ -21,7 +21,8 @@ use crate::upload::{RequestPipe, Spool};
 /// The request header (the server's own, uppercase) saying the upload file is lent from a
 /// pool: the handler reads it but neither removes it nor shows its name to the app.
 pub const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
-/// The request header of a body sent in a pipe of its own, ahead of the request.
+/// The request header of a body sent in a pipe of its own, ahead of the request; its value
+/// is the pipe's serial number, which the broker matches.
 pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
 
 impl Hub {
@@ -303,15 +304,15 @@ impl Hub {
         key: &str,
         pipe: RequestPipe,
     ) {
-        let len = pipe.written;
+        let (len, serial) = (pipe.written, pipe.serial);
         let (body, ticket) = pipe.finish();
         if self
             .lender
             .as_mut()
-            .is_some_and(|l| l.lend_body(conn.id, &body))
+            .is_some_and(|l| l.lend_body(conn.id, serial, &body))
         {
             conn.upload_lent = Some(LentBody::Pipe(ticket));
-            return self.dispatch(conn, handler, head, key, Payload::Pipe);
+            return self.dispatch(conn, handler, head, key, Payload::Pipe(serial));
         }
         let Some(mut spool) = self.spool(conn, Some(len)) else {
             return;
@@ -433,11 +434,15 @@ impl Hub {
         let remote = conn.remote.ip().to_string();
         let body = match payload {
             Payload::Inline(body) => body,
-            Payload::UploadStart(_) | Payload::UploadDone(_) | Payload::Pipe => &[],
+            Payload::UploadStart(_) | Payload::UploadDone(_) | Payload::Pipe(_) => &[],
         };
         let inline_chunked =
             head.framing == Framing::Chunked && matches!(payload, Payload::Inline(_));
         let length = body.len().to_string();
+        let pipe_serial = match payload {
+            Payload::Pipe(serial) => serial.to_string(),
+            _ => String::new(),
+        };
         let mut client_xff = None;
         let mut headers: Vec<(&[u8], &[u8])> = Vec::with_capacity(24);
         headers.push((b"PATH", head.path()));
@@ -489,7 +494,7 @@ impl Hub {
                     headers.push((UPLOAD_LENT, b"1"));
                 }
             }
-            Payload::Pipe => headers.push((BODY_PIPE, b"1")),
+            Payload::Pipe(_) => headers.push((BODY_PIPE, pipe_serial.as_bytes())),
         }
         let h = &self.handlers.list[handler];
         let mut out = Vec::with_capacity(256 + body.len() + 32 * headers.len());
@@ -759,8 +764,8 @@ pub(super) enum Payload<'a> {
     Inline(&'a [u8]),
     UploadStart(&'a str),
     UploadDone(&'a str),
-    /// In a pipe sent ahead (see `RequestPipes`).
-    Pipe,
+    /// In a pipe sent ahead (see `RequestPipes`), named by its serial number.
+    Pipe(u64),
 }
 
 #[cfg(test)]

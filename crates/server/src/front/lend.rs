@@ -6,9 +6,10 @@
 //! before its first request goes out), and a request may then be answered directly only if
 //! nothing of an earlier response still waits here for its client: the request says so with
 //! the `DIRECT` header. Such a response ends with a `ctl` reply, `done`. A body that fits a
-//! pipe goes the same way, in a pipe of its own, just before its request (`BODY_PIPE`). While a worker
-//! holds a connection this side only reads it; closing it shuts it down, so that the copies
-//! elsewhere end with it.
+//! pipe goes the same way, in a pipe of its own, just before its request (`BODY_PIPE`, with
+//! the pipe's serial number, so that a pipe can only go with its own request). While a
+//! worker holds a connection this side only reads it; closing it shuts it down, so that the
+//! copies elsewhere end with it.
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -25,7 +26,8 @@ use crate::conn::Conn;
 /// The request header that lets the worker write to the connection; uppercase like the
 /// other headers of the server's own, which no client header can be.
 pub const DIRECT: &[u8] = b"DIRECT";
-/// The last byte of a 9-byte datagram that carries a body pipe (8 bytes: a connection).
+/// The 9th byte of a datagram that carries a body pipe: 8 bytes of connection id before it,
+/// 8 of the pipe's serial number after.
 pub const BODY: u8 = b'B';
 /// The `ctl` key of the reply that ends a response written directly.
 pub const DONE: &[u8] = b"done";
@@ -67,12 +69,13 @@ impl Lender {
     }
 
     /// Sends the body pipe of `id`'s next request ahead of it (`BODY_PIPE`); whether it went.
-    pub fn lend_body(&mut self, id: u64, body: &OwnedFd) -> bool {
+    pub fn lend_body(&mut self, id: u64, serial: u64, body: &OwnedFd) -> bool {
         if self.to.is_none() && !self.connect() {
             return false;
         }
-        let mut datagram = [BODY; 9];
+        let mut datagram = [BODY; 17];
         datagram[..8].copy_from_slice(&id.to_le_bytes());
+        datagram[9..].copy_from_slice(&serial.to_le_bytes());
         self.send(&datagram, body)
     }
 
