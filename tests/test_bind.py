@@ -27,11 +27,18 @@ def serve(tmp_path, args=(), workers=2, app_args=("--wsgi-app", "testapp:applica
     return server.start(wait_path="/hello")
 
 
-def get_unix(path, target="/hello"):
+def get_unix(path, target="/hello", body=None):
+    """The whole response to a GET, or with `body` a POST, over the Unix socket `path`."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(str(path))
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        if body is None:
+            s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        else:
+            s.sendall(f"POST {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode())
+            for at in range(0, len(body), 8192):  # as a proxy writes it, in pieces
+                s.sendall(body[at:at + 8192])
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -55,6 +62,11 @@ def test_every_bound_address_serves(tmp_path):
         # A Unix socket's client counts as local: a proxy there is believed.
         reply = get_unix(sock, "/env").split(b"\r\n\r\n", 1)[1]
         assert json.loads(reply)["REMOTE_ADDR"] == "127.0.0.1"
+        # Bodies in memory, in a pipe, and in a file of their own, spliced from the socket.
+        for size in (1000, 300_000, 900_000, 3_000_000):
+            body = os.urandom(size)
+            reply = get_unix(sock, "/sha256", body).split(b"\r\n\r\n", 1)[1]
+            assert json.loads(reply)["sha256"] == hashlib.sha256(body).hexdigest(), size
     finally:
         assert server.stop() == 0
     assert not sock.exists() or not _listening(sock)
@@ -174,31 +186,44 @@ def pid_of(server, role):
 
 def test_lent_connections_never_carry_a_reply_to_another_client_through_churn_and_kills(tmp_path):
     """Workers write responses to the client's connection themselves (the front end lends
-    it). Clients that pipeline, drop their connections unread, and reconnect (so the front
+    it), and bodies over 64 KiB go to them in pipes (or files) lent with the request. Clients
+    that pipeline GETs and POSTs, drop their connections unread, and reconnect (so the front
     end reuses descriptor numbers at once) while the broker, a worker and the front end are
-    killed in turn: every response read names the request it answers."""
+    killed in turn: every response read answers its own request, and hashes its own body."""
     server = serve(tmp_path, workers=3)
     stop, wrong, served, failures = threading.Event(), [], [0], [0]
+
+    def request(tag, rng):
+        """The request's bytes and the response that answers it."""
+        if rng.random() < 0.6:
+            return f"GET /id?{tag} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), f"id={tag}".encode()
+        body = (tag.encode() + b"|") * (rng.randint(70_000, 400_000) // (len(tag) + 1))
+        head = f"POST /sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        return head.encode() + body, hashlib.sha256(body).hexdigest().encode()
 
     def client(name):
         rng, n = random.Random(name), 0
         while not stop.is_set():
             tags = [f"{name}-{n}-{k}" for k in range(rng.randint(1, 3))]
             n += 1
+            sent = [request(tag, rng) for tag in tags]
             try:
                 with socket.create_connection(("127.0.0.1", server.mongrel2.port), timeout=5) as sock:
-                    sock.sendall(b"".join(f"GET /id?{t} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-                                          for t in tags))
+                    sock.sendall(b"".join(wire for wire, _ in sent))
                     if rng.random() < 0.3:
                         continue  # gone before reading: its connection's number is free again
                     reader = Reader(sock)
-                    for tag in tags:
+                    for tag, (_, expected) in zip(tags, sent):
                         status, _, body, complete = reader.response(time.time() + 5)
                         if status is None or not complete:
                             failures[0] += 1
                             break
-                        if body != f"id={tag}".encode():
-                            wrong.append((tag, body))
+                        if expected.startswith(b"id="):
+                            answered = body
+                        else:
+                            answered = body if status != 200 else json.loads(body)["sha256"].encode()
+                        if answered != expected:
+                            wrong.append((tag, status, body[:200]))
                         served[0] += 1
             except OSError:
                 failures[0] += 1

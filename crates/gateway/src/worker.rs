@@ -534,37 +534,9 @@ impl Worker {
             pipe_body,
             access,
         } = prepared;
-        let body = match &upload {
-            Some(upload) => {
-                // A lent file is the front end's to remove, whatever becomes of us.
-                if !upload.lent {
-                    if let Err(e) = std::fs::write(&self.upload_marker, &upload.named) {
-                        tracing::warn!("cannot write {}: {e}", self.upload_marker.display());
-                    }
-                }
-                let file = upload
-                    .file
-                    .try_clone()
-                    .context("cannot reuse the upload file")?;
-                if upload.lent {
-                    Body::lent_file(file, upload.size, Rc::clone(&reply.over))
-                } else {
-                    Body::file(file, upload.size)
-                }
-            }
-            None => match (pipe_body, piped) {
-                (Some(len), Some(pipe)) => Body::lent_file(pipe, len, Rc::clone(&reply.over)),
-                (Some(_), None) => {
-                    tracing::error!("a request's body pipe did not come with it");
-                    self.refuse(
-                        reply,
-                        "500 Internal Server Error",
-                        "the request body was lost",
-                    )?;
-                    return Ok(());
-                }
-                (None, _) => Body::inline(msg, body_range.0, body_range.1),
-            },
+        let Some(body) = self.input(msg, upload.as_ref(), body_range, pipe_body, piped, reply)?
+        else {
+            return Ok(());
         };
         environ.set_item(intern!(py, "wsgi.input"), Bound::new(py, Input::new(body))?)?;
         let result = call::run_app(py, self.app.bind(py), environ, &writer);
@@ -586,6 +558,49 @@ impl Worker {
             );
         }
         result.context("cannot send the response")
+    }
+
+    /// What `wsgi.input` reads: the upload file, the body's own pipe, or the message's
+    /// bytes. `None` when a piped body did not come (answered 500 here).
+    fn input(
+        &self,
+        msg: Vec<u8>,
+        upload: Option<&UploadFile>,
+        body_range: (usize, usize),
+        pipe_body: Option<u64>,
+        piped: Option<File>,
+        reply: &Rc<Reply>,
+    ) -> anyhow::Result<Option<Body>> {
+        if let Some(upload) = upload {
+            // A lent file is the front end's to remove, whatever becomes of us.
+            if !upload.lent {
+                if let Err(e) = std::fs::write(&self.upload_marker, &upload.named) {
+                    tracing::warn!("cannot write {}: {e}", self.upload_marker.display());
+                }
+            }
+            let file = upload
+                .file
+                .try_clone()
+                .context("cannot reuse the upload file")?;
+            return Ok(Some(if upload.lent {
+                Body::lent_file(file, upload.size, Rc::clone(&reply.over))
+            } else {
+                Body::file(file, upload.size)
+            }));
+        }
+        Ok(Some(match (pipe_body, piped) {
+            (Some(len), Some(pipe)) => Body::lent_file(pipe, len, Rc::clone(&reply.over)),
+            (Some(_), None) => {
+                tracing::error!("a request's body pipe did not come with it");
+                self.refuse(
+                    reply,
+                    "500 Internal Server Error",
+                    "the request body was lost",
+                )?;
+                return Ok(None);
+            }
+            (None, _) => Body::inline(msg, body_range.0, body_range.1),
+        }))
     }
 
     /// Decides what a parsed message needs; returns what to run the app with, or `None`

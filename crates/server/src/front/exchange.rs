@@ -45,22 +45,24 @@ impl Hub {
                 Decoder::length(n),
                 Sink::Inline(Vec::with_capacity(n.min(1 << 20) as usize)),
             ),
+            // A piped or pooled body (one-command mode, at most 1 MiB) is not announced:
+            // the start would cost a trip through the broker and a worker's wake-up for
+            // every such request, for a refusal the done message gives moments later. Its
+            // request waits for a handler as one without a body does.
             Framing::Length(n) => {
-                if !self.handlers.available(handler) {
-                    // An upload is announced at once: a handler must be there to hear it.
-                    return self.unavailable(conn, handler, true);
-                }
                 if let Some(pipe) = self.pipes.as_mut().and_then(|p| p.take(n)) {
                     (Decoder::length(n), Sink::Pipe(pipe))
                 } else {
                     let Some(spool) = self.spool(conn, Some(n)) else {
                         return;
                     };
-                    // A pooled body (one-command mode, at most 1 MiB) is not announced: the
-                    // start would cost a trip through the broker and a worker's wake-up for
-                    // every such request, for a refusal the done message gives moments
-                    // later.
                     if !spool.is_pooled() {
+                        if !self.handlers.available(handler) {
+                            // An upload is announced at once: a handler must be there to
+                            // hear it.
+                            spool.remove();
+                            return self.unavailable(conn, handler, true);
+                        }
                         self.announce_upload(conn, handler, &head, &key, &spool);
                     }
                     (Decoder::length(n), Sink::Spool(spool))
@@ -230,7 +232,11 @@ impl Hub {
         let Sink::Pipe(pipe) = std::mem::replace(sink, Sink::Discard) else {
             return spool.remove();
         };
-        tracing::debug!(conn = conn.id, "a body's pipe filled up: spooled to a file");
+        tracing::debug!(
+            conn = conn.id,
+            in_pipe = pipe.written,
+            "a body's pipe filled up: spooled to a file"
+        );
         if let Err(e) = pipe.spill(&mut spool) {
             tracing::error!("writing an upload file: {e}");
             spool.remove();
