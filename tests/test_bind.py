@@ -356,6 +356,42 @@ def test_pipelined_requests_each_get_their_own_piped_body(tmp_path):
         assert server.stop() == 0
 
 
+def test_bodies_refused_while_the_broker_is_away_hold_no_pipe_or_file(tmp_path):
+    """The broker is gone (killed while the master is stopped, so nothing restarts it) for
+    longer than a request waits for it: 70 keep-alive clients each POST a 200 KB body and get
+    503. Their bodies' pipes and files are let go then, not when the clients leave: once the
+    broker is back, bodies go in pipes again, and no file is made for any."""
+    server = serve(tmp_path, workers=1)
+    upload_dir = server.mongrel2.upload_dir
+    body = b"z" * 200_000
+    post = f"POST /sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    clients = []
+    try:
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(pid_of(server, "broker"), signal.SIGKILL)
+            time.sleep(0.5)
+            for _ in range(70):
+                sock = socket.create_connection(("127.0.0.1", server.mongrel2.port), timeout=10)
+                sock.sendall(post)
+                clients.append(sock)
+            for sock in clients:
+                status, _, _, _ = Reader(sock).response(time.time() + 10)
+                assert status == 503
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        wait_for(lambda: requests.get(server.url + "/hello", timeout=5).status_code == 200,
+                 what="a new broker")
+        for _ in range(3):
+            r = requests.post(server.url + "/sha256", data=body, timeout=5)
+            assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
+        assert list(upload_dir.iterdir()) == []
+    finally:
+        for sock in clients:
+            sock.close()
+        assert server.stop() == 0
+
+
 def test_max_body_size_holds_for_bodies_in_pipes(tmp_path):
     server = serve(tmp_path, args=("--max-body-size", "150000"), workers=1)
     try:

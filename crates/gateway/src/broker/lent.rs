@@ -195,6 +195,11 @@ impl Lent {
         if (direct && !self.conns.contains_key(&conn)) || !has_body(self) {
             // Sent before the request, so it is there to read.
             self.receive();
+            if self.from.is_none() && body.is_some() {
+                // The front end's connection ended just now: a new one may wait, with it.
+                self.accept();
+                self.receive();
+            }
         }
         if !has_body(self) {
             tracing::warn!(

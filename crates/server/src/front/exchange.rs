@@ -300,8 +300,9 @@ impl Hub {
     }
 
     /// A body in a pipe goes to the broker (sent before the request, as connections are),
-    /// and on with the request to its worker. When the broker cannot take it now, the body
-    /// moves to a file and the request goes as an upload.
+    /// and on with the request to its worker. When the broker cannot take it now, or is not
+    /// there to take the request too (the pipe would be lost with it), the body moves to a
+    /// file and the request goes as an upload.
     fn dispatch_pipe(
         &mut self,
         conn: &mut Conn,
@@ -312,10 +313,11 @@ impl Hub {
     ) {
         let (len, serial) = (pipe.written, pipe.serial);
         let (body, ticket) = pipe.finish();
-        if self
-            .lender
-            .as_mut()
-            .is_some_and(|l| l.lend_body(conn.id, serial, &body))
+        if self.handlers.available(handler)
+            && self
+                .lender
+                .as_mut()
+                .is_some_and(|l| l.lend_body(conn.id, serial, &body))
         {
             conn.upload_lent = Some(LentBody::Pipe(ticket));
             return self.dispatch(conn, handler, head, key, Payload::Pipe(serial));
@@ -368,16 +370,17 @@ impl Hub {
         }
     }
 
-    /// A queued upload-done message that will never be sent: its file is nobody else's (a
-    /// pooled file removes itself, with the connection).
+    /// A queued request that will never be sent: its body is nobody else's. A pooled file
+    /// or a pipe goes now (dropped: a pooled file removes itself, and the pool makes
+    /// another), as does an upload file.
     pub(super) fn forget_upload(&mut self, conn: &mut Conn) {
-        if let (
-            Phase::Queued {
-                upload: Some(path), ..
-            },
-            None,
-        ) = (&conn.phase, &conn.upload_lent)
-        {
+        let Phase::Queued { upload, .. } = &conn.phase else {
+            return;
+        };
+        if conn.upload_lent.take().is_some() {
+            return;
+        }
+        if let Some(path) = upload {
             if let Err(e) = std::fs::remove_file(path) {
                 tracing::warn!("cannot remove {}: {e}", path.display());
             }
@@ -683,15 +686,13 @@ impl Hub {
         }
     }
 
-    /// A connection closes with a lent upload file: if its request went out, a worker may
-    /// not have opened the file yet, so it stays until that worker is done with it.
+    /// A connection closes with a lent upload file: its request went out (`forget_upload`
+    /// took the file of one that did not), and a worker may not have opened the file yet,
+    /// so it stays until that worker is done with it.
     pub(super) fn orphan_upload(&mut self, conn: &mut Conn) {
         let Some(LentBody::File(file)) = conn.upload_lent.take() else {
             return;
         };
-        if matches!(conn.phase, Phase::Queued { .. }) {
-            return; // never sent: removed now
-        }
         if let Some(pool) = self.pool.as_mut() {
             pool.orphan(conn.id, file);
         }
