@@ -8,7 +8,7 @@ app = Flask(__name__)
 
 @app.get("/")
 def index():
-    return "Hello from Flask behind mongrel2 and wsgid!\n"
+    return "Hello from Flask, served by wsgid!\n"
 
 
 @app.get("/greet/<name>")

@@ -6,7 +6,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 
 def index(request):
-    return HttpResponse("Hello from Django behind mongrel2 and wsgid!\n", content_type="text/plain")
+    return HttpResponse("Hello from Django, served by wsgid!\n", content_type="text/plain")
 
 
 def info(request):
