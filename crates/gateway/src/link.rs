@@ -241,25 +241,37 @@ impl BrokerChannels {
     /// full (poll `queue_fd` for room).
     pub fn enqueue(&self, seq: u64, msg: &[u8], lendings: Lendings) -> io::Result<bool> {
         let with_body = lendings.body.is_some();
-        let lent = lendings.body.into_iter().chain(lendings.client);
-        let lent: Vec<RawFd> = lent.map(|fd| fd.as_raw_fd()).collect();
-        if msg.len() <= INLINE_MAX {
-            let kind = if with_body { INLINE_WITH_BODY } else { INLINE };
-            return self.send_frame(kind, seq, msg, &lent);
-        }
-        let mut file: File = nix::sys::memfd::memfd_create(
-            c"wsgid-request",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )?
-        .into();
-        file.write_all(msg)?;
-        let fds: Vec<RawFd> = std::iter::once(file.as_raw_fd()).chain(lent).collect();
-        let kind = if with_body {
-            IN_FILE_WITH_BODY
+        let file = if msg.len() <= INLINE_MAX {
+            None
         } else {
-            IN_FILE
+            let mut file: File = nix::sys::memfd::memfd_create(
+                c"wsgid-request",
+                nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            )?
+            .into();
+            file.write_all(msg)?;
+            Some(file)
         };
-        self.send_frame(kind, seq, &[], &fds)
+        // In the frame's order (see `IN_FILE_WITH_BODY`), on the stack: every request.
+        let mut fds = [0 as RawFd; 3];
+        let mut n = 0;
+        let lent = lendings.body.into_iter().chain(lendings.client);
+        for fd in file
+            .as_ref()
+            .map(AsRawFd::as_raw_fd)
+            .into_iter()
+            .chain(lent.map(|fd| fd.as_raw_fd()))
+        {
+            fds[n] = fd;
+            n += 1;
+        }
+        let (kind, msg) = match (&file, with_body) {
+            (None, false) => (INLINE, msg),
+            (None, true) => (INLINE_WITH_BODY, msg),
+            (Some(_), false) => (IN_FILE, &[][..]),
+            (Some(_), true) => (IN_FILE_WITH_BODY, &[][..]),
+        };
+        self.send_frame(kind, seq, msg, &fds[..n])
     }
 
     /// Queues a probe: once a worker records it as taken, every request queued before it
@@ -280,10 +292,6 @@ impl BrokerChannels {
         )
     }
 }
-
-/// The request header (the front end's own, uppercase as no client header is) of a body
-/// sent in a pipe of its own, which travels with the request.
-pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
 
 /// What the front end lent for a request (one-command mode), to travel with it.
 #[derive(Default)]

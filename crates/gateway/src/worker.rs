@@ -25,9 +25,10 @@ use pyo3::prelude::*;
 
 use crate::client::Client;
 use crate::config::Settings;
-use crate::link::{self, Replier, Taken, WorkerChannels, BODY_PIPE, LINK_ENV};
+use crate::link::{self, Replier, Taken, WorkerChannels, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use server::front::lend::BODY_PIPE;
 use wsgi::environ::{self, BodyInfo, EnvironTemplate};
 use wsgi::input::{Body, Input};
 use wsgi::response::{Piece, ReplySink, RequestFacts, ResponseWriter};

@@ -364,10 +364,16 @@ impl RequestPipe {
         Ok(())
     }
 
-    /// The body is in: the read end, for the worker, and the ticket, to hold until the
-    /// request is complete. The write end closes here, so the worker meets the body's end.
-    pub fn finish(self) -> (OwnedFd, PipeTicket) {
-        (self.read, self.ticket)
+    /// The end the worker reads, to lend it (before `finish`).
+    pub fn output(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    /// The body is in and its read end lent: the ticket, to hold until the request is
+    /// complete. Both ends close here, before the request goes out, so the worker meets the
+    /// body's end.
+    pub fn finish(self) -> PipeTicket {
+        self.ticket
     }
 
     /// What was written so far goes to `spool` instead (the pipe filled before the body

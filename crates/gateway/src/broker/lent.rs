@@ -21,18 +21,14 @@ use std::path::Path;
 
 use m2wire::{ConnId, Request};
 
-use crate::link::{Lendings, BODY_PIPE};
+use crate::link::Lendings;
 use nix::errno::Errno;
 use nix::sys::socket::{
     accept4, bind, getsockopt, listen, recvmsg, socket, sockopt, AddressFamily, Backlog,
     ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
+use server::front::lend::{BODY, BODY_PIPE, DIRECT};
 
-/// The request header (set by the front end, never by a client) that lets a worker write
-/// the response to the client's connection.
-pub const DIRECT: &[u8] = b"DIRECT";
-/// The 9th byte of a datagram that carries a body pipe.
-const BODY: u8 = b'B';
 /// Most body pipes held: the front end has no more out at once. Past it (pipes whose
 /// requests were dropped, say) the oldest goes.
 const MAX_BODIES: usize = server::upload::MAX_PIPES;

@@ -3,7 +3,6 @@
 //! to the client as far as its framing goes.
 
 use std::ops::Range;
-use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -21,9 +20,6 @@ use crate::upload::{RequestPipe, Spool};
 /// The request header (the server's own, uppercase) saying the upload file is lent from a
 /// pool: the handler reads it but neither removes it nor shows its name to the app.
 pub const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
-/// The request header of a body sent in a pipe of its own, ahead of the request; its value
-/// is the pipe's serial number, which the broker matches.
-pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
 
 impl Hub {
     pub(super) fn start_handler(
@@ -311,21 +307,20 @@ impl Hub {
         key: &str,
         pipe: RequestPipe,
     ) {
-        let (len, serial) = (pipe.written, pipe.serial);
-        let (body, ticket) = pipe.finish();
+        let serial = pipe.serial;
         if self.handlers.available(handler)
             && self
                 .lender
                 .as_mut()
-                .is_some_and(|l| l.lend_body(conn.id, serial, &body))
+                .is_some_and(|l| l.lend_body(conn.id, serial, pipe.output()))
         {
-            conn.upload_lent = Some(LentBody::Pipe(ticket));
+            conn.upload_lent = Some(LentBody::Pipe(pipe.finish()));
             return self.dispatch(conn, handler, head, key, Payload::Pipe(serial));
         }
-        let Some(mut spool) = self.spool(conn, Some(len)) else {
+        let Some(mut spool) = self.spool(conn, Some(pipe.written)) else {
             return;
         };
-        if let Err(e) = spool.splice_from(body.as_fd(), len as usize) {
+        if let Err(e) = pipe.spill(&mut spool) {
             tracing::error!("writing an upload file: {e}");
             spool.remove();
             return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
@@ -503,7 +498,7 @@ impl Hub {
                     headers.push((UPLOAD_LENT, b"1"));
                 }
             }
-            Payload::Pipe(_) => headers.push((BODY_PIPE, pipe_serial.as_bytes())),
+            Payload::Pipe(_) => headers.push((lend::BODY_PIPE, pipe_serial.as_bytes())),
         }
         let h = &self.handlers.list[handler];
         let mut out = Vec::with_capacity(256 + body.len() + 32 * headers.len());

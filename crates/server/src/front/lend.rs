@@ -12,7 +12,7 @@
 //! copies elsewhere end with it.
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,9 @@ pub const DIRECT: &[u8] = b"DIRECT";
 /// The 9th byte of a datagram that carries a body pipe: 8 bytes of connection id before it,
 /// 8 of the pipe's serial number after.
 pub const BODY: u8 = b'B';
+/// The request header of a body sent in a pipe of its own, ahead of the request; its value
+/// is the pipe's serial number, which the broker matches.
+pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
 /// The `ctl` key of the reply that ends a response written directly.
 pub const DONE: &[u8] = b"done";
 /// How long to wait before trying a broker that could not be reached again.
@@ -69,14 +72,14 @@ impl Lender {
     }
 
     /// Sends the body pipe of `id`'s next request ahead of it (`BODY_PIPE`); whether it went.
-    pub fn lend_body(&mut self, id: u64, serial: u64, body: &OwnedFd) -> bool {
+    pub fn lend_body(&mut self, id: u64, serial: u64, body: BorrowedFd<'_>) -> bool {
         if self.to.is_none() && !self.connect() {
             return false;
         }
         let mut datagram = [BODY; 17];
         datagram[..8].copy_from_slice(&id.to_le_bytes());
         datagram[9..].copy_from_slice(&serial.to_le_bytes());
-        self.send(&datagram, body)
+        self.send(&datagram, &body)
     }
 
     fn send(&mut self, datagram: &[u8], fd: &impl AsRawFd) -> bool {
