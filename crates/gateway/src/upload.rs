@@ -12,6 +12,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use server::front::lend::UPLOAD_LENT;
+
 use m2wire::Request;
 
 /// What the gateway knows about where mongrel2 spools uploads.
@@ -56,9 +58,6 @@ pub struct UploadFile {
     dev: u64,
     ino: u64,
 }
-
-/// The request header of a lent upload file (the front end's own; clients' are lowercase).
-const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
 
 impl UploadPolicy {
     pub fn from_settings(settings: &crate::config::Settings) -> UploadPolicy {

@@ -17,10 +17,6 @@ use crate::http::request::{Framing, Head};
 use crate::http::Status;
 use crate::upload::{RequestPipe, Spool};
 
-/// The request header (the server's own, uppercase) saying the upload file is lent from a
-/// pool: the handler reads it but neither removes it nor shows its name to the app.
-pub const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
-
 impl Hub {
     pub(super) fn start_handler(
         &mut self,
@@ -495,7 +491,7 @@ impl Hub {
                 headers.push((b"x-mongrel2-upload-start", p.as_bytes()));
                 headers.push((b"x-mongrel2-upload-done", p.as_bytes()));
                 if matches!(conn.upload_lent, Some(LentBody::File(_))) {
-                    headers.push((UPLOAD_LENT, b"1"));
+                    headers.push((lend::UPLOAD_LENT, b"1"));
                 }
             }
             Payload::Pipe(_) => headers.push((lend::BODY_PIPE, pipe_serial.as_bytes())),

@@ -29,6 +29,9 @@ pub const DIRECT: &[u8] = b"DIRECT";
 /// The 9th byte of a datagram that carries a body pipe: 8 bytes of connection id before it,
 /// 8 of the pipe's serial number after.
 pub const BODY: u8 = b'B';
+/// The request header saying the upload file is lent from a pool: the handler reads it but
+/// neither removes it nor shows its name to the app.
+pub const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
 /// The request header of a body sent in a pipe of its own, ahead of the request; its value
 /// is the pipe's serial number, which the broker matches.
 pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
