@@ -2,7 +2,7 @@
 //! grammar of [`crate::request`], byte for byte what mongrel2 sends, except that JSON headers
 //! are always valid JSON (mongrel2 escapes only `"` and `\`, reference §2.4).
 
-use crate::netstring::{push_decimal, write, write_tagged};
+use crate::netstring::{push_decimal, write, write_framed};
 use crate::request::{ConnId, HeaderEncoding};
 
 /// A request message. `headers` are in arrival order; a repeated name becomes a list, as
@@ -17,16 +17,9 @@ pub fn encode_request(
     body: &[u8],
 ) {
     address(out, sender, id, path);
-    let mut payload = Vec::with_capacity(64 * headers.len() + 16);
     match encoding {
-        HeaderEncoding::Json => {
-            json_object(&mut payload, headers);
-            write(out, &payload);
-        }
-        HeaderEncoding::Tnetstring => {
-            tnetstring_dict(&mut payload, headers);
-            write_tagged(out, &payload, b'}');
-        }
+        HeaderEncoding::Json => write_framed(out, b',', |out| json_object(out, headers)),
+        HeaderEncoding::Tnetstring => write_framed(out, b'}', |out| tnetstring_dict(out, headers)),
     }
     write(out, body);
 }
@@ -70,31 +63,67 @@ fn address(out: &mut Vec<u8>, sender: &[u8], id: ConnId, path: &[u8]) {
     out.push(b' ');
 }
 
-/// Header names in first-seen order, each with all its values.
-fn grouped<'h>(headers: &[(&'h [u8], &'h [u8])]) -> Vec<(&'h [u8], Vec<&'h [u8]>)> {
-    let mut groups: Vec<(&[u8], Vec<&[u8]>)> = Vec::with_capacity(headers.len());
-    for &(name, value) in headers {
-        match groups.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, values)) => values.push(value),
-            None => groups.push((name, vec![value])),
-        }
+/// Header names in first-seen order, each with all its values. Found by scanning rather
+/// than collected: a request has a dozen headers, and a list per name cost an allocation
+/// each.
+fn grouped<'a, 'h>(
+    headers: &'a [(&'h [u8], &'h [u8])],
+) -> impl Iterator<Item = (&'h [u8], Values<'a, 'h>)> {
+    headers
+        .iter()
+        .enumerate()
+        .filter_map(move |(i, &(name, _))| {
+            let first = !headers[..i].iter().any(|&(n, _)| n == name);
+            first.then_some((
+                name,
+                Values {
+                    name,
+                    rest: &headers[i..],
+                },
+            ))
+        })
+}
+
+/// The values of one header name, in arrival order.
+#[derive(Clone)]
+struct Values<'a, 'h> {
+    name: &'h [u8],
+    rest: &'a [(&'h [u8], &'h [u8])],
+}
+
+impl<'h> Values<'_, 'h> {
+    /// The value when the name came once.
+    fn single(&self) -> Option<&'h [u8]> {
+        let mut values = self.clone();
+        let first = values.next();
+        values.next().is_none().then_some(first).flatten()
     }
-    groups
+}
+
+impl<'h> Iterator for Values<'_, 'h> {
+    type Item = &'h [u8];
+
+    fn next(&mut self) -> Option<&'h [u8]> {
+        let at = self.rest.iter().position(|&(n, _)| n == self.name)?;
+        let value = self.rest[at].1;
+        self.rest = &self.rest[at + 1..];
+        Some(value)
+    }
 }
 
 fn json_object(out: &mut Vec<u8>, headers: &[(&[u8], &[u8])]) {
     out.push(b'{');
-    for (i, (name, values)) in grouped(headers).iter().enumerate() {
+    for (i, (name, values)) in grouped(headers).enumerate() {
         if i > 0 {
             out.push(b',');
         }
         json_string(out, name);
         out.push(b':');
-        match values.as_slice() {
-            [one] => json_string(out, one),
-            many => {
+        match values.single() {
+            Some(one) => json_string(out, one),
+            None => {
                 out.push(b'[');
-                for (j, v) in many.iter().enumerate() {
+                for (j, v) in values.enumerate() {
                     if j > 0 {
                         out.push(b',');
                     }
@@ -139,15 +168,9 @@ fn unicode_escape(out: &mut Vec<u8>, b: u8) {
 fn tnetstring_dict(out: &mut Vec<u8>, headers: &[(&[u8], &[u8])]) {
     for (name, values) in grouped(headers) {
         write(out, name);
-        match values.as_slice() {
-            [one] => write(out, one),
-            many => {
-                let mut list = Vec::new();
-                for v in many {
-                    write(&mut list, v);
-                }
-                write_tagged(out, &list, b']');
-            }
+        match values.single() {
+            Some(one) => write(out, one),
+            None => write_framed(out, b']', |list| values.for_each(|v| write(list, v))),
         }
     }
 }
@@ -242,6 +265,8 @@ mod tests {
                 prop_assert_eq!(req.conn_id, 9);
                 prop_assert_eq!(req.body, &body[..]);
                 for (name, value) in &headers {
+                    let found = crate::find_header(&out, name);
+                    prop_assert_eq!(found.as_deref(), req.header(name));
                     let got = req.headers.get(name).unwrap();
                     let all = got.joined(b"\x00");
                     prop_assert!(all.windows(value.len().max(1)).any(|w| w == *value) || value.is_empty());

@@ -25,6 +25,6 @@ pub use reply::{
     encode_close, encode_ctl, encode_prefix, encode_reply, Reply, ReplyError, MAX_TARGETS,
 };
 pub use request::{
-    is_notice, parse_address, raw_headers, ConnId, HeaderEncoding, MessageKind, Request,
-    UploadMarker,
+    find_header, is_notice, parse_address, raw_headers, ConnId, HeaderEncoding, MessageKind,
+    Request, UploadMarker,
 };

@@ -63,19 +63,21 @@ pub fn write_tagged(out: &mut Vec<u8>, payload: &[u8], tag: u8) {
     out.push(tag);
 }
 
-/// Appends the decimal digits of `n` without going through `fmt` (hot path of every reply).
-pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+/// Appends the decimal digits of `n` (hot path of every message: each netstring has one).
+pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// Appends what `fill` writes, framed as a netstring with `tag`. The payload is written in
+/// place and its length slid in before it: a buffer of its own cost an allocation, and
+/// messages nest netstrings (a header dict, a list in it).
+pub fn write_framed(out: &mut Vec<u8>, tag: u8, fill: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    fill(out);
+    let mut digits = itoa::Buffer::new();
+    let len = digits.format(out.len() - start).as_bytes();
+    out.splice(start..start, len.iter().chain(b":").copied());
+    out.push(tag);
 }
 
 #[cfg(test)]

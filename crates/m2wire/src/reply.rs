@@ -6,7 +6,7 @@
 use std::fmt;
 
 use crate::error::WireError;
-use crate::netstring::push_decimal;
+use crate::netstring::{push_decimal, write, write_framed};
 use crate::request::{parse_conn_id, valid_sender, ConnId};
 
 /// mongrel2's `limits.handler_targets` default: more ids and the whole message is dropped.
@@ -49,17 +49,17 @@ pub fn encode_ctl(
     ids: &[ConnId],
     args: &[(&[u8], &[u8])],
 ) -> Result<Vec<u8>, ReplyError> {
-    let mut dict = Vec::new();
-    for (key, value) in args {
-        crate::netstring::write_tagged(&mut dict, key, b',');
-        crate::netstring::write_tagged(&mut dict, value, b',');
-    }
-    let mut list = Vec::new();
-    crate::netstring::write_tagged(&mut list, b"ctl", b',');
-    crate::netstring::write_tagged(&mut list, &dict, b'}');
-    let mut out = Vec::with_capacity(uuid.len() + 24 + list.len());
+    let mut out = Vec::with_capacity(uuid.len() + 64);
     encode_prefix_of(&mut out, uuid, ids, b"X ")?;
-    crate::netstring::write_tagged(&mut out, &list, b']');
+    write_framed(&mut out, b']', |list| {
+        write(list, b"ctl");
+        write_framed(list, b'}', |dict| {
+            for (key, value) in args {
+                write(dict, key);
+                write(dict, value);
+            }
+        });
+    });
     Ok(out)
 }
 
@@ -78,20 +78,18 @@ fn encode_prefix_of(
     if ids.len() > MAX_TARGETS {
         return Err(ReplyError::TooManyTargets(ids.len()));
     }
-    let mut list = Vec::with_capacity(mark.len() + ids.len() * 6);
-    list.extend_from_slice(mark);
-    for (i, &id) in ids.iter().enumerate() {
-        if i > 0 {
-            list.push(b' ');
-        }
-        push_decimal(&mut list, id);
-    }
     out.extend_from_slice(uuid);
     out.push(b' ');
-    push_decimal(out, list.len() as u64);
-    out.push(b':');
-    out.extend_from_slice(&list);
-    out.extend_from_slice(b", ");
+    write_framed(out, b',', |list| {
+        list.extend_from_slice(mark);
+        for (i, &id) in ids.iter().enumerate() {
+            if i > 0 {
+                list.push(b' ');
+            }
+            push_decimal(list, id);
+        }
+    });
+    out.push(b' ');
     Ok(())
 }
 

@@ -4,6 +4,8 @@
 //! (`protocol='tnetstring'`); the tag byte after the payload tells which. BODY is always a
 //! `,`-terminated netstring.
 
+use std::borrow::Cow;
+
 use crate::error::WireError;
 use crate::headers::{HeaderValue, Headers};
 use crate::{json, netstring, tnetstring};
@@ -89,6 +91,19 @@ pub fn raw_headers(msg: &[u8]) -> Option<&[u8]> {
     crate::netstring::split_tagged(rest, base)
         .ok()
         .map(|(payload, _, _)| payload)
+}
+
+/// The first value of header `name`, found without building the header map when the
+/// headers are a tnetstring dict (JSON values may be escaped: those are parsed in full).
+pub fn find_header<'a>(msg: &'a [u8], name: &[u8]) -> Option<Cow<'a, [u8]>> {
+    let rest = msg.splitn(4, |&b| b == b' ').nth(3)?;
+    match netstring::split_tagged(rest, 0).ok()? {
+        (dict, b'}', _) => tnetstring::find_in_dict(dict, name).map(Cow::Borrowed),
+        _ => Request::parse(msg)
+            .ok()?
+            .header(name)
+            .map(|v| Cow::Owned(v.to_vec())),
+    }
 }
 
 pub(crate) fn parse_conn_id(digits: &[u8]) -> Option<ConnId> {

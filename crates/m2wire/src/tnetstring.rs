@@ -35,6 +35,26 @@ pub fn parse_header_dict(payload: &[u8], base: usize) -> Result<Headers<'_>, Wir
     Ok(headers)
 }
 
+/// The first value of `name` in a header dict's payload, found by walking it without
+/// building the header map (a list value gives its first item). None when absent or when
+/// the dict is malformed.
+pub fn find_in_dict<'a>(payload: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let (key, _, after_key) = split_tagged(rest, 0).ok()?;
+        let (value, tag, after_value) = split_tagged(after_key, 0).ok()?;
+        if key == name {
+            return match tag {
+                b',' | b'#' | b'!' | b'^' => Some(value),
+                b']' => split_tagged(value, 0).ok().map(|(first, _, _)| first),
+                _ => None,
+            };
+        }
+        rest = after_value;
+    }
+    None
+}
+
 fn parse_string_list(payload: &[u8], base: usize) -> Result<Vec<Cow<'_, [u8]>>, WireError> {
     let mut items = Vec::with_capacity(4);
     let mut rest = payload;
@@ -68,6 +88,16 @@ mod tests {
         );
         assert_eq!(headers.first(b"size"), Some(&b"42"[..]));
         assert!(headers.get(b"nil").is_none());
+    }
+
+    #[test]
+    fn finds_one_header_as_the_full_parse_does() {
+        let payload = b"6:METHOD,3:GET,6:cookie,12:3:a=1,3:b=2,]4:size,2:42#3:nil,0:~";
+        let headers = parse_header_dict(payload, 0).unwrap();
+        for name in [&b"METHOD"[..], b"cookie", b"size", b"nil", b"absent"] {
+            assert_eq!(find_in_dict(payload, name), headers.first(name));
+        }
+        assert_eq!(find_in_dict(b"1:a,5:abc,", b"a"), None);
     }
 
     #[test]

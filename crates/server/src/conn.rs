@@ -116,6 +116,8 @@ pub struct Conn {
     pub id: u64,
     pub stream: Stream,
     pub remote: SocketAddr,
+    /// `remote`'s address as every request message spells it, written once.
+    pub remote_ip: String,
     pub input: Vec<u8>,
     pub out: VecDeque<Out>,
     pub out_bytes: usize,
@@ -163,6 +165,7 @@ impl Conn {
             id,
             stream,
             remote,
+            remote_ip: remote.ip().to_string(),
             input: Vec::new(),
             out: VecDeque::new(),
             out_bytes: 0,

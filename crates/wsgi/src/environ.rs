@@ -24,7 +24,9 @@ pub struct EnvironTemplate {
     trusted_proxies: Option<Vec<Vec<u8>>>,
     /// `HTTP_*` keys by header name, made once: a key is then an interned string with its
     /// hash computed, not an allocation and a decode per header per request.
-    http_keys: RefCell<HashMap<Vec<u8>, Py<PyString>>>,
+    /// Seeded (the names are the client's) but faster than SipHash: looked up for every
+    /// header of every request.
+    http_keys: RefCell<HashMap<Vec<u8>, Py<PyString>, foldhash::fast::RandomState>>,
 }
 
 /// Most header names whose keys are kept (clients choose names: the cache must not grow

@@ -1,10 +1,11 @@
 //! Requests on their way to the workers: the shared queue, the requests in flight, and the
 //! per-connection order of pipelined requests.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use m2wire::{is_notice, parse_address, ConnId, Request};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::lent::Lent;
 use crate::link::BrokerChannels;
@@ -40,16 +41,16 @@ pub struct Requests {
     /// The last `dispatch` found the queue full.
     pub queue_full: bool,
     next_seq: u64,
-    pub in_flight: HashMap<u64, InFlight>,
+    pub in_flight: FxHashMap<u64, InFlight>,
     /// Requests in flight per connection: its next messages wait, so that the responses to
     /// pipelined requests go out in order even with several workers.
-    busy: HashMap<ConnId, u32>,
+    busy: FxHashMap<ConnId, u32>,
     /// Connections to close once their requests in flight are answered; their other
     /// requests are dropped.
-    closing: HashMap<ConnId, Rc<[u8]>>,
+    closing: FxHashMap<ConnId, Rc<[u8]>>,
     /// Connections closed in this epoch: what else they sent is dropped (mongrel2 does not
     /// reuse an id before it restarts).
-    closed: HashSet<ConnId>,
+    closed: FxHashSet<ConnId>,
     /// The handler's UUID, shared by the requests that carry it.
     sender: Option<Rc<[u8]>>,
     /// Upload ends of connections that are gone: only their temp files are to be removed.
@@ -176,7 +177,7 @@ impl Requests {
             lent,
             notices,
             verdicts,
-            held: HashMap::new(),
+            held: FxHashMap::default(),
             held_total: 0,
             full: false,
         };
@@ -310,7 +311,7 @@ struct Pass<'a> {
     notices: &'a mut Vec<Vec<u8>>,
     verdicts: &'a mut Vec<Close>,
     /// Requests passed over per connection in service, and in all.
-    held: HashMap<ConnId, usize>,
+    held: FxHashMap<ConnId, usize>,
     held_total: usize,
     /// The queue is full: requests wait for the next pass.
     full: bool,

@@ -14,12 +14,12 @@
 //! the pipe's serial number), just before its request, which names the pipe (`BODY_PIPE:
 //! serial`); it goes on with that request only, to its worker.
 
-use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use m2wire::{ConnId, Request};
+use m2wire::{find_header, ConnId};
+use rustc_hash::FxHashMap;
 
 use crate::link::Lendings;
 use nix::errno::Errno;
@@ -37,10 +37,10 @@ pub struct Lent {
     listener: OwnedFd,
     /// The front end's connection.
     from: Option<OwnedFd>,
-    conns: HashMap<ConnId, OwnedFd>,
+    conns: FxHashMap<ConnId, OwnedFd>,
     /// Body pipes of requests not queued yet, with their serial numbers (one per
     /// connection at most: its next).
-    bodies: HashMap<ConnId, (u64, OwnedFd)>,
+    bodies: FxHashMap<ConnId, (u64, OwnedFd)>,
     /// Most connections held: the rest of the descriptors stay for the broker's own work
     /// (workers' links, request files); a connection past this is relayed.
     most: usize,
@@ -67,8 +67,8 @@ impl Lent {
         Ok(Lent {
             listener,
             from: None,
-            conns: HashMap::new(),
-            bodies: HashMap::new(),
+            conns: FxHashMap::default(),
+            bodies: FxHashMap::default(),
             most,
         })
     }
@@ -172,13 +172,8 @@ impl Lent {
     /// What goes with a request to its worker: the connection it may be answered on
     /// directly (the front end marked it so and lent it), and the body pipe it names.
     pub fn lendings_for(&mut self, conn: ConnId, msg: &[u8]) -> Lendings<'_> {
-        let (direct, body) = match Request::parse(msg) {
-            Ok(req) => (
-                req.header(DIRECT) == Some(b"1"),
-                req.header(BODY_PIPE).and_then(serial_of),
-            ),
-            Err(_) => (false, None),
-        };
+        let direct = find_header(msg, DIRECT).as_deref() == Some(b"1");
+        let body = find_header(msg, BODY_PIPE).as_deref().and_then(serial_of);
         if self.from.is_none() && body.is_some() {
             // The front end's lending connection may not be taken yet: the pipe is on it.
             self.accept();

@@ -14,10 +14,11 @@
 //! however slow, receives the whole response, and the worker waits (its stream is not read)
 //! instead of buffering.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use m2wire::{encode_prefix, ConnId};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// At most this many messages to one connection in any `WINDOW` (mongrel2 allows 16 queued).
 pub const WINDOW_MESSAGES: usize = 8;
@@ -68,9 +69,9 @@ pub trait Sender {
 
 #[derive(Default)]
 pub struct Outgoing {
-    conns: HashMap<ConnId, ConnOut>,
+    conns: FxHashMap<ConnId, ConnOut>,
     /// Connections with something to send.
-    dirty: HashSet<ConnId>,
+    dirty: FxHashSet<ConnId>,
     last_sweep: Option<Instant>,
 }
 

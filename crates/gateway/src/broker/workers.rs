@@ -1,12 +1,12 @@
 //! The workers as the broker sees them: their link streams, on which their replies arrive,
 //! and their rings of records (what each took, to know whose requests die with it).
 
-use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use m2wire::ConnId;
+use rustc_hash::FxHashMap;
 
 use super::dispatch::Close;
 use super::outgoing::Outgoing;
@@ -35,7 +35,7 @@ struct Worker {
 
 #[derive(Default)]
 pub struct Workers {
-    by_fd: HashMap<RawFd, Worker>,
+    by_fd: FxHashMap<RawFd, Worker>,
 }
 
 impl Workers {

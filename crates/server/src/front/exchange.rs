@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::rc::Rc;
 use std::time::Instant;
 
-use m2wire::{encode_notice, encode_request, Notice};
+use m2wire::{encode_notice, encode_request, Headers, Notice};
 
 use super::{lend, Hub, FIRST_CREDITS};
 use crate::conn::{AfterBody, Conn, LentBody, Phase, Sink};
@@ -431,17 +431,19 @@ impl Hub {
         payload: Payload,
         direct: bool,
     ) -> Vec<u8> {
-        let remote = conn.remote.ip().to_string();
+        let remote = &conn.remote_ip;
         let body = match payload {
             Payload::Inline(body) => body,
             Payload::UploadStart(_) | Payload::UploadDone(_) | Payload::Pipe(_) => &[],
         };
         let inline_chunked =
             head.framing == Framing::Chunked && matches!(payload, Payload::Inline(_));
-        let length = body.len().to_string();
+        let mut length = itoa::Buffer::new();
+        let length = length.format(body.len());
+        let mut serial = itoa::Buffer::new();
         let pipe_serial = match payload {
-            Payload::Pipe(serial) => serial.to_string(),
-            _ => String::new(),
+            Payload::Pipe(n) => serial.format(n),
+            _ => "",
         };
         let mut client_xff = None;
         let mut headers: Vec<(&[u8], &[u8])> = Vec::with_capacity(24);
@@ -647,14 +649,10 @@ impl Hub {
     /// An extended reply (`X` ids): mongrel2's `ctl` commands, and `done` (see `lend`).
     pub(super) fn control(&mut self, conn: &mut Conn, from: usize, body: &[u8]) {
         let command = ctl_args(body);
-        let arg = |key: &[u8]| {
-            command
-                .as_ref()
-                .and_then(|args| args.iter().find(|(k, _)| k == key))
-                .map(|(_, v)| v.as_slice())
-        };
+        let arg = |key: &[u8]| command.as_ref().and_then(|args| args.get(key));
         let has = |key: &[u8]| arg(key).is_some();
         if let Some(value) = arg(lend::DONE) {
+            let value = value.first().unwrap_or_default();
             return self.done_directly(conn, from, value == b"close");
         }
         match command {
@@ -691,7 +689,7 @@ impl Hub {
 
     /// A `done` for a connection that is gone: its orphaned upload file may be reused.
     pub(super) fn orphan_done(&mut self, id: u64, body: &[u8]) {
-        let done = ctl_args(body).is_some_and(|args| args.iter().any(|(k, _)| k == lend::DONE));
+        let done = ctl_args(body).is_some_and(|args| args.get(lend::DONE).is_some());
         if let (true, Some(pool)) = (done, self.pool.as_mut()) {
             pool.claim_orphan(id);
         }
@@ -735,7 +733,7 @@ impl Hub {
 
 /// The keys and values of a `["ctl", {...}]` extended reply (a tnetstring list: the name,
 /// then a dict), read with m2wire's tnetstring dict parser; None for anything else.
-fn ctl_args(body: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+fn ctl_args(body: &[u8]) -> Option<Headers<'_>> {
     let (list, b']', _) = m2wire::netstring::split_tagged(body, 0).ok()? else {
         return None;
     };
@@ -746,13 +744,7 @@ fn ctl_args(body: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     if name != b"ctl" {
         return None;
     }
-    let headers = m2wire::tnetstring::parse_header_dict(dict, 0).ok()?;
-    Some(
-        headers
-            .iter()
-            .map(|(k, v)| (k.to_vec(), v.first().unwrap_or_default().to_vec()))
-            .collect(),
-    )
+    m2wire::tnetstring::parse_header_dict(dict, 0).ok()
 }
 
 /// Where a request message's body is: in the message, or in an upload file (the upload's
@@ -771,7 +763,7 @@ mod tests {
     use super::ctl_args;
 
     fn keys(body: &[u8]) -> Option<Vec<Vec<u8>>> {
-        ctl_args(body).map(|args| args.into_iter().map(|(k, _)| k).collect())
+        ctl_args(body).map(|args| args.iter().map(|(k, _)| k.to_vec()).collect())
     }
 
     #[test]
@@ -788,9 +780,7 @@ mod tests {
         // The broker's, as m2wire encodes it.
         let done = m2wire::encode_ctl(b"u", &[1], &[(b"done", b"close")]).unwrap();
         let body = m2wire::Reply::parse(&done).unwrap().body;
-        assert_eq!(
-            ctl_args(body).unwrap(),
-            [(b"done".to_vec(), b"close".to_vec())]
-        );
+        assert_eq!(keys(body).unwrap(), [b"done".to_vec()]);
+        assert_eq!(ctl_args(body).unwrap().first(b"done"), Some(&b"close"[..]));
     }
 }

@@ -11,7 +11,6 @@ mod files;
 pub mod lend;
 mod splice;
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -21,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use m2wire::{Notice, Reply};
 use mio::{Events, Interest, Poll, Token};
+use rustc_hash::FxHashMap;
 use slab::Slab;
 use zmtp::PeerEvent;
 
@@ -84,7 +84,8 @@ pub struct Front {
     /// Empty once stopping.
     listeners: Vec<Listener>,
     conns: Slab<Conn>,
-    ids: HashMap<u64, usize>,
+    /// Connection ids to slab keys; the ids are numbered here, so a fast hash is safe.
+    ids: FxHashMap<u64, usize>,
     next_id: u64,
     hub: Hub,
     /// Handler peers that read input at their last turn: they may have more.
@@ -124,7 +125,7 @@ impl Front {
             poll,
             listeners,
             conns: Slab::new(),
-            ids: HashMap::new(),
+            ids: FxHashMap::default(),
             next_id: first_id(),
             hub,
             hot: Vec::new(),
@@ -623,22 +624,20 @@ impl Hub {
 
     fn start_request(&mut self, conn: &mut Conn, head: Head) {
         conn.keep_alive = head.keep_alive;
-        let routed = self.router.route(head.host(), head.path()).map(|m| {
-            (
-                *m.target,
-                m.key.to_string(),
-                m.host.to_string(),
-                m.prefix_len,
-            )
-        });
-        conn.log = Some(LogFacts {
-            host: routed.as_ref().map(|r| r.2.clone()).unwrap_or_default(),
+        let routed = self.router.route(head.host(), head.path());
+        // Only an access log needs these copies.
+        conn.log = self.access.is_some().then(|| LogFacts {
+            host: routed
+                .as_ref()
+                .map(|m| m.host.to_string())
+                .unwrap_or_default(),
             method: head.method().to_vec(),
             path: head.path().to_vec(),
             version: head.version(),
             status: 0,
             bytes: 0,
         });
+        let routed = routed.map(|m| (*m.target, m.key.to_string(), m.prefix_len));
         let has_body = head.framing != Framing::Length(0);
         if is_websocket_upgrade(&head) {
             tracing::info!(
@@ -652,10 +651,10 @@ impl Hub {
             Some((RouteTarget::Proxy, ..)) => {
                 self.refuse(conn, Status::NOT_IMPLEMENTED, has_body, "")
             }
-            Some((RouteTarget::Dir(d), key, _, prefix_len)) => {
+            Some((RouteTarget::Dir(d), key, prefix_len)) => {
                 self.serve_dir(conn, &head, d, &key, prefix_len)
             }
-            Some((RouteTarget::Handler(h), key, _, _)) => self.start_handler(conn, head, h, key),
+            Some((RouteTarget::Handler(h), key, _)) => self.start_handler(conn, head, h, key),
         }
     }
 
