@@ -43,14 +43,17 @@ pub fn find_in_dict<'a>(payload: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     while !rest.is_empty() {
         let (key, _, after_key) = split_tagged(rest, 0).ok()?;
         let (value, tag, after_value) = split_tagged(after_key, 0).ok()?;
-        if key == name {
-            return match tag {
-                b',' | b'#' | b'!' | b'^' => Some(value),
-                b']' => split_tagged(value, 0).ok().map(|(first, _, _)| first),
-                _ => None,
-            };
-        }
         rest = after_value;
+        if key != name {
+            continue;
+        }
+        match tag {
+            b',' | b'#' | b'!' | b'^' => return Some(value),
+            b']' => return split_tagged(value, 0).ok().map(|(first, _, _)| first),
+            // A null is no value: the full parse drops it and takes a later one.
+            b'~' => continue,
+            _ => return None,
+        }
     }
     None
 }
@@ -98,6 +101,9 @@ mod tests {
             assert_eq!(find_in_dict(payload, name), headers.first(name));
         }
         assert_eq!(find_in_dict(b"1:a,5:abc,", b"a"), None);
+        let null_first = b"1:a,0:~1:a,1:x,";
+        let headers = parse_header_dict(null_first, 0).unwrap();
+        assert_eq!(find_in_dict(null_first, b"a"), headers.first(b"a"));
     }
 
     #[test]
