@@ -1,5 +1,6 @@
-"""Two third-party WSGI apps from PyPI (httpbin, pypiserver), served by gunicorn and by
-mongrel2 + wsgid: the same raw requests to both, and the same answers back.
+"""Third-party WSGI apps from PyPI (httpbin, pypiserver, and WsgiDAV for a session of
+uploads and WebDAV methods), served by gunicorn and by wsgid behind each front end: the
+same raw requests to both, and the same answers back.
 
 Compared: status, headers (but those that describe the connection or the moment: Date,
 Server, Connection, Keep-Alive, and the framing, Content-Length or chunked, since the body
@@ -8,7 +9,10 @@ is compared whole), and the body. The deliberate differences, listed in the READ
 normalised where they are not the point of a request:
 * mongrel2 adds `X-Forwarded-For` to every request, which httpbin echoes back.
 """
+import hashlib
 import json
+import os
+import re
 import signal
 import subprocess
 import textwrap
@@ -147,8 +151,9 @@ def fetch(port, raw):
 
 
 @pytest.fixture(scope="module")
-def pair_of_servers(tmp_path_factory):
-    """Each app under gunicorn (2 sync workers) and under mongrel2 + wsgid (2 workers)."""
+def pair_of_servers(tmp_path_factory, front):
+    """Each app under gunicorn (2 sync workers) and under wsgid (2 workers), behind the
+    suite's front end of the moment (so rebuilt for each)."""
     tmp = tmp_path_factory.mktemp("differential")
     apps = tmp / "apps"
     packages = tmp / "packages"
@@ -203,3 +208,113 @@ def test_same_answer_as_gunicorn(pair_of_servers, app, raw):
     else:
         assert ours == theirs
 
+
+
+# A WebDAV session, in order: bodies in and out of every size and framing (a 3 MB PUT goes
+# to a spool file or a pipe, a chunked one is de-chunked), ranges, and methods with XML
+# bodies, against a WsgiDAV share of each server's own.
+DAV_BODY = bytes(range(256)) * 12289  # 3 MiB and a bit, not a multiple of any chunk size
+DAV_CHUNKED = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in
+                       (DAV_BODY[i:i + 65536] for i in range(0, len(DAV_BODY), 65536))) + b"0\r\n\r\n"
+PROPFIND_SIZES = (b'<?xml version="1.0"?><propfind xmlns="DAV:"><prop><getcontentlength/>'
+                  b'<resourcetype/></prop></propfind>')
+PROPPATCH = (b'<?xml version="1.0"?><propertyupdate xmlns="DAV:" xmlns:Z="urn:x"><set><prop>'
+             b'<Z:color>red</Z:color></prop></set></propertyupdate>')
+DAV_SESSION = [
+    b"PUT /a.txt HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nhello dav\n",
+    b"GET /a.txt HTTP/1.1",
+    b"HEAD /a.txt HTTP/1.1",
+    b"GET /a.txt HTTP/1.1\r\nRange: bytes=2-5",
+    b"MKCOL /dir HTTP/1.1",
+    b"MKCOL /dir HTTP/1.1",
+    b"PUT /dir/big.bin HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(DAV_BODY) + DAV_BODY,
+    b"GET /dir/big.bin HTTP/1.1",
+    b"GET /dir/big.bin HTTP/1.1\r\nRange: bytes=1000000-1000099",
+    b"PUT /dir/chunked.bin HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + DAV_CHUNKED,
+    b"GET /dir/chunked.bin HTTP/1.1",
+    b"PUT /dir/empty HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    b"GET /dir/empty HTTP/1.1",
+    b"PROPFIND /dir HTTP/1.1\r\nDepth: 1\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n"
+    % len(PROPFIND_SIZES) + PROPFIND_SIZES,
+    b"OPTIONS / HTTP/1.1",
+    b"COPY /a.txt HTTP/1.1\r\nDestination: /dir/b.txt",
+    b"MOVE /dir/b.txt HTTP/1.1\r\nDestination: /dir/c.txt",
+    b"GET /dir/c.txt HTTP/1.1",
+    b"PROPPATCH /a.txt HTTP/1.1\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n"
+    % len(PROPPATCH) + PROPPATCH,
+    b"PROPFIND /a.txt HTTP/1.1\r\nDepth: 0",
+    b"DELETE /dir/c.txt HTTP/1.1",
+    b"GET /dir/c.txt HTTP/1.1",
+    b"GET /dir/ HTTP/1.1",
+    b"DELETE /dir HTTP/1.1",
+    b"GET /dir/big.bin HTTP/1.1",
+]
+
+
+def dav_answer(port, raw):
+    """An answer with what depends on the moment or the disk taken out: times, ETags (from
+    mtimes and inodes), and the share's quota."""
+    status, headers, body, complete = fetch(port, raw)
+    headers = [(k, v) for k, v in headers if k not in ("etag", "last-modified")]
+    body = re.sub(rb"<(ns0:)?(creationdate|getlastmodified|getetag|quota-used-bytes|quota-available-bytes)>"
+                  rb"[^<]*<", rb"<\2>-<", body)
+    body = re.sub(rb"\d{4}-\d\d-\d\d[ T][\d:.]+Z?", b"(time)", body)
+    body = re.sub(rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} [\d:]+ GMT", b"(time)", body)
+    return status, headers, hashlib.sha256(body).hexdigest(), len(body), complete
+
+
+@pytest.fixture(scope="module")
+def dav_pair(tmp_path_factory, front):
+    """WsgiDAV under gunicorn and under wsgid (2 workers each), each with its own share."""
+    tmp = tmp_path_factory.mktemp("dav")
+    apps = tmp / "apps"
+    apps.mkdir()
+    (apps / "dav_app.py").write_text(textwrap.dedent("""\
+        import os
+        from wsgidav.wsgidav_app import WsgiDAVApp
+        application = WsgiDAVApp({
+            "provider_mapping": {"/": os.environ["DAV_ROOT"]},
+            "simple_dc": {"user_mapping": {"*": True}},
+            "logging": {"enable": False},
+        })
+        """))
+    shares = {name: tmp / name / "share" for name in ("gunicorn", "wsgid")}
+    for share in shares.values():
+        share.mkdir(parents=True)
+    port = free_port()
+    gunicorn = subprocess.Popen(
+        [str(VENV / "bin" / "gunicorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}",
+         "--chdir", str(apps), "dav_app:application"],
+        env={**os.environ, "DAV_ROOT": str(shares["gunicorn"])},
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "gunicorn.log", "wb"))
+    handler = Handler("/", "tnetstring")
+    m2 = Mongrel2(tmp / "m2", [handler])
+    wsgid = Wsgid(tmp / "wsgid", handler, m2, apps, ["--wsgi-app", "dav_app:application"], workers=2,
+                  env={"DAV_ROOT": str(shares["wsgid"])})
+    try:
+        m2.start()
+        wsgid.start(wait_path=None)
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200,
+                 what="gunicorn serving WsgiDAV")
+        wait_for(lambda: requests.get(m2.url + "/", timeout=2).status_code == 200, what="wsgid serving WsgiDAV")
+        yield port, m2.port, shares
+    finally:
+        gunicorn.send_signal(signal.SIGTERM)
+        gunicorn.wait(10)
+        wsgid.stop()
+        m2.stop()
+
+
+def test_a_webdav_session_goes_as_under_gunicorn(dav_pair):
+    gunicorn_port, wsgid_port, shares = dav_pair
+    steps = []
+    for raw in DAV_SESSION:
+        theirs, ours = dav_answer(gunicorn_port, raw), dav_answer(wsgid_port, raw)
+        steps.append((raw.split(b"\r\n")[0].decode(), theirs, ours))
+    different = [step for step in steps if step[1] != step[2]]
+    assert not different, different
+    # The session did what it says: the big bodies were stored whole, and then removed.
+    assert [s[1][0] for s in steps][:8] == [201, 200, 200, 206, 201, 405, 201, 200]
+    assert steps[7][2][3] == len(DAV_BODY) and steps[10][2][3] == len(DAV_BODY)
+    assert steps[-1][2][0] == 404
+    assert sorted(p.name for p in shares["wsgid"].iterdir()) == ["a.txt"]
