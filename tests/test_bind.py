@@ -179,6 +179,58 @@ def test_a_slow_request_holds_up_no_other_connection(tmp_path):
         assert server.stop() == 0
 
 
+CLIENT_RCVBUF = 256 * 1024
+
+
+def bytes_the_kernel_holds_for_a_client_that_reads_nothing():
+    """What a sender's socket and a receiver's (with `CLIENT_RCVBUF`) hold on loopback here
+    before the sender would block: the kernel's buffers, which differ between machines."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+        client.connect(listener.getsockname())
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        held, stuck = 0, 0
+        while stuck < 3:  # the send buffer grows while it fills: wait until it stops
+            try:
+                held += conn.send(bytes(65536))
+                stuck = 0
+            except BlockingIOError:
+                stuck += 1
+                time.sleep(0.1)
+        conn.close()
+        client.close()
+    return held
+
+
+def test_a_client_slower_than_the_app_does_not_hold_its_worker(tmp_path):
+    """A response the client's socket cannot take yet is kept by the worker (up to 4 MiB for
+    all its clients), which serves the next request meanwhile; the slow client still gets
+    every byte, and its connection serves its next request once the response is out."""
+    server = serve(tmp_path, workers=1)
+    try:
+        # 2 MiB more than the kernel buffers: before, the worker waited on this client.
+        size = (bytes_the_kernel_holds_for_a_client_that_reads_nothing() // 65536 + 32) * 65536
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+        slow.connect(("127.0.0.1", server.mongrel2.port))
+        slow.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(0.5)
+        for _ in range(20):
+            reply = requests.get(server.url + "/hello", timeout=5)
+            assert reply.text == "Hello, World!" and reply.elapsed.total_seconds() < 1
+        slow.settimeout(10)
+        reader = Reader(slow)
+        status, headers, body, complete = reader.response(time.time() + 20)
+        assert (status, complete, len(body)) == (200, True, size) and body.count(b"x") == size
+        slow.sendall(b"GET /id?again HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reader.response(time.time() + 5)[2] == b"id=again"
+        slow.close()
+    finally:
+        assert server.stop() == 0
+
+
 def pid_of(server, role):
     pids = [pid for pid in children(server.proc.pid) if role_of(pid) == role]
     return pids[0] if pids else None

@@ -23,7 +23,7 @@ use m2wire::{MessageKind, Request, UploadMarker};
 use pyo3::intern;
 use pyo3::prelude::*;
 
-use crate::client::Client;
+use crate::client::{Backlog, Client};
 use crate::config::Settings;
 use crate::link::{self, Replier, Taken, WorkerChannels, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
@@ -157,6 +157,8 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         policy: UploadPolicy::from_settings(&settings),
         served: 0,
         upload_marker: crate::appdir::upload_marker(&settings.app_path, std::process::id()),
+        backlog: Rc::default(),
+        held: Rc::default(),
     };
     let retire_after = settings.max_requests.unwrap_or(u64::MAX);
     let mut retirement_asked = false;
@@ -176,13 +178,14 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
             report(&mut master, Report::WantsRetirement);
             retirement_asked = true;
         }
-        match broker.next(&signals)? {
+        match broker.next(&signals, &worker.backlog)? {
             Some(taken) => worker.take(taken, broker.channels.replier()),
             None => signals.drain(),
         }
     }
     tracing::info!(served = worker.served, "stopping gracefully");
     broker.stop(|taken, replier| worker.take(taken, replier))?;
+    worker.backlog.borrow_mut().finish();
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
 }
@@ -242,8 +245,14 @@ impl BrokerLink {
     /// The next request (or upload to discard), or `None` when a signal woke us. Under
     /// load it is already queued and is taken without sleeping. When the broker has gone
     /// (it is restarted by the master) and its queue is empty, the new broker is joined.
-    fn next(&mut self, signals: &Signals) -> anyhow::Result<Option<Taken>> {
+    /// Slow clients' responses in `backlog` go out meanwhile.
+    fn next(
+        &mut self,
+        signals: &Signals,
+        backlog: &RefCell<Backlog>,
+    ) -> anyhow::Result<Option<Taken>> {
         loop {
+            backlog.borrow_mut().advance();
             match self.channels.take()? {
                 taken @ (Taken::Request { .. } | Taken::Discard { .. }) => return Ok(Some(taken)),
                 Taken::Closed => {
@@ -262,7 +271,13 @@ impl BrokerLink {
                 Taken::Empty => {}
             }
             let mut events = [EpollEvent::empty(); 2];
-            let n = match self.idle.wait(&mut events, EpollTimeout::NONE) {
+            let timeout = if backlog.borrow().is_empty() {
+                EpollTimeout::NONE
+            } else {
+                self.wait_with(&backlog.borrow())?;
+                EpollTimeout::ZERO
+            };
+            let n = match self.idle.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => 0,
                 Err(e) => return Err(e.into()),
@@ -273,6 +288,30 @@ impl BrokerLink {
             if woke(SIGNAL) && !woke(QUEUE) {
                 return Ok(None);
             }
+        }
+    }
+
+    /// Sleeps until a request or a signal comes (the epoll instance is readable), a slow
+    /// client can take more, or one of them has stalled too long.
+    fn wait_with(&self, backlog: &Backlog) -> io::Result<()> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let (clients, deadline) = backlog.watch();
+        let mut fds = vec![PollFd::new(self.idle.0.as_fd(), PollFlags::POLLIN)];
+        fds.extend(
+            clients
+                .into_iter()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLOUT)),
+        );
+        let wait = deadline.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        // Rounded up: a deadline is not reached by waking just before it.
+        let ms = wait.as_millis().saturating_add(1);
+        let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -351,6 +390,10 @@ struct Worker {
     served: u64,
     /// Names the upload in hand while the app runs (see `appdir::sweep_orphan_upload`).
     upload_marker: std::path::PathBuf,
+    /// Responses the app has finished that slow clients are still taking.
+    backlog: Rc<RefCell<Backlog>>,
+    /// The bytes kept for slow clients, all together (bounded by `client::HELD_MAX`).
+    held: Rc<Cell<usize>>,
 }
 
 /// What one request needs after its message is parsed and dropped.
@@ -385,6 +428,8 @@ struct Reply {
     /// Set once the response is complete: a lent upload file is not read after that (the
     /// front end writes the next body into it).
     over: Rc<Cell<bool>>,
+    /// Where the rest of a response goes when the client is slower than the app.
+    backlog: Rc<RefCell<Backlog>>,
 }
 
 impl ReplySink for Reply {
@@ -409,8 +454,16 @@ impl ReplySink for Reply {
         } else {
             piece
         };
+        let client = lent.take().expect("the client of this response");
+        if client.has_pending() && !client.broken() {
+            let replier = self.replier.clone();
+            self.backlog
+                .borrow_mut()
+                .add(client, self.seq, piece, replier);
+            return Ok(());
+        }
         // Our copy of the connection is closed before the front end takes it back.
-        *lent = None;
+        drop(client);
         self.replier.direct_done(self.seq, piece)
     }
 }
@@ -429,7 +482,7 @@ impl Worker {
                 msg,
                 body.map(File::from),
                 replier,
-                client.map(Client::new),
+                client.map(|fd| Client::new(fd, self.held.clone())),
             ),
             Taken::Discard { msg } => self.discard_upload(&msg),
             Taken::Empty | Taken::Closed => {}
@@ -478,6 +531,7 @@ impl Worker {
             ended: Cell::new(false),
             client: RefCell::new(client),
             over: Rc::new(Cell::new(false)),
+            backlog: self.backlog.clone(),
         });
         let served = Python::attach(|py| self.handle(py, msg, piped, &reply));
         if let Err(e) = &served {

@@ -372,7 +372,7 @@ impl Broker {
             match event {
                 PeerEvent::Subscribed(prefix) => {
                     if !self.subscribed {
-                        tracing::info!(send = %self.replies.spec(), "mongrel2 listens for replies");
+                        tracing::info!(send = %self.replies.spec(), "the front end (mongrel2 or ours) listens for replies");
                     }
                     self.subscribed = true;
                     if !prefix.is_empty() {
