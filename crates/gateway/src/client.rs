@@ -44,7 +44,7 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(fd: OwnedFd, held: Rc<Cell<usize>>) -> Client {
+    fn new(fd: OwnedFd, held: Rc<Cell<usize>>) -> Client {
         Client {
             fd,
             broken: false,
@@ -195,6 +195,8 @@ impl Drop for Client {
 #[derive(Default)]
 pub struct Backlog {
     waiting: Vec<Finished>,
+    /// The bytes kept for all the worker's clients, those still in service included.
+    held: Rc<Cell<usize>>,
 }
 
 struct Finished {
@@ -205,6 +207,11 @@ struct Finished {
 }
 
 impl Backlog {
+    /// A client lent with a request, under this worker's bound.
+    pub fn client(&self, fd: OwnedFd) -> Client {
+        Client::new(fd, self.held.clone())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()
     }

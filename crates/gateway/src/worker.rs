@@ -158,7 +158,6 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         served: 0,
         upload_marker: crate::appdir::upload_marker(&settings.app_path, std::process::id()),
         backlog: Rc::default(),
-        held: Rc::default(),
     };
     let retire_after = settings.max_requests.unwrap_or(u64::MAX);
     let mut retirement_asked = false;
@@ -392,8 +391,6 @@ struct Worker {
     upload_marker: std::path::PathBuf,
     /// Responses the app has finished that slow clients are still taking.
     backlog: Rc<RefCell<Backlog>>,
-    /// The bytes kept for slow clients, all together (bounded by `client::HELD_MAX`).
-    held: Rc<Cell<usize>>,
 }
 
 /// What one request needs after its message is parsed and dropped.
@@ -482,7 +479,7 @@ impl Worker {
                 msg,
                 body.map(File::from),
                 replier,
-                client.map(|fd| Client::new(fd, self.held.clone())),
+                client.map(|fd| self.backlog.borrow().client(fd)),
             ),
             Taken::Discard { msg } => self.discard_upload(&msg),
             Taken::Empty | Taken::Closed => {}
