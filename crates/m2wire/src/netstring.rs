@@ -121,6 +121,17 @@ mod tests {
             prop_assert_eq!(r, &rest[..]);
         }
 
+        /// Framing in place writes what framing a finished payload writes, after whatever
+        /// the buffer held.
+        #[test]
+        fn framing_in_place_is_framing(before in proptest::collection::vec(any::<u8>(), 0..20), payload in proptest::collection::vec(any::<u8>(), 0..2000), tag in any::<u8>()) {
+            let mut framed = before.clone();
+            write_framed(&mut framed, tag, |out| out.extend_from_slice(&payload));
+            let mut tagged = before.clone();
+            write_tagged(&mut tagged, &payload, tag);
+            prop_assert_eq!(framed, tagged);
+        }
+
         #[test]
         fn never_panics(input in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = split(&input, 0);
