@@ -231,6 +231,29 @@ def test_a_client_slower_than_the_app_does_not_hold_its_worker(tmp_path):
         assert server.stop() == 0
 
 
+def test_a_reload_lets_a_slow_client_take_the_rest_of_its_response(tmp_path):
+    """A worker told to stop (HUP: new workers take over) first writes out what it kept for
+    slow clients: a client that reads only after the reload still gets every byte."""
+    server = serve(tmp_path, workers=1)
+    try:
+        size = (bytes_the_kernel_holds_for_a_client_that_reads_nothing() // 65536 + 32) * 65536
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+        slow.connect(("127.0.0.1", server.mongrel2.port))
+        slow.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(0.5)
+        old = set(server.worker_pids())
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: set(server.worker_pids()) - old, what="a new worker")
+        assert requests.get(server.url + "/hello", timeout=5).text == "Hello, World!"
+        status, _, body, complete = Reader(slow).response(time.time() + 20)
+        assert (status, complete, len(body)) == (200, True, size) and body.count(b"x") == size
+        slow.close()
+        wait_for(lambda: not set(server.worker_pids()) & old, what="the old worker gone")
+    finally:
+        assert server.stop() == 0
+
+
 def pid_of(server, role):
     pids = [pid for pid in children(server.proc.pid) if role_of(pid) == role]
     return pids[0] if pids else None
