@@ -204,19 +204,25 @@ def bytes_the_kernel_holds_for_a_client_that_reads_nothing():
     return held
 
 
+def a_client_that_reads_nothing_of_a_large_response(server):
+    """A client that asks for 2 MiB more than the kernel's buffers hold (before, the worker
+    waited on such a client) and reads nothing yet: its socket, and the body's size."""
+    size = (bytes_the_kernel_holds_for_a_client_that_reads_nothing() // 65536 + 32) * 65536
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+    slow.connect(("127.0.0.1", server.mongrel2.port))
+    slow.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    time.sleep(0.5)
+    return slow, size
+
+
 def test_a_client_slower_than_the_app_does_not_hold_its_worker(tmp_path):
     """A response the client's socket cannot take yet is kept by the worker (up to 4 MiB for
     all its clients), which serves the next request meanwhile; the slow client still gets
     every byte, and its connection serves its next request once the response is out."""
     server = serve(tmp_path, workers=1)
     try:
-        # 2 MiB more than the kernel buffers: before, the worker waited on this client.
-        size = (bytes_the_kernel_holds_for_a_client_that_reads_nothing() // 65536 + 32) * 65536
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
-        slow.connect(("127.0.0.1", server.mongrel2.port))
-        slow.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        time.sleep(0.5)
+        slow, size = a_client_that_reads_nothing_of_a_large_response(server)
         for _ in range(20):
             reply = requests.get(server.url + "/hello", timeout=5)
             assert reply.text == "Hello, World!" and reply.elapsed.total_seconds() < 1
@@ -236,12 +242,7 @@ def test_a_reload_lets_a_slow_client_take_the_rest_of_its_response(tmp_path):
     slow clients: a client that reads only after the reload still gets every byte."""
     server = serve(tmp_path, workers=1)
     try:
-        size = (bytes_the_kernel_holds_for_a_client_that_reads_nothing() // 65536 + 32) * 65536
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
-        slow.connect(("127.0.0.1", server.mongrel2.port))
-        slow.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        time.sleep(0.5)
+        slow, size = a_client_that_reads_nothing_of_a_large_response(server)
         old = set(server.worker_pids())
         server.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: set(server.worker_pids()) - old, what="a new worker")
