@@ -86,24 +86,28 @@ pub fn is_notice(msg: &[u8]) -> bool {
 /// The raw header section of a message (JSON text or a tnetstring dict's payload), found
 /// without parsing it: lets a router look for one header name cheaply.
 pub fn raw_headers(msg: &[u8]) -> Option<&[u8]> {
-    let rest = msg.splitn(4, |&b| b == b' ').nth(3)?;
-    let base = msg.len() - rest.len();
-    crate::netstring::split_tagged(rest, base)
-        .ok()
-        .map(|(payload, _, _)| payload)
+    header_section(msg).map(|(payload, _)| payload)
 }
 
 /// The first value of header `name`, found without building the header map when the
 /// headers are a tnetstring dict (JSON values may be escaped: those are parsed in full).
 pub fn find_header<'a>(msg: &'a [u8], name: &[u8]) -> Option<Cow<'a, [u8]>> {
-    let rest = msg.splitn(4, |&b| b == b' ').nth(3)?;
-    match netstring::split_tagged(rest, 0).ok()? {
-        (dict, b'}', _) => tnetstring::find_in_dict(dict, name).map(Cow::Borrowed),
+    match header_section(msg)? {
+        (dict, b'}') => tnetstring::find_in_dict(dict, name).map(Cow::Borrowed),
         _ => Request::parse(msg)
             .ok()?
             .header(name)
             .map(|v| Cow::Owned(v.to_vec())),
     }
+}
+
+/// The header netstring's payload and tag (`}` for a tnetstring dict, `,` for JSON text).
+fn header_section(msg: &[u8]) -> Option<(&[u8], u8)> {
+    let rest = msg.splitn(4, |&b| b == b' ').nth(3)?;
+    let base = msg.len() - rest.len();
+    netstring::split_tagged(rest, base)
+        .ok()
+        .map(|(payload, tag, _)| (payload, tag))
 }
 
 pub(crate) fn parse_conn_id(digits: &[u8]) -> Option<ConnId> {
