@@ -53,8 +53,9 @@ def test_conf_and_sqlite_both_start_and_serve(started):
         wait_handler(front)
         r = requests.get(front.url + "/x?y=1")
         assert r.status_code == 200 and r.text == "/x"
-        access = (front.root / "logs" / "access.log").read_text()
-        assert "3:GET,2:/x,8:HTTP/1.1,3:200#" in access or front.proc.poll() is None
+        # The log is flushed every 200 ms.
+        wait_for(lambda: "3:GET,2:/x,8:HTTP/1.1,3:200#" in (front.root / "logs" / "access.log").read_text(),
+                 timeout=5, what="the request in the access log")
 
 
 @pytest.mark.parametrize("protocol", ["json", "tnetstring"])

@@ -677,6 +677,7 @@ impl Hub {
         access.log(&Entry {
             host: &log.host,
             remote: conn.remote,
+            remote_ip: &conn.remote_ip,
             method: &log.method,
             path: &log.path,
             version: log.version,
