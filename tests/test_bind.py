@@ -325,6 +325,25 @@ def test_lent_connections_never_carry_a_reply_to_another_client_through_churn_an
         assert server.stop() == 0
 
 
+def test_a_client_leaving_mid_response_is_logged_as_its_doing_not_as_our_error(tmp_path):
+    """A client that closes its connection while its response streams (a browser tab
+    closed on an event stream) stops that response, as gunicorn does, with an INFO line
+    that says so; no ERROR, and the worker serves on."""
+    server = serve(tmp_path, workers=1)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.mongrel2.port), timeout=5)
+        sock.sendall(b"GET /events?n=100&every=0.02 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"data: 0" in sock.recv(4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        sock.close()  # a reset: the next event's write fails
+        wait_for(lambda: "the client went away before its response was complete" in server.log(),
+                 what="the line saying the client went away")
+        assert requests.get(server.url + "/hello", timeout=5).text == "Hello, World!"
+        assert " ERROR " not in server.log(), server.log()[-2000:]
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_worker_killed_while_writing_to_a_lent_connection_closes_it(tmp_path):
     """The worker writes the response itself; killed half-way, its client sees the connection
     end (not a hang, not another response), and the next client is served."""

@@ -31,6 +31,36 @@ pub const STALLED: Duration = Duration::from_secs(60);
 /// The most bytes of responses a worker keeps for its slow clients, all together.
 pub const HELD_MAX: usize = 4 << 20;
 
+/// A write to the client failed: it went away, or took nothing for `STALLED`. What stops
+/// its response then is the client, not us, and it is logged as such (gunicorn ignores
+/// EPIPE and ECONNRESET the same way).
+#[derive(Debug)]
+pub struct ClientGone(io::Error);
+
+impl std::fmt::Display for ClientGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the client went away ({})", self.0)
+    }
+}
+
+impl std::error::Error for ClientGone {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Marks `e`, an error of a write to the client, as the client's doing.
+pub fn gone(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), ClientGone(e))
+}
+
+/// Whether what failed was a write to a client that went away (see `gone`).
+pub fn went_away(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>()?.get_ref())
+        .any(|inner| inner.is::<ClientGone>())
+}
+
 pub struct Client {
     fd: OwnedFd,
     /// A write failed: nothing more goes to this client, and its connection is to close.

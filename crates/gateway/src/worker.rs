@@ -441,7 +441,7 @@ impl ReplySink for Reply {
         };
         let written = client.write_all(payload);
         if piece == Piece::Middle {
-            return written;
+            return written.map_err(crate::client::gone);
         }
         if let Err(e) = written {
             tracing::debug!(seq = self.seq, "the client is gone: {e}");
@@ -531,8 +531,12 @@ impl Worker {
             backlog: self.backlog.clone(),
         });
         let served = Python::attach(|py| self.handle(py, msg, piped, &reply));
-        if let Err(e) = &served {
-            tracing::error!(seq, "cannot answer a request: {e:#}");
+        match &served {
+            Err(e) if crate::client::went_away(e) => {
+                tracing::info!(seq, "the client went away before its response was complete")
+            }
+            Err(e) => tracing::error!(seq, "cannot answer a request: {e:#}"),
+            Ok(()) => {}
         }
         if !reply.ended.get() {
             // Unanswered (a notice) or failed half-way (then the client cannot be answered
