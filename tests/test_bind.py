@@ -204,10 +204,10 @@ def bytes_the_kernel_holds_for_a_client_that_reads_nothing():
     return held
 
 
-def a_client_that_reads_nothing_of_a_large_response(server):
-    """A client that asks for 2 MiB more than the kernel's buffers hold (before, the worker
-    waited on such a client) and reads nothing yet: its socket, and the body's size."""
-    size = (bytes_the_kernel_holds_for_a_client_that_reads_nothing() // 65536 + 32) * 65536
+def a_client_that_reads_nothing_of_a_large_response(server, past=2 << 20):
+    """A client that asks for `past` bytes more than the kernel's buffers hold (before, the
+    worker waited on such a client) and reads nothing yet: its socket, and the body's size."""
+    size = (bytes_the_kernel_holds_for_a_client_that_reads_nothing() + past) // 65536 * 65536
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
     slow.connect(("127.0.0.1", server.mongrel2.port))
@@ -229,6 +229,29 @@ def test_a_client_slower_than_the_app_does_not_hold_its_worker(tmp_path):
         slow.settimeout(10)
         reader = Reader(slow)
         status, headers, body, complete = reader.response(time.time() + 20)
+        assert (status, complete, len(body)) == (200, True, size) and body.count(b"x") == size
+        slow.sendall(b"GET /id?again HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reader.response(time.time() + 5)[2] == b"id=again"
+        slow.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_response_far_past_the_memory_bound_waits_on_disk_not_in_the_worker(tmp_path):
+    """Past the 4 MiB a worker keeps in memory, the rest of a slow client's response goes to
+    an unnamed file beside the spooled bodies (as nginx buffers to a temp file): 64 MiB for
+    a client that reads nothing hold neither the worker nor its memory, and all arrive."""
+    server = serve(tmp_path, workers=1)
+    try:
+        slow, size = a_client_that_reads_nothing_of_a_large_response(server, past=64 << 20)
+        for _ in range(20):
+            reply = requests.get(server.url + "/hello", timeout=5)
+            assert reply.text == "Hello, World!" and reply.elapsed.total_seconds() < 1
+        worker = server.worker_pids()[0]
+        rss = int(next(l for l in open(f"/proc/{worker}/status") if l.startswith("VmRSS:")).split()[1])
+        assert rss < 48 * 1024, f"the worker holds {rss} KiB"
+        reader = Reader(slow)
+        status, headers, body, complete = reader.response(time.time() + 30)
         assert (status, complete, len(body)) == (200, True, size) and body.count(b"x") == size
         slow.sendall(b"GET /id?again HTTP/1.1\r\nHost: x\r\n\r\n")
         assert reader.response(time.time() + 5)[2] == b"id=again"

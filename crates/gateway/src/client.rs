@@ -10,12 +10,18 @@
 //! A client slower than the app must not hold its worker: what its socket cannot take yet
 //! is kept here (`pending`), up to `HELD_MAX` for all of a worker's clients together, and
 //! the worker serves other requests while it goes out (`Backlog`: its "done" waits for the
-//! last byte). Past that bound the worker waits on the client, as it must for a response
-//! larger than any buffer; a client that takes nothing for `STALLED` is dropped.
+//! last byte). Past that bound the rest goes to an unnamed file beside the spooled request
+//! bodies (`Spill`), up to `SPILL_MAX` for the worker, and is sent from there with
+//! `sendfile` as the client takes it, as nginx buffers a response to a temp file for a slow
+//! client (its `proxy_max_temp_file_size` is 1 GiB too). Only past both bounds, or when no
+//! file can be made, does the worker wait on the client. A client that takes nothing for
+//! `STALLED` is dropped.
 
 use std::cell::Cell;
-use std::io;
+use std::fs::File;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,8 +34,76 @@ use crate::link::{Piece, Replier};
 
 /// A client that takes none of the response for this long is dropped.
 pub const STALLED: Duration = Duration::from_secs(60);
-/// The most bytes of responses a worker keeps for its slow clients, all together.
+/// The most bytes of responses a worker keeps in memory for its slow clients, all together.
 pub const HELD_MAX: usize = 4 << 20;
+/// The most bytes of responses a worker keeps on disk for its slow clients, all together.
+pub const SPILL_MAX: u64 = 1 << 30;
+/// A client past the memory bound that takes less than this per second (measured over
+/// `RATE_WINDOW` at least) has the rest of its response spilled; a faster one is waited
+/// for. On loopback curl takes gigabytes a second, and spilling its download cost a
+/// quarter of its time.
+const SPILL_RATE: u64 = 32 << 20;
+const RATE_WINDOW: Duration = Duration::from_millis(5);
+
+/// What a worker keeps for its slow clients, all together, and where it spills to disk.
+pub struct Bounds {
+    /// Bytes in memory (`Client::pending`), up to `HELD_MAX`.
+    held: Cell<usize>,
+    /// Bytes in spill files, up to `SPILL_MAX`.
+    spilled: Cell<u64>,
+    /// The directory spill files are made in; none: responses are not spilled.
+    dir: Option<PathBuf>,
+    /// A spill file could not be made (said once).
+    failed: Cell<bool>,
+}
+
+impl Bounds {
+    pub fn new(dir: Option<PathBuf>) -> Bounds {
+        Bounds {
+            held: Cell::new(0),
+            spilled: Cell::new(0),
+            dir,
+            failed: Cell::new(false),
+        }
+    }
+
+    fn hold(&self, n: usize) {
+        self.held.set(self.held.get() + n);
+    }
+
+    fn release(&self, n: usize) {
+        self.held.set(self.held.get() - n);
+    }
+
+    /// A new spill file for `len` bytes, if the bound has room and a file can be made.
+    fn spill_file(&self, len: usize) -> Option<File> {
+        let dir = self.dir.as_ref()?;
+        if self.spilled.get() + len as u64 > SPILL_MAX {
+            return None;
+        }
+        match tempfile::tempfile_in(dir) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                if !self.failed.replace(true) {
+                    tracing::warn!(
+                        "cannot make a file in {} for a slow client's response ({e}); \
+                         such clients hold their worker",
+                        dir.display()
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The part of a response past the memory bound, in an unnamed file: `file[at..end]` is
+/// still to go, after everything in memory.
+struct Spill {
+    file: File,
+    at: u64,
+    end: u64,
+}
 
 /// A write to the client failed: it went away, or took nothing for `STALLED`. What stops
 /// its response then is the client, not us, and it is logged as such (gunicorn ignores
@@ -69,20 +143,23 @@ pub struct Client {
     /// anything later (the sent bytes are let go in halves, not moved on every send).
     pending: Vec<u8>,
     sent: usize,
-    /// The bytes pending for all of this worker's clients.
-    held: Rc<Cell<usize>>,
+    /// What comes after `pending`, once it would pass the memory bound.
+    spill: Option<Spill>,
+    /// The worker's bounds, shared by its clients.
+    bounds: Rc<Bounds>,
     /// When the client last took something (or was first kept waiting).
     progress: Instant,
 }
 
 impl Client {
-    fn new(fd: OwnedFd, held: Rc<Cell<usize>>) -> Client {
+    fn new(fd: OwnedFd, bounds: Rc<Bounds>) -> Client {
         Client {
             fd,
             broken: false,
             pending: Vec::new(),
             sent: 0,
-            held,
+            spill: None,
+            bounds,
             progress: Instant::now(),
         }
     }
@@ -97,11 +174,11 @@ impl Client {
     }
 
     fn unsent(&self) -> usize {
-        self.pending.len() - self.sent
+        self.pending.len() - self.sent + self.spill.as_ref().map_or(0, |s| (s.end - s.at) as usize)
     }
 
     /// Writes all of `data`, or keeps what the client cannot take yet when the worker's
-    /// bound allows; otherwise waits while the client's socket is full.
+    /// bounds allow; otherwise waits while the client's socket is full.
     pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         if self.broken {
             return Err(io::ErrorKind::BrokenPipe.into());
@@ -115,26 +192,71 @@ impl Client {
         if rest.is_empty() {
             return Ok(());
         }
-        if self.held.get() + rest.len() <= HELD_MAX {
-            if !self.has_pending() {
-                self.progress = Instant::now();
-            }
+        if !self.has_pending() {
+            self.progress = Instant::now();
+        }
+        // Once spilling, everything goes after the spilled bytes, never before them.
+        if self.spill.is_none() && self.bounds.held.get() + rest.len() <= HELD_MAX {
             self.keep(rest);
             return Ok(());
         }
-        // Too much kept already: wait for the client, what was kept first.
-        self.drain()?;
-        let mut rest = rest;
-        while !rest.is_empty() {
-            self.wait_writable()?;
-            rest = self.send_some(rest)?;
+        if self.spill.is_some() && self.spill_out(rest)? {
+            return Ok(());
+        }
+        self.wait_or_spill(rest)
+    }
+
+    /// Past the memory bound: waits while the client keeps up (a fast download must not
+    /// take a detour through the disk), and spills what is left once it proves slower than
+    /// `SPILL_RATE`, or waits on, past the disk bound too.
+    fn wait_or_spill(&mut self, mut rest: &[u8]) -> io::Result<()> {
+        let since = Instant::now();
+        let mut taken = 0;
+        loop {
+            let before = self.unsent() + rest.len();
+            self.flush()?;
+            if !self.has_pending() {
+                rest = self.send_some(rest)?;
+            }
+            taken += before - (self.unsent() + rest.len());
+            if rest.is_empty() {
+                return Ok(());
+            }
+            if self.spill.is_none() && self.bounds.held.get() + rest.len() <= HELD_MAX {
+                self.keep(rest);
+                return Ok(());
+            }
+            let waited = since.elapsed();
+            let slow =
+                waited >= RATE_WINDOW && (taken as f64) < SPILL_RATE as f64 * waited.as_secs_f64();
+            if slow && self.spill_out(rest)? {
+                return Ok(());
+            }
+            if slow || self.spill.is_some() || self.bounds.dir.is_none() {
+                // Nowhere to spill: the client is waited for, as long as it takes anything.
+                self.wait_writable()?;
+            } else {
+                // Deciding: the client has until the end of the window to show its rate.
+                self.writable_within(
+                    RATE_WINDOW
+                        .saturating_sub(waited)
+                        .max(Duration::from_millis(1)),
+                )?;
+            }
+        }
+    }
+
+    /// Sends what is pending without waiting: what is in memory, then what was spilled.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.flush_memory()?;
+        if self.pending.is_empty() {
+            self.flush_spill()?;
         }
         Ok(())
     }
 
-    /// Sends what is pending without waiting.
-    pub fn flush(&mut self) -> io::Result<()> {
-        if !self.has_pending() {
+    fn flush_memory(&mut self) -> io::Result<()> {
+        if self.pending.len() == self.sent {
             return Ok(());
         }
         let mut pending = std::mem::take(&mut self.pending);
@@ -145,7 +267,7 @@ impl Client {
         if let Ok(n @ 1..) = sent {
             self.progress = Instant::now();
             self.sent += n;
-            self.held.set(self.held.get() - n);
+            self.bounds.release(n);
             if self.sent == pending.len() {
                 pending.clear();
                 self.sent = 0;
@@ -176,7 +298,73 @@ impl Client {
 
     fn keep(&mut self, data: &[u8]) {
         self.pending.extend_from_slice(data);
-        self.held.set(self.held.get() + data.len());
+        self.bounds.hold(data.len());
+    }
+
+    /// Appends `data` to the spill file (made now if there is none); false when the disk
+    /// bound has no room or no file can be made.
+    fn spill_out(&mut self, data: &[u8]) -> io::Result<bool> {
+        if self.spill.is_none() {
+            let Some(file) = self.bounds.spill_file(data.len()) else {
+                return Ok(false);
+            };
+            self.spill = Some(Spill {
+                file,
+                at: 0,
+                end: 0,
+            });
+        }
+        let bounds = &self.bounds;
+        let spill = self.spill.as_mut().expect("made above");
+        if bounds.spilled.get() + data.len() as u64 > SPILL_MAX {
+            return Ok(false);
+        }
+        // Written at the end (the file's own offset); `sendfile` reads at `at`.
+        spill.file.write_all(data)?;
+        spill.end += data.len() as u64;
+        bounds.spilled.set(bounds.spilled.get() + data.len() as u64);
+        Ok(true)
+    }
+
+    /// Sends spilled bytes while the socket takes them; the file goes once all are out.
+    fn flush_spill(&mut self) -> io::Result<()> {
+        let Some(spill) = self.spill.as_mut() else {
+            return Ok(());
+        };
+        let mut took = false;
+        while spill.at < spill.end {
+            let mut offset = spill.at as i64;
+            let count = (spill.end - spill.at).min(1 << 30) as usize;
+            match nix::sys::sendfile::sendfile(&self.fd, &spill.file, Some(&mut offset), count) {
+                Ok(0) => break,
+                Ok(n) => {
+                    spill.at += n as u64;
+                    took = true;
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => break,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e.into());
+                }
+            }
+        }
+        if took {
+            self.progress = Instant::now();
+        }
+        if spill.at == spill.end {
+            self.drop_spill();
+        }
+        Ok(())
+    }
+
+    /// Lets the spill file go, and its bytes back to the bound.
+    fn drop_spill(&mut self) {
+        if let Some(spill) = self.spill.take() {
+            self.bounds
+                .spilled
+                .set(self.bounds.spilled.get() - spill.end);
+        }
     }
 
     /// Sends what the socket takes now; what it did not take.
@@ -200,19 +388,24 @@ impl Client {
     }
 
     fn wait_writable(&mut self) -> io::Result<()> {
-        let timeout = PollTimeout::try_from(STALLED).unwrap_or(PollTimeout::MAX);
+        if self.writable_within(STALLED)? {
+            return Ok(());
+        }
+        self.broken = true;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took nothing for {} s", STALLED.as_secs()),
+        ))
+    }
+
+    /// Whether the client's socket has room (or failed: the next send says which) within
+    /// `wait`.
+    fn writable_within(&self, wait: Duration) -> io::Result<bool> {
+        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLOUT)];
         loop {
             match poll(&mut fds, timeout) {
-                Ok(0) => {
-                    self.broken = true;
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the client took nothing for {} s", STALLED.as_secs()),
-                    ));
-                }
-                // Writable, or failed: the next send says which.
-                Ok(_) => return Ok(()),
+                Ok(n) => return Ok(n > 0),
                 Err(Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -228,7 +421,8 @@ impl AsFd for Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        self.held.set(self.held.get() - self.unsent());
+        self.bounds.release(self.pending.len() - self.sent);
+        self.drop_spill();
     }
 }
 
@@ -236,11 +430,10 @@ impl Drop for Client {
 /// their sockets take them, between and around the worker's requests. Each one's "done"
 /// goes to the broker after its last byte, so the front end reads the connection's next
 /// request only then.
-#[derive(Default)]
 pub struct Backlog {
     waiting: Vec<Finished>,
-    /// The bytes kept for all the worker's clients, those still in service included.
-    held: Rc<Cell<usize>>,
+    /// What is kept for all the worker's clients, those still in service included.
+    bounds: Rc<Bounds>,
 }
 
 struct Finished {
@@ -251,9 +444,17 @@ struct Finished {
 }
 
 impl Backlog {
-    /// A client lent with a request, under this worker's bound.
+    /// `spill_dir`: where responses past the memory bound go (see `Bounds`).
+    pub fn new(spill_dir: Option<PathBuf>) -> Backlog {
+        Backlog {
+            waiting: Vec::new(),
+            bounds: Rc::new(Bounds::new(spill_dir)),
+        }
+    }
+
+    /// A client lent with a request, under this worker's bounds.
     pub fn client(&self, fd: OwnedFd) -> Client {
-        Client::new(fd, self.held.clone())
+        Client::new(fd, self.bounds.clone())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -332,47 +533,54 @@ mod tests {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 
-    fn pair() -> (Client, UnixStream, Rc<Cell<usize>>) {
+    fn pair(spill_dir: Option<PathBuf>) -> (Client, UnixStream, Rc<Bounds>) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let held = Rc::new(Cell::new(0));
-        (Client::new(ours.into(), held.clone()), theirs, held)
+        let bounds = Rc::new(Bounds::new(spill_dir));
+        (Client::new(ours.into(), bounds.clone()), theirs, bounds)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// Reads `len` bytes on another thread.
+    fn read_all(
+        mut theirs: UnixStream,
+        len: usize,
+    ) -> std::thread::JoinHandle<(Vec<u8>, UnixStream)> {
+        std::thread::spawn(move || {
+            let mut got = vec![0u8; len];
+            theirs.read_exact(&mut got).unwrap();
+            (got, theirs)
+        })
     }
 
     #[test]
     fn keeps_what_a_full_socket_cannot_take_and_sends_it_in_order_later() {
-        let (mut client, mut theirs, held) = pair();
-        let first: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        let (mut client, theirs, bounds) = pair(None);
+        let first = pattern(1 << 20);
         client.write_all(&first).unwrap();
         client.write_all(b"and then").unwrap();
         assert!(
             client.has_pending(),
             "a 1 MiB response did not fit the socket"
         );
-        assert_eq!(held.get(), client.unsent());
-        let reader = std::thread::spawn(move || {
-            let mut got = vec![0u8; (1 << 20) + 8];
-            theirs.read_exact(&mut got).unwrap();
-            got
-        });
+        assert_eq!(bounds.held.get(), client.unsent());
+        let reader = read_all(theirs, (1 << 20) + 8);
         client.drain().unwrap();
-        let got = reader.join().unwrap();
+        let (got, _) = reader.join().unwrap();
         assert!(got[..1 << 20] == first[..] && &got[1 << 20..] == b"and then");
-        assert_eq!(held.get(), 0);
+        assert_eq!(bounds.held.get(), 0);
     }
 
     #[test]
-    fn past_the_bound_waits_for_the_client_and_fails_once_it_is_gone() {
-        let (mut client, mut theirs, held) = pair();
-        let big: Vec<u8> = (0..HELD_MAX + (1 << 20)).map(|i| (i % 251) as u8).collect();
-        let len = big.len();
-        let reader = std::thread::spawn(move || {
-            let mut got = vec![0u8; len];
-            theirs.read_exact(&mut got).unwrap();
-            (got, theirs)
-        });
+    fn past_the_bound_with_nowhere_to_spill_waits_for_the_client_and_fails_once_it_is_gone() {
+        let (mut client, theirs, bounds) = pair(None);
+        let big = pattern(HELD_MAX + (1 << 20));
+        let reader = read_all(theirs, big.len());
         client.write_all(&big).unwrap();
-        assert!(held.get() <= HELD_MAX);
+        assert!(bounds.held.get() <= HELD_MAX);
         client.drain().unwrap();
         let (got, theirs) = reader.join().unwrap();
         assert!(got == big);
@@ -383,11 +591,31 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_client_gives_its_bytes_back_to_the_bound() {
-        let (mut client, _theirs, held) = pair();
+    fn past_the_memory_bound_the_rest_goes_to_a_file_and_out_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut client, theirs, bounds) = pair(Some(dir.path().to_path_buf()));
+        // Nobody reads yet: without the file, the second write would wait forever.
+        let first = pattern(HELD_MAX + (3 << 20));
+        client.write_all(&first).unwrap();
+        client.write_all(b"the end").unwrap();
+        assert!(bounds.held.get() <= HELD_MAX);
+        assert!(bounds.spilled.get() > 0);
+        let reader = read_all(theirs, first.len() + 7);
+        client.drain().unwrap();
+        let (got, _) = reader.join().unwrap();
+        assert!(got[..first.len()] == first[..] && &got[first.len()..] == b"the end");
+        assert_eq!((bounds.held.get(), bounds.spilled.get()), (0, 0));
+        assert!(client.spill.is_none());
+    }
+
+    #[test]
+    fn a_dropped_client_gives_its_bytes_back_to_the_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut client, _theirs, bounds) = pair(Some(dir.path().to_path_buf()));
         client.write_all(&vec![7u8; 1 << 20]).unwrap();
-        assert!(held.get() > 0);
+        client.write_all(&vec![8u8; HELD_MAX]).unwrap();
+        assert!(bounds.held.get() > 0 && bounds.spilled.get() > 0);
         drop(client);
-        assert_eq!(held.get(), 0);
+        assert_eq!((bounds.held.get(), bounds.spilled.get()), (0, 0));
     }
 }

@@ -29,6 +29,7 @@ use crate::link::{self, Replier, Taken, WorkerChannels, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use server::front::lend::BODY_PIPE;
+use std::path::{Path, PathBuf};
 use wsgi::environ::{self, BodyInfo, EnvironTemplate};
 use wsgi::input::{Body, Input};
 use wsgi::response::{Piece, ReplySink, RequestFacts, ResponseWriter};
@@ -157,7 +158,7 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
         policy: UploadPolicy::from_settings(&settings),
         served: 0,
         upload_marker: crate::appdir::upload_marker(&settings.app_path, std::process::id()),
-        backlog: Rc::default(),
+        backlog: Rc::new(RefCell::new(Backlog::new(spill_dir(&settings)))),
     };
     let retire_after = settings.max_requests.unwrap_or(u64::MAX);
     let mut retirement_asked = false;
@@ -187,6 +188,21 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     worker.backlog.borrow_mut().finish();
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
+}
+
+/// Where slow clients' responses spill past the memory bound (`client::Bounds`): beside
+/// the spooled request bodies, in one-command mode the master's private directory. Only
+/// that mode lends clients to workers.
+fn spill_dir(settings: &Settings) -> Option<PathBuf> {
+    if settings.bind.is_empty() {
+        return None;
+    }
+    let dir = Path::new(settings.upload_temp_store.as_deref()?).parent()?;
+    Some(
+        settings
+            .mongrel2_chroot
+            .join(dir.strip_prefix("/").unwrap_or(dir)),
+    )
 }
 
 /// The worker's end of the link to the broker (see `link`).
