@@ -364,6 +364,7 @@ def test_master_killed_leaves_no_live_looking_pid_files(make):
     assert master not in server.master_pids()
 
 
+@pytest.mark.zmq_front  # in one-command mode the broker is inside the front end (test_bind)
 def test_killed_broker_is_replaced_and_workers_reconnect(make):
     server = make(workers=2)
     load = Load(server.url + "/hello", timeout=3)

@@ -7,8 +7,8 @@
 //! USR1 reopen logs.
 //!
 //! Stopping goes downstream: the front end first (one-command mode: it stops accepting and
-//! finishes what it has), then the broker, then the workers, each once the one before has
-//! gone, so nothing that was accepted is dropped.
+//! finishes what it has; the broker runs inside it), or the broker behind mongrel2, then the
+//! workers, each once the one before has gone, so nothing that was accepted is dropped.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -74,10 +74,11 @@ pub struct Arbiter {
     stopping: Option<Instant>,
     ready_read: OwnedFd,
     ready_write: OwnedFd,
-    /// The broker process (see `broker`).
-    broker: Kept,
+    /// The broker process (see `broker`), behind mongrel2; in one-command mode the broker
+    /// runs inside the front end.
+    broker: Option<Kept>,
     broker_endpoint: String,
-    /// The link's listening socket, bound once and lent to each broker.
+    /// The link's listening socket, bound once and lent to each broker (or front end).
     link_listener: std::os::unix::net::UnixListener,
     /// One-command mode: the front end.
     front: Option<LocalFront>,
@@ -158,23 +159,19 @@ impl Kept {
 struct LocalFront {
     /// The `--bind` listeners, bound by the master once.
     listeners: Vec<OwnedFd>,
-    /// Private (0700): the front end's sockets towards the broker, and spooled bodies
-    /// unless `--upload-temp-store` says otherwise. Removed when the master exits.
+    /// Private (0700): spooled bodies (and slow clients' responses) unless
+    /// `--upload-temp-store` says otherwise. Removed when the master exits.
     _dir: tempfile::TempDir,
     process: Kept,
 }
 
 impl LocalFront {
-    /// Points the broker at the front end's sockets in a fresh private directory.
+    /// Spools to a fresh private directory unless told otherwise.
     fn new(settings: &mut Settings, listeners: Vec<OwnedFd>) -> anyhow::Result<LocalFront> {
         let dir = tempfile::Builder::new()
             .prefix("wsgid-")
             .tempdir()
             .context("cannot create the front end's directory")?;
-        let at = |name: &str| format!("ipc://{}/{name}", dir.path().display());
-        settings.recv = at("requests");
-        settings.send = at("replies");
-        settings.lending = Some(dir.path().join("lending"));
         if settings.upload_temp_store.is_none() {
             settings.upload_temp_store = Some(format!("{}/upload.XXXXXX", dir.path().display()));
         }
@@ -228,7 +225,7 @@ impl Arbiter {
             stopping: None,
             ready_read,
             ready_write,
-            broker: Kept::new("broker"),
+            broker: front.is_none().then(|| Kept::new("broker")),
             link_listener: crate::link::listen(&broker_endpoint)
                 .with_context(|| format!("cannot listen on the worker link @{broker_endpoint}"))?,
             broker_endpoint,
@@ -424,24 +421,31 @@ impl Arbiter {
     /// role needs. Children die with the master (parent-death signal).
     fn spawn_child(&self, role: &str) -> anyhow::Result<u32> {
         let exe = std::env::current_exe().context("cannot find our own executable")?;
-        // The broker gets the link's listener; the front end the HTTP listeners; workers the
-        // link's name and the report pipe.
-        let (inherited, fd_env): (Vec<RawFd>, _) = match (role, &self.front) {
-            ("broker", _) => (vec![self.link_listener.as_raw_fd()], LISTENER_FD_ENV),
-            ("front", Some(front)) => (
-                front.listeners.iter().map(AsRawFd::as_raw_fd).collect(),
-                HTTP_FDS_ENV,
-            ),
-            _ => (vec![self.ready_write.as_raw_fd()], REPORT_FD_ENV),
+        // The broker gets the link's listener; the front end the HTTP listeners and the
+        // link's (its broker's); workers the link's name and the report pipe.
+        let link = (LISTENER_FD_ENV, vec![self.link_listener.as_raw_fd()]);
+        let passed: Vec<(&str, Vec<RawFd>)> = match (role, &self.front) {
+            ("broker", _) => vec![link],
+            ("front", Some(front)) => vec![
+                link,
+                (
+                    HTTP_FDS_ENV,
+                    front.listeners.iter().map(AsRawFd::as_raw_fd).collect(),
+                ),
+            ],
+            _ => vec![(REPORT_FD_ENV, vec![self.ready_write.as_raw_fd()])],
         };
-        let fd_list = inherited.iter().map(RawFd::to_string).collect::<Vec<_>>();
         let mut command = Command::new(exe);
         command
             .arg(role)
             .env(SETTINGS_ENV, &self.settings_json)
             .env(LINK_ENV, &self.broker_endpoint)
-            .env(fd_env, fd_list.join(","))
             .envs(&self.settings.envs);
+        for (env, fds) in &passed {
+            let list = fds.iter().map(RawFd::to_string).collect::<Vec<_>>();
+            command.env(env, list.join(","));
+        }
+        let inherited: Vec<RawFd> = passed.into_iter().flat_map(|(_, fds)| fds).collect();
         // SAFETY: only async-signal-safe calls (prctl, fcntl) between fork and exec.
         unsafe {
             command.pre_exec(move || {
@@ -460,13 +464,13 @@ impl Arbiter {
         Ok(child.id())
     }
 
-    /// The processes kept one of, in the order they stop: the front end, then the broker.
+    /// The processes kept one of, in the order they stop: the front end or the broker.
     fn kept_mut(&mut self) -> impl Iterator<Item = &mut Kept> {
         self.front
             .as_mut()
             .map(|f| &mut f.process)
             .into_iter()
-            .chain([&mut self.broker])
+            .chain(self.broker.as_mut())
     }
 
     /// Starts the front end and the broker when they are not running.
@@ -477,9 +481,11 @@ impl Arbiter {
                 front.process.started(spawned);
             }
         }
-        if self.broker.due() {
+        if self.broker.as_ref().is_some_and(Kept::due) {
             let spawned = self.spawn_child("broker");
-            self.broker.started(spawned);
+            if let Some(broker) = self.broker.as_mut() {
+                broker.started(spawned);
+            }
         }
     }
 

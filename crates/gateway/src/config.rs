@@ -18,9 +18,6 @@ pub struct Settings {
     /// ZeroMQ endpoints: given, or in one-command mode the master's own front end's.
     pub recv: String,
     pub send: String,
-    /// One-command mode: where the front end lends its client connections to the broker,
-    /// for the workers to write responses to directly (see `broker::lent`).
-    pub lending: Option<PathBuf>,
     pub wsgi_app: Option<String>,
     pub app_path: PathBuf,
     pub workers: u32,
@@ -200,7 +197,6 @@ impl Settings {
                 .collect(),
             envs,
             app_path,
-            lending: None,
         })
     }
 }

@@ -1,12 +1,11 @@
 //! One-command mode's front end process (`wsgid front`, started by the master): the
-//! `server` crate's HTTP side on the master's listeners, with the broker as its handler.
+//! `server` crate's HTTP side on the master's listeners, with the broker running inside it
+//! as its one handler (`broker::InprocBroker`, `server::inproc`).
 //!
-//! Why a process of its own, talking ZMTP to the broker over Unix sockets, rather than HTTP
-//! parsed inside the broker: the path is the one `wsgid server` and mongrel2 deployments
-//! take, already tested against both. What that path cost in bulk (every response byte
-//! relayed through the broker and here) is gone: the front end lends each client connection
-//! to the broker (`server::front::lend`, `broker::lent`), and workers write responses to
-//! their clients themselves. The measurements are in the README ("One command").
+//! Why HTTP in a process apart from the workers' and the queue beside it, rather than the
+//! broker in a process of its own: the broker's wake-ups and its two ZMTP hops per request
+//! cost more than its work (measured in the README, "One command"); requests and replies now
+//! pass in memory, and a request takes its client's connection straight into the queue.
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
@@ -27,15 +26,14 @@ const INLINE_BODY: u64 = 64 << 10;
 
 pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let listeners = inherited_listeners()?;
+    let broker = crate::broker::InprocBroker::new(crate::link::inherited_listener()?)?;
     let temp_store = settings
         .upload_temp_store
         .clone()
         .context("no upload.temp_store: the master sets one")?;
     server::local::run(server::local::Local {
         listeners,
-        requests: settings.recv.clone(),
-        replies: settings.send.clone(),
-        lending: settings.lending.clone(),
+        broker: Box::new(broker),
         temp_store,
         inline_body: INLINE_BODY,
         grace: Duration::from_secs(settings.graceful_timeout),

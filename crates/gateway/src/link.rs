@@ -14,7 +14,7 @@
 //! over one connection, so a connection's responses reach mongrel2 in the order the broker
 //! forwards them, whichever workers made them (mongrel2 fair-queues between connections:
 //! design note 10). The stream's end tells either side that the other is gone. A request
-//! may carry its client's connection (one-command mode, `broker::lent`): its worker writes
+//! may carry its client's connection (one-command mode, `server::inproc`): its worker writes
 //! the response there and sends the broker only a `direct` frame saying it is complete.
 
 use std::fs::File;

@@ -141,9 +141,11 @@ pub struct Conn {
     /// Handler bytes written since credits were last sent.
     pub written_for_credits: u64,
     pub log: Option<LogFacts>,
-    /// The generation of the broker connection this connection was lent under (see
-    /// `front::lend`); 0 when never lent.
-    pub lent: u64,
+    /// A request went out `DIRECT` on it (see `front::lend`): workers may hold copies.
+    pub lent: bool,
+    /// The read end of the next request's body pipe and its serial number, until the
+    /// broker queues the request with it.
+    pub body_pipe: Option<(u64, std::os::fd::OwnedFd)>,
     /// What holds the body of the request in service, lent with it: given back when its
     /// response is complete.
     pub upload_lent: Option<LentBody>,
@@ -181,7 +183,8 @@ impl Conn {
             last_write: now,
             written_for_credits: 0,
             log: None,
-            lent: 0,
+            lent: false,
+            body_pipe: None,
             upload_lent: None,
         }
     }

@@ -16,6 +16,7 @@ use socket2::Socket;
 use zmtp::{Peer, PeerEvent, SocketType};
 
 use crate::config;
+use crate::inproc::Inproc;
 
 /// Largest reply message taken from a handler.
 const MAX_REPLY: u64 = 64 << 20;
@@ -52,6 +53,20 @@ pub struct Handler {
     next: usize,
 }
 
+impl Handler {
+    fn new(config: &config::Handler) -> Handler {
+        Handler {
+            config: config.clone(),
+            encoding: match config.protocol {
+                config::Protocol::Json => HeaderEncoding::Json,
+                config::Protocol::Tnetstring => HeaderEncoding::Tnetstring,
+            },
+            push_peers: Vec::new(),
+            next: 0,
+        }
+    }
+}
+
 /// Every handler, and the aux entries (listeners, bound sockets, peers) the loop polls.
 pub struct Handlers {
     pub list: Vec<Handler>,
@@ -59,6 +74,10 @@ pub struct Handlers {
     heartbeat: Duration,
     /// Peers with messages queued since the last flush: one write for many requests.
     dirty: Vec<usize>,
+    /// The handler inside this process, if any, and its index in `list`.
+    pub inproc: Option<(usize, Box<dyn Inproc>)>,
+    /// Messages were pushed to it since its last turn.
+    pub pushed: bool,
 }
 
 /// Aux tokens live above client tokens.
@@ -75,7 +94,15 @@ impl Handlers {
             aux: Slab::new(),
             heartbeat,
             dirty: Vec::new(),
+            inproc: None,
+            pushed: false,
         }
+    }
+
+    /// A handler inside this process, for the routes to `config` (added before them).
+    pub fn add_inproc(&mut self, config: &config::Handler, handler: Box<dyn Inproc>) {
+        self.inproc = Some((self.list.len(), handler));
+        self.list.push(Handler::new(config));
     }
 
     /// The handler for `config`, bound on first use: routes sharing specs share it, as
@@ -113,15 +140,7 @@ impl Handlers {
             });
             tracing::info!("handler {role:?} socket bound on {spec}");
         }
-        self.list.push(Handler {
-            config: config.clone(),
-            encoding: match config.protocol {
-                config::Protocol::Json => HeaderEncoding::Json,
-                config::Protocol::Tnetstring => HeaderEncoding::Tnetstring,
-            },
-            push_peers: Vec::new(),
-            next: 0,
-        });
+        self.list.push(Handler::new(config));
         Ok(index)
     }
 
@@ -234,10 +253,11 @@ impl Handlers {
 
     /// Whether any live peer takes requests for `handler`.
     pub fn available(&self, handler: usize) -> bool {
-        self.list[handler]
-            .push_peers
-            .iter()
-            .any(|&p| self.live(p).is_some())
+        self.is_inproc(handler)
+            || self.list[handler]
+                .push_peers
+                .iter()
+                .any(|&p| self.live(p).is_some())
     }
 
     /// A live PUSH peer's backlog, or None when it is silent past three heartbeats.
@@ -262,7 +282,16 @@ impl Handlers {
         self.send_to_next(handler, message, false)
     }
 
+    fn is_inproc(&self, handler: usize) -> bool {
+        self.inproc.as_ref().is_some_and(|(i, _)| *i == handler)
+    }
+
     fn send_to_next(&mut self, handler: usize, message: &[u8], take_turn: bool) -> bool {
+        if let Some((_, inproc)) = self.inproc.as_mut().filter(|(i, _)| *i == handler) {
+            inproc.push(message);
+            self.pushed = true;
+            return true;
+        }
         let h = &self.list[handler];
         let n = h.push_peers.len();
         let mut fallback = None;

@@ -6,6 +6,7 @@
 //! * `routing`: hosts and routes, as mongrel2 documents them;
 //! * `http`: HTTP/1.1 without I/O (heads, bodies, response framing, canned responses);
 //! * `handlers`: the handlers' bound PUSH and SUB sockets and their peers;
+//! * `inproc`: a handler inside this process (one-command mode's broker);
 //! * `net`: listeners and client streams, TCP or Unix;
 //! * `conn`, `front`: client connections and the event loop;
 //! * `dir`, `mime`: static files; `upload`: spooled bodies; `access_log`;
@@ -19,6 +20,7 @@ pub mod dir;
 pub mod front;
 pub mod handlers;
 pub mod http;
+pub mod inproc;
 pub mod local;
 pub mod mime;
 pub mod net;

@@ -1,6 +1,6 @@
 //! The front end of one-command mode (`wsgid --bind`): no config file, one route (`/`) to
-//! one handler, the gateway's broker, over Unix sockets in a private directory. The master
-//! binds the listeners and hands them over, so the addresses outlive a restarted front end.
+//! one handler, the gateway's broker, running in this process (`inproc`). The master binds
+//! the listeners and hands them over, so the addresses outlive a restarted front end.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -12,8 +12,9 @@ use std::time::Duration;
 use mio::Poll;
 
 use crate::config::{self, Config, Host, Protocol, Route, Server, Target};
-use crate::front::lend::Lender;
 use crate::front::Front;
+use crate::handlers::Handlers;
+use crate::inproc::Inproc;
 use crate::net::Listener;
 use crate::settings::Settings;
 use crate::upload::{RequestPipes, SpoolPool};
@@ -22,12 +23,8 @@ use crate::upload::{RequestPipes, SpoolPool};
 pub struct Local {
     /// Listening sockets, bound by the master.
     pub listeners: Vec<OwnedFd>,
-    /// `ipc://` endpoints the front end binds: requests out (PUSH), replies in (SUB).
-    pub requests: String,
-    pub replies: String,
-    /// Where the broker takes the client connections lent to its workers (see
-    /// `front::lend`); none: every response is relayed.
-    pub lending: Option<PathBuf>,
+    /// The broker, which takes the requests to the workers.
+    pub broker: Box<dyn Inproc>,
     /// mkstemp template for bodies over `inline_body`.
     pub temp_store: String,
     /// Bodies up to this travel in the request message; larger ones are spooled to disk.
@@ -38,21 +35,23 @@ pub struct Local {
 
 /// The handler's identity towards the broker (it answers any).
 const IDENT: &str = "wsgid-local";
+/// The broker's name where a handler's endpoints would be.
+const INPROC: &str = "inproc://broker";
 /// Request heads up to this size (mongrel2's 4 KiB default is short for today's cookies;
 /// nginx allows 4 x 8 KiB, gunicorn about 8 KiB per line).
 const HEAD_LIMIT: usize = 16 << 10;
 
 pub fn run(local: Local) -> anyhow::Result<()> {
-    crate::run::raise_fd_limit();
+    let limit = usize::try_from(crate::run::raise_fd_limit()).unwrap_or(usize::MAX);
     let listeners = local
         .listeners
         .into_iter()
         .map(Listener::from_fd)
         .collect::<std::io::Result<Vec<_>>>()?;
     let handler = config::Handler {
-        send_spec: local.requests,
+        send_spec: INPROC.to_string(),
         send_ident: IDENT.to_string(),
-        recv_spec: local.replies,
+        recv_spec: INPROC.to_string(),
         recv_ident: String::new(),
         raw_payload: false,
         protocol: Protocol::Tnetstring,
@@ -74,7 +73,7 @@ pub fn run(local: Local) -> anyhow::Result<()> {
             matching: "any".to_string(),
             routes: vec![Route {
                 path: "/".to_string(),
-                target: Target::Handler(handler),
+                target: Target::Handler(handler.clone()),
             }],
         }],
         plugins: Vec::new(),
@@ -103,11 +102,18 @@ pub fn run(local: Local) -> anyhow::Result<()> {
     };
     let poll = Poll::new()?;
     let absolute = |p: &str| PathBuf::from(p);
-    let mut hub = crate::run::build_hub(&config, &server, settings, &absolute, &poll, false)?;
-    hub.lender = local.lending.map(Lender::new);
+    let mut handlers = Handlers::new(settings.handler_heartbeat);
+    handlers.add_inproc(&handler, local.broker);
+    let mut hub = crate::run::build_hub(
+        &config, &server, settings, handlers, &absolute, &poll, false,
+    )?;
+    hub.lending = true;
     hub.pool = Some(SpoolPool::default());
     hub.pipes = Some(RequestPipes::default());
     let mut front = Front::new(poll, listeners, hub)?;
+    // An eighth of the descriptors (at least 32) for the broker's work: workers' links,
+    // spool files, body pipes.
+    front.limit_connections(limit.saturating_sub((limit / 8).max(32)));
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;

@@ -110,7 +110,10 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
             drop_to_owner_of(Path::new("/"))?;
         }
         let poll = Poll::new()?;
-        let hub = build_hub(&config, &server, settings, &inside, &poll, chrooting)?;
+        let handlers = Handlers::new(settings.handler_heartbeat);
+        let hub = build_hub(
+            &config, &server, settings, handlers, &inside, &poll, chrooting,
+        )?;
         let mut front = Front::new(poll, vec![listener], hub)?;
         let reload = Reload {
             config_path: config_path.to_path_buf(),
@@ -136,15 +139,16 @@ pub fn run(config_path: &Path, uuid: Option<&str>) -> anyhow::Result<()> {
     result
 }
 
+/// `handlers`: any made in this process already (see `Handlers::add_inproc`).
 pub(crate) fn build_hub(
     config: &Config,
     server: &config::Server,
     settings: Settings,
+    mut handlers: Handlers,
     inside: &dyn Fn(&str) -> PathBuf,
     poll: &Poll,
     chrooting: bool,
 ) -> anyhow::Result<Hub> {
-    let mut handlers = Handlers::new(settings.handler_heartbeat);
     let (router, dirs) = build_routes(server, &mut handlers, inside, poll.registry())?;
     let upload_root = if chrooting {
         PathBuf::from("/")
@@ -169,7 +173,7 @@ pub(crate) fn build_hub(
         access,
         upload_root,
         scheme: b"http",
-        lender: None,
+        lending: false,
         pool: None,
         pipes: None,
     })

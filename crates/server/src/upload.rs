@@ -364,16 +364,11 @@ impl RequestPipe {
         Ok(())
     }
 
-    /// The end the worker reads, to lend it (before `finish`).
-    pub fn output(&self) -> BorrowedFd<'_> {
-        self.read.as_fd()
-    }
-
-    /// The body is in and its read end lent: the ticket, to hold until the request is
-    /// complete. Both ends close here, before the request goes out, so the worker meets the
-    /// body's end.
-    pub fn finish(self) -> PipeTicket {
-        self.ticket
+    /// The body is in: the ticket, to hold until the request is complete, and the end the
+    /// worker reads, to go with the request. The write end closes here, before the request
+    /// goes out, so the worker meets the body's end.
+    pub fn finish(self) -> (PipeTicket, OwnedFd) {
+        (self.ticket, self.read)
     }
 
     /// What was written so far goes to `spool` instead (the pipe filled before the body

@@ -4,11 +4,12 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use m2wire::{is_notice, parse_address, ConnId, Request};
+use m2wire::{find_header, is_notice, parse_address, ConnId, Request};
 use rustc_hash::{FxHashMap, FxHashSet};
+use server::front::lend::{BODY_PIPE, DIRECT};
+use server::inproc::Lend;
 
-use super::lent::Lent;
-use crate::link::BrokerChannels;
+use crate::link::{BrokerChannels, Lendings};
 
 /// Most messages held back (behind a connection in service, or by a full queue); past
 /// this, new requests are answered 503. Reading from mongrel2 never pauses: its credits
@@ -169,12 +170,12 @@ impl Requests {
         epoch: u64,
         notices: &mut Vec<Vec<u8>>,
         verdicts: &mut Vec<Close>,
-        lent: Option<&mut Lent>,
+        lend: Option<&mut dyn Lend>,
     ) {
         let mut pass = Pass {
             channels,
             epoch,
-            lent,
+            lend,
             notices,
             verdicts,
             held: FxHashMap::default(),
@@ -202,7 +203,7 @@ impl Requests {
 
     /// Handles the waiting message at `i`: passes over it, drops it or queues it. Returns
     /// the index of the next message to look at.
-    fn dispatch_at(&mut self, i: usize, pass: &mut Pass<'_>) -> usize {
+    fn dispatch_at(&mut self, i: usize, pass: &mut Pass<'_, '_>) -> usize {
         if is_notice(&self.waiting[i]) {
             pass.notices.extend(self.waiting.remove(i));
             return i;
@@ -235,7 +236,13 @@ impl Requests {
     /// pipelined past the limits (its held requests must not fill what we hold for
     /// everyone): then it is closed once its requests in flight are answered, and what it
     /// sent since is dropped.
-    fn hold(&mut self, i: usize, conn: ConnId, sender_len: usize, pass: &mut Pass<'_>) -> usize {
+    fn hold(
+        &mut self,
+        i: usize,
+        conn: ConnId,
+        sender_len: usize,
+        pass: &mut Pass<'_, '_>,
+    ) -> usize {
         let count = pass.held.entry(conn).or_default();
         *count += 1;
         pass.held_total += 1;
@@ -258,19 +265,25 @@ impl Requests {
 
     /// Queues the request at `i` for the workers (with its client's connection, when it is
     /// lent), and notes it in flight.
-    fn enqueue(&mut self, i: usize, conn: ConnId, sender_len: usize, pass: &mut Pass<'_>) -> usize {
+    fn enqueue(
+        &mut self,
+        i: usize,
+        conn: ConnId,
+        sender_len: usize,
+        pass: &mut Pass<'_, '_>,
+    ) -> usize {
         let seq = self.next_seq;
         let msg = &self.waiting[i];
         let lendings = pass
-            .lent
-            .as_deref_mut()
-            .map(|l| l.lendings_for(conn, msg))
+            .lend
+            .as_deref()
+            .map(|l| lendings(l, conn, msg))
             .unwrap_or_default();
         let piped = lendings.body.is_some();
         match pass.channels.enqueue(seq, msg, lendings) {
             Ok(true) => {
-                if let Some(lent) = pass.lent.as_deref_mut().filter(|_| piped) {
-                    lent.queued_body(conn);
+                if let Some(lend) = pass.lend.as_deref_mut().filter(|_| piped) {
+                    lend.body_sent(conn);
                 }
             }
             Ok(false) => {
@@ -304,10 +317,10 @@ impl Requests {
 
 /// One pass of `dispatch` over the waiting messages: where requests go, and what the pass
 /// has held back so far.
-struct Pass<'a> {
+struct Pass<'a, 'l> {
     channels: &'a BrokerChannels,
     epoch: u64,
-    lent: Option<&'a mut Lent>,
+    lend: Option<&'a mut (dyn Lend + 'l)>,
     notices: &'a mut Vec<Vec<u8>>,
     verdicts: &'a mut Vec<Close>,
     /// Requests passed over per connection in service, and in all.
@@ -315,6 +328,28 @@ struct Pass<'a> {
     held_total: usize,
     /// The queue is full: requests wait for the next pass.
     full: bool,
+}
+
+/// What goes with `conn`'s request `msg` to its worker: the client's connection, when the
+/// front end marked the request `DIRECT`, and the body pipe the request names.
+fn lendings<'a>(lend: &'a dyn Lend, conn: ConnId, msg: &[u8]) -> Lendings<'a> {
+    let direct = find_header(msg, DIRECT).as_deref() == Some(b"1");
+    let body = find_header(msg, BODY_PIPE).as_deref().and_then(serial_of);
+    let lendings = Lendings {
+        client: lend.client(conn).filter(|_| direct),
+        body: body.and_then(|serial| lend.body(conn, serial)),
+    };
+    if body.is_some() && lendings.body.is_none() {
+        tracing::warn!(
+            conn,
+            "a request's body pipe did not come: its worker refuses it"
+        );
+    }
+    lendings
+}
+
+fn serial_of(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// The message, when it is a genuine upload's end (mongrel2's upload-done).
@@ -376,5 +411,91 @@ mod tests {
             .finish(seq.unwrap(), 1)
             .expect("closed once answered");
         assert_eq!(close.1, 1);
+    }
+
+    /// A front end's lending with one connection, 7, whose next body pipe is serial 2.
+    struct OneConn {
+        stream: std::os::unix::net::UnixStream,
+        pipe: Option<std::os::fd::OwnedFd>,
+    }
+
+    impl Lend for OneConn {
+        fn client(&self, id: u64) -> Option<std::os::fd::BorrowedFd<'_>> {
+            use std::os::fd::AsFd;
+            (id == 7).then(|| self.stream.as_fd())
+        }
+        fn body(&self, id: u64, serial: u64) -> Option<std::os::fd::BorrowedFd<'_>> {
+            use std::os::fd::AsFd;
+            self.pipe
+                .as_ref()
+                .filter(|_| (id, serial) == (7, 2))
+                .map(|p| p.as_fd())
+        }
+        fn body_sent(&mut self, _: u64) {
+            self.pipe = None;
+        }
+    }
+
+    fn with_headers(conn: ConnId, headers: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        m2wire::encode_request(
+            &mut out,
+            b"front",
+            conn,
+            b"/",
+            m2wire::HeaderEncoding::Tnetstring,
+            headers,
+            b"",
+        );
+        out
+    }
+
+    #[test]
+    fn a_request_carries_its_client_only_when_direct_and_only_the_pipe_it_names() {
+        let (stream, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (pipe, _write) = nix::unistd::pipe().unwrap();
+        let lend = OneConn {
+            stream,
+            pipe: Some(pipe),
+        };
+        let direct: (&[u8], &[u8]) = (DIRECT, b"1");
+        let got = |msg: &[u8], conn| {
+            let l = lendings(&lend, conn, msg);
+            (l.client.is_some(), l.body.is_some())
+        };
+        assert_eq!(got(&with_headers(7, &[]), 7), (false, false));
+        assert_eq!(got(&with_headers(7, &[direct]), 7), (true, false));
+        assert_eq!(got(&with_headers(8, &[direct]), 8), (false, false));
+        assert_eq!(
+            got(&with_headers(7, &[(BODY_PIPE, b"2")]), 7),
+            (false, true)
+        );
+        assert_eq!(
+            got(&with_headers(7, &[(BODY_PIPE, b"1")]), 7),
+            (false, false)
+        );
+        assert_eq!(
+            got(&with_headers(8, &[(BODY_PIPE, b"2")]), 8),
+            (false, false)
+        );
+    }
+
+    #[test]
+    fn a_queued_requests_pipe_is_let_go_by_the_front_end() {
+        let (stream, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (pipe, _write) = nix::unistd::pipe().unwrap();
+        let mut lend = OneConn {
+            stream,
+            pipe: Some(pipe),
+        };
+        let channels = BrokerChannels::new().unwrap();
+        let mut requests = Requests::default();
+        requests
+            .waiting
+            .push_back(with_headers(7, &[(BODY_PIPE, b"2"), (DIRECT, b"1")]));
+        let (mut notices, mut closes) = (Vec::new(), Vec::new());
+        requests.dispatch(&channels, 1, &mut notices, &mut closes, Some(&mut lend));
+        assert_eq!(queued_conns(&requests), [7]);
+        assert!(lend.pipe.is_none());
     }
 }

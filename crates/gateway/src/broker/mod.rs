@@ -8,9 +8,10 @@
 //! queue fast requests behind slow ones (note 3). The broker stays connected while workers
 //! come and go; a request waits in the shared queue until a worker is free to take it.
 //!
-//! In one-command mode the front end lends its client connections (`lent`), and a worker
-//! writes a response to its client itself; only its end passes through here, in order with
-//! the rest. Otherwise replies pass through here too, for three reasons that each lost
+//! In one-command mode the broker runs inside the front end's process (`Inproc`, see
+//! `server::inproc`): requests and replies pass in memory, a request goes to its worker
+//! with its client's connection, and the worker writes the response to its client itself;
+//! only its end passes through here, in order with the rest. Otherwise replies pass through here too, for three reasons that each lost
 //! responses when every worker had its own connection: mongrel2 fair-queues between connections, so a
 //! connection's next response could overtake the tail of the previous one (note 10); only
 //! the broker sees mongrel2's flow-control credits and restarts; and a worker with a
@@ -25,12 +26,11 @@
 //! against chosen collisions bought nothing here, for a few percent of the broker's time.
 
 mod dispatch;
-mod lent;
 mod outgoing;
 mod workers;
 
 use std::io::Read;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,8 +44,8 @@ use zmtp::{Peer, PeerEvent, SocketType};
 use crate::config::Settings;
 use crate::link::BrokerChannels;
 use dispatch::{Close, Requests, MAX_WAITING};
-use lent::Lent;
 use outgoing::Outgoing;
+use server::inproc::Lend;
 use workers::{Probe, Workers};
 
 /// Most bytes queued on the reply connection before the broker stops moving replies to it.
@@ -93,10 +93,23 @@ impl Signals {
     }
 }
 
+/// Where requests come from and replies go.
+enum Upstream {
+    /// mongrel2 (or `wsgid server`) over ZMTP: its PUSH (requests) and SUB (replies).
+    Zmtp {
+        requests: Box<Peer>,
+        replies: Box<Peer>,
+    },
+    /// The front end in this process: the replies for it to take after a turn, and the
+    /// descriptors for its loop to poll from now on.
+    Inproc {
+        replies: Vec<Vec<u8>>,
+        fresh: Vec<RawFd>,
+    },
+}
+
 struct Broker {
-    /// mongrel2's PUSH (requests) and SUB (replies).
-    requests: Peer,
-    replies: Peer,
+    upstream: Upstream,
     /// mongrel2 has subscribed on the reply connection: replies reach it.
     subscribed: bool,
     /// Bumped whenever a connection to mongrel2 is lost.
@@ -114,8 +127,6 @@ struct Broker {
     next_liveness_check: Instant,
     /// Following a worker that died while taking a request (see `settle_probe`).
     probe: Option<Probe>,
-    /// One-command mode: the client connections the front end lends.
-    lent: Option<Lent>,
 }
 
 pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
@@ -124,30 +135,16 @@ pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
     let max_message = settings
         .max_body_size
         .map_or(DEFAULT_MAX_MESSAGE, |b| b.saturating_add(1 << 20));
-    let mut broker = Broker {
-        requests: Peer::new(&settings.recv, SocketType::Pull, max_message)
-            .with_context(|| format!("--recv {}", settings.recv))?,
-        replies: Peer::new(&settings.send, SocketType::Pub, 1 << 16)
-            .with_context(|| format!("--send {}", settings.send))?,
-        subscribed: false,
-        epoch: 1,
-        channels: BrokerChannels::new().context("cannot create the request queue")?,
-        queue: Requests::default(),
-        workers: Workers::default(),
-        outgoing: Outgoing::default(),
-        draining: None,
-        requests_closed: false,
-        next_flush: None,
-        next_liveness_check: Instant::now(),
-        probe: None,
-        lent: match &settings.lending {
-            Some(path) => Some(
-                Lent::listen(path)
-                    .with_context(|| format!("cannot listen at {}", path.display()))?,
-            ),
-            None => None,
-        },
-    };
+    let mut broker = Broker::new(Upstream::Zmtp {
+        requests: Box::new(
+            Peer::new(&settings.recv, SocketType::Pull, max_message)
+                .with_context(|| format!("--recv {}", settings.recv))?,
+        ),
+        replies: Box::new(
+            Peer::new(&settings.send, SocketType::Pub, 1 << 16)
+                .with_context(|| format!("--send {}", settings.send))?,
+        ),
+    })?;
     tracing::info!(recv = %settings.recv, send = %settings.send, "broker ready");
     let graceful = Duration::from_secs(settings.graceful_timeout);
     loop {
@@ -172,16 +169,32 @@ pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
 }
 
 impl Broker {
+    fn new(upstream: Upstream) -> anyhow::Result<Broker> {
+        Ok(Broker {
+            subscribed: matches!(upstream, Upstream::Inproc { .. }),
+            upstream,
+            epoch: 1,
+            channels: BrokerChannels::new().context("cannot create the request queue")?,
+            queue: Requests::default(),
+            workers: Workers::default(),
+            outgoing: Outgoing::default(),
+            draining: None,
+            requests_closed: false,
+            next_flush: None,
+            next_liveness_check: Instant::now(),
+            probe: None,
+        })
+    }
+
     /// Stopping: the request connection is half-closed, so mongrel2 stops sending to us and
     /// closes its side; what it had sent is still read, queued and answered. Half the
     /// graceful timeout is ours; the workers, stopped after us, need the rest.
     fn start_draining(&mut self, graceful: Duration) {
         tracing::info!("stopping: no new requests from mongrel2, serving those sent");
-        if self.requests.is_up() {
-            self.requests.shutdown_write();
-        } else {
+        match &mut self.upstream {
+            Upstream::Zmtp { requests, .. } if requests.is_up() => requests.shutdown_write(),
             // Not connected now: nothing was sent to us that we have not read.
-            self.requests_closed = true;
+            _ => self.requests_closed = true,
         }
         self.draining = Some(Instant::now() + graceful / 2);
     }
@@ -195,19 +208,32 @@ impl Broker {
             tracing::warn!("graceful timeout: stopping with requests unanswered");
             return true;
         }
+        let Upstream::Zmtp { requests, replies } = &self.upstream else {
+            return true;
+        };
         let quiet = self.requests_closed
-            || !self.requests.is_up()
-            || self.requests.last_input().elapsed() >= DRAIN_IDLE;
+            || !requests.is_up()
+            || requests.last_input().elapsed() >= DRAIN_IDLE;
         quiet
             && self.queue.waiting.is_empty()
             && self.queue.unanswered(self.epoch) == 0
             && self.outgoing.is_empty()
-            && self.replies.backlog() == 0
+            && replies.backlog() == 0
     }
 
     /// One turn of the loop: wait for something to happen, then do all there is to do.
     fn turn(&mut self, listener: &UnixListener, signals: &Signals) -> anyhow::Result<()> {
-        // Workers whose connections have room again: their buffered replies first.
+        self.forward_unblocked(None);
+        let ready = self.wait(listener, Some(signals), None)?;
+        if ready.signal {
+            signals.drain();
+        }
+        self.serve(listener, &ready, None);
+        Ok(())
+    }
+
+    /// Workers whose connections have room again: their buffered replies go first.
+    fn forward_unblocked(&mut self, lend: Option<&mut dyn Lend>) {
         let unblocked = self.workers.unblocked(&self.outgoing);
         for &fd in &unblocked {
             if let Err(e) = self.take_frames(fd, false) {
@@ -216,60 +242,68 @@ impl Broker {
         }
         if !unblocked.is_empty() {
             // What they forwarded goes out now, not at the next wake-up.
-            self.dispatch();
+            self.dispatch(lend);
             self.flush();
         }
-        let ready = self.wait(listener, signals)?;
-        if ready.signal {
-            signals.drain();
-        }
+    }
+
+    /// Does all there is to do about what `wait` found ready.
+    fn serve(&mut self, listener: &UnixListener, ready: &Ready, lend: Option<&mut dyn Lend>) {
         if ready.accept {
             while let Ok((stream, _)) = listener.accept() {
-                self.workers.accept(stream, &self.channels);
+                let accepted = self.workers.accept(stream, &self.channels);
+                if let (Some(fd), Upstream::Inproc { fresh, .. }) = (accepted, &mut self.upstream) {
+                    fresh.push(fd);
+                }
             }
-        }
-        if let (true, Some(lent)) = (ready.lent, self.lent.as_mut()) {
-            lent.accept();
-            lent.receive();
         }
         // Replies first: they free connections whose next requests wait.
         self.read_replies(&ready.workers);
         self.check_workers();
         self.settle_probe();
         self.drive_replies(ready.replies);
-        if !self.requests_closed {
+        if let (false, Upstream::Zmtp { requests, .. }) = (self.requests_closed, &mut self.upstream)
+        {
             let mut events = Vec::new();
-            self.requests.drive(&mut events, ready.requests);
+            requests.drive(&mut events, ready.requests);
             for event in events {
                 self.on_request_event(event);
             }
         }
-        self.dispatch();
+        self.dispatch(lend);
         self.flush();
-        Ok(())
     }
 
-    fn wait(&mut self, listener: &UnixListener, signals: &Signals) -> anyhow::Result<Ready> {
+    /// Polls for what is ready: until something is, or the next deadline (`timeout`
+    /// overrides it: zero when the front end's loop has already waited for us).
+    fn wait(
+        &mut self,
+        listener: &UnixListener,
+        signals: Option<&Signals>,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<Ready> {
         let streams = self.workers.readable_fds();
-        let mut polled = vec![
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut polled = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let signal_at = polled.len();
+        if let Some(signals) = signals {
+            polled.push(PollFd::new(signals.wake.as_fd(), PollFlags::POLLIN));
+        }
         if self.queue.queue_full {
             polled.push(PollFd::new(
                 self.channels.queue_fd().as_fd(),
                 PollFlags::POLLOUT,
             ));
         }
-        let lent_at = polled.len();
-        if let Some(lent) = &self.lent {
-            polled.extend(lent.fds().map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
-        }
-        let lent_end = polled.len();
-        let requests = (!self.requests_closed).then_some(&self.requests);
+        let (requests, replies) = match &self.upstream {
+            Upstream::Zmtp { requests, replies } => (
+                (!self.requests_closed).then_some(&**requests),
+                Some(&**replies),
+            ),
+            Upstream::Inproc { .. } => (None, None),
+        };
         // Where each peer's entry is, if it is polled.
         let mut peer_at = [None, None];
-        for (i, peer) in [requests, Some(&self.replies)].into_iter().enumerate() {
+        for (i, peer) in [requests, replies].into_iter().enumerate() {
             // A socket polled for nothing still reports hang-ups, and would spin the loop.
             if let Some((fd, read @ true, write) | (fd, read, write @ true)) =
                 peer.and_then(Peer::poll_interest)
@@ -287,33 +321,15 @@ impl Broker {
                 .iter()
                 .map(|&fd| PollFd::new(borrow(fd), PollFlags::POLLIN)),
         );
-        let now = Instant::now();
-        let requests_deadline = self.requests.deadline().filter(|_| !self.requests_closed);
-        let mut deadline = [requests_deadline, self.replies.deadline(), self.next_flush]
-            .into_iter()
-            .flatten()
-            .min();
-        if self.draining.is_some() || !self.queue.in_flight.is_empty() || self.probe.is_some() {
-            // Look in on the workers (`check_workers`), the drain and a probe now and then.
-            let tick = if self.probe.is_some() {
-                10
-            } else if self.draining.is_some() {
-                50
-            } else {
-                1000
-            };
-            let at = now + Duration::from_millis(tick);
-            deadline = Some(deadline.map_or(at, |d| d.min(at)));
-        }
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
-            Some(at) => {
-                let ms = at.saturating_duration_since(now).as_millis();
-                // Round up: waking early only to find nothing due would spin.
-                let ms = if at > now { ms.max(1) } else { 0 };
-                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
-            }
+        let timeout = match timeout {
+            Some(wait) => wait,
+            None => self.deadline().map_or(Duration::MAX, |at| {
+                at.saturating_duration_since(Instant::now())
+            }),
         };
+        // Rounded up: waking early only to find nothing due would spin.
+        let ms = timeout.as_nanos().div_ceil(1_000_000).min(60_000);
+        let timeout = PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX);
         match poll(&mut polled, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
@@ -322,8 +338,8 @@ impl Broker {
         let peer_hit = |at: Option<usize>| at.is_some_and(|i| hit(&polled[i]));
         Ok(Ready {
             accept: hit(&polled[0]),
-            signal: hit(&polled[1]),
-            lent: polled[lent_at..lent_end].iter().any(hit),
+            signal: signals.is_some() && hit(&polled[signal_at]),
+            more: polled.iter().any(hit),
             requests: peer_hit(peer_at[0]),
             replies: peer_hit(peer_at[1]),
             workers: streams
@@ -335,12 +351,45 @@ impl Broker {
         })
     }
 
+    /// When something is due even if nothing is ready: a peer's heartbeat, paced replies,
+    /// a look in on the workers (`check_workers`), the drain, a probe, a full queue.
+    fn deadline(&self) -> Option<Instant> {
+        let peers = match &self.upstream {
+            Upstream::Zmtp { requests, replies } => [
+                requests.deadline().filter(|_| !self.requests_closed),
+                replies.deadline(),
+            ],
+            Upstream::Inproc { .. } => [None, None],
+        };
+        let now = Instant::now();
+        let tick = if self.probe.is_some() {
+            Some(10)
+        } else if self.queue.queue_full && matches!(self.upstream, Upstream::Inproc { .. }) {
+            // Not polled for room there: looked at again soon.
+            Some(1)
+        } else if self.draining.is_some() {
+            Some(50)
+        } else if !self.queue.in_flight.is_empty() {
+            Some(1000)
+        } else {
+            None
+        };
+        let tick = tick.map(|ms| now + Duration::from_millis(ms));
+        peers
+            .into_iter()
+            .chain([self.next_flush, tick])
+            .flatten()
+            .min()
+    }
+
     /// A new epoch: nothing from before may reach the new connections. Both connections
     /// start anew, so that no byte read from here on comes from the old mongrel2.
     fn new_epoch(&mut self, why: &str) {
         let mut ignored = Vec::new();
-        self.requests.restart(why, &mut ignored);
-        self.replies.restart(why, &mut ignored);
+        if let Upstream::Zmtp { requests, replies } = &mut self.upstream {
+            requests.restart(why, &mut ignored);
+            replies.restart(why, &mut ignored);
+        }
         self.subscribed = false;
         if self.draining.is_some() {
             self.requests_closed = true;
@@ -350,9 +399,6 @@ impl Broker {
         let unanswered = self.queue.unanswered(self.epoch - 1);
         let dropped = self.outgoing.clear();
         self.queue.forget_epoch();
-        if let Some(lent) = self.lent.as_mut() {
-            lent.clear();
-        }
         if waiting + unanswered + dropped > 0 {
             tracing::warn!(
                 waiting,
@@ -366,13 +412,17 @@ impl Broker {
     }
 
     fn drive_replies(&mut self, readable: bool) {
+        let Upstream::Zmtp { replies, .. } = &mut self.upstream else {
+            return;
+        };
         let mut events = Vec::new();
-        self.replies.drive(&mut events, readable);
+        replies.drive(&mut events, readable);
+        let spec = replies.spec().to_string();
         for event in events {
             match event {
                 PeerEvent::Subscribed(prefix) => {
                     if !self.subscribed {
-                        tracing::info!(send = %self.replies.spec(), "the front end (mongrel2 or ours) listens for replies");
+                        tracing::info!(send = %spec, "the front end (mongrel2 or ours) listens for replies");
                     }
                     self.subscribed = true;
                     if !prefix.is_empty() {
@@ -442,18 +492,13 @@ impl Broker {
 
     /// Queues what waits, handles mongrel2's notices, and closes what must be closed. Not
     /// before mongrel2 has subscribed: until then its replies would be lost.
-    fn dispatch(&mut self) {
+    fn dispatch(&mut self, lend: Option<&mut dyn Lend>) {
         if !self.subscribed {
             return;
         }
         let (mut notices, mut closes) = (Vec::new(), Vec::new());
-        self.queue.dispatch(
-            &self.channels,
-            self.epoch,
-            &mut notices,
-            &mut closes,
-            self.lent.as_mut(),
-        );
+        self.queue
+            .dispatch(&self.channels, self.epoch, &mut notices, &mut closes, lend);
         for notice in notices {
             self.on_notice(&notice);
         }
@@ -476,9 +521,6 @@ impl Broker {
                 let dropped = self.outgoing.forget(notice.conn_id);
                 self.queue.drop_waiting(notice.conn_id);
                 self.queue.forget_conn(notice.conn_id);
-                if let Some(lent) = self.lent.as_mut() {
-                    lent.forget(notice.conn_id);
-                }
                 tracing::debug!(conn = notice.conn_id, dropped, "client disconnected");
             }
             other => tracing::debug!(conn = notice.conn_id, kind = ?other, "notice"),
@@ -508,12 +550,25 @@ impl Broker {
                 self.0.backlog() < MAX_REPLY_BACKLOG && self.0.send(&[prefix, payload])
             }
         }
-        self.next_flush = self
-            .outgoing
-            .flush(Instant::now(), &mut ToMongrel2(&mut self.replies));
-        if self.replies.backlog() > 0 {
+        struct ToFrontEnd<'a>(&'a mut Vec<Vec<u8>>);
+        impl outgoing::Sender for ToFrontEnd<'_> {
+            fn send(&mut self, prefix: &[u8], payload: &[u8]) -> bool {
+                self.0.push([prefix, payload].concat());
+                true
+            }
+        }
+        let now = Instant::now();
+        let replies = match &mut self.upstream {
+            Upstream::Inproc { replies, .. } => {
+                self.next_flush = self.outgoing.flush(now, &mut ToFrontEnd(replies));
+                return;
+            }
+            Upstream::Zmtp { replies, .. } => replies,
+        };
+        self.next_flush = self.outgoing.flush(now, &mut ToMongrel2(replies));
+        if replies.backlog() > 0 {
             let mut events = Vec::new();
-            self.replies.drive(&mut events, false);
+            replies.drive(&mut events, false);
             for event in events {
                 if let PeerEvent::Down(reason) = event {
                     self.subscribed = false;
@@ -521,6 +576,63 @@ impl Broker {
                 }
             }
         }
+    }
+}
+
+/// One-command mode's broker, inside the front end's process (see `server::inproc`): the
+/// same queue, workers and records, with the front end's loop doing the waiting.
+pub struct InprocBroker {
+    broker: Broker,
+    /// The link's listener, where workers connect (the master's, inherited).
+    listener: UnixListener,
+}
+
+impl InprocBroker {
+    pub fn new(listener: UnixListener) -> anyhow::Result<InprocBroker> {
+        listener.set_nonblocking(true)?;
+        let broker = Broker::new(Upstream::Inproc {
+            replies: Vec::new(),
+            fresh: vec![listener.as_raw_fd()],
+        })?;
+        Ok(InprocBroker { broker, listener })
+    }
+}
+
+impl server::inproc::Inproc for InprocBroker {
+    fn push(&mut self, message: &[u8]) {
+        self.broker
+            .on_request_event(PeerEvent::Message(message.to_vec()));
+    }
+
+    fn turn(&mut self, woken: bool, lend: &mut dyn Lend, replies: &mut Vec<Vec<u8>>) -> bool {
+        let broker = &mut self.broker;
+        broker.forward_unblocked(Some(lend));
+        let ready = if woken {
+            match broker.wait(&self.listener, None, Some(Duration::ZERO)) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    tracing::error!("polling the workers: {e}");
+                    Ready::default()
+                }
+            }
+        } else {
+            Ready::default()
+        };
+        broker.serve(&self.listener, &ready, Some(lend));
+        if let Upstream::Inproc { replies: made, .. } = &mut broker.upstream {
+            replies.append(made);
+        }
+        ready.more
+    }
+
+    fn new_fds(&mut self, out: &mut Vec<RawFd>) {
+        if let Upstream::Inproc { fresh, .. } = &mut self.broker.upstream {
+            out.append(fresh);
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.broker.deadline()
     }
 }
 
@@ -545,11 +657,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// What woke the loop.
+#[derive(Default)]
 struct Ready {
     accept: bool,
     signal: bool,
-    /// The front end connected to lend connections, or sent some.
-    lent: bool,
+    /// Anything was ready (in one-command mode: look again at once).
+    more: bool,
     /// mongrel2's connections have something to read (or an error to report).
     requests: bool,
     replies: bool,

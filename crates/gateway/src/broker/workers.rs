@@ -39,10 +39,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    pub fn accept(&mut self, stream: UnixStream, channels: &BrokerChannels) {
+    /// Greets a worker that connected; its stream's descriptor, when it is taken on.
+    pub fn accept(&mut self, stream: UnixStream, channels: &BrokerChannels) -> Option<RawFd> {
         let pid = match link::check_peer(&stream) {
             Ok(pid) => pid,
-            Err(e) => return tracing::warn!("refused a connection to the worker link: {e}"),
+            Err(e) => {
+                tracing::warn!("refused a connection to the worker link: {e}");
+                return None;
+            }
         };
         let welcomed = RingReader::create().and_then(|(ring, file)| {
             channels.welcome(&stream, &file)?;
@@ -58,10 +62,15 @@ impl Workers {
                     rbuf: ReadBuf::new(READ_BUFFER),
                     blocked_on: None,
                 };
-                self.by_fd.insert(worker.stream.as_raw_fd(), worker);
+                let fd = worker.stream.as_raw_fd();
+                self.by_fd.insert(fd, worker);
+                Some(fd)
             }
             // A worker that gave up waiting while no broker ran: nothing lost.
-            Err(e) => tracing::debug!(pid, "cannot greet a worker: {e}"),
+            Err(e) => {
+                tracing::debug!(pid, "cannot greet a worker: {e}");
+                None
+            }
         }
     }
 

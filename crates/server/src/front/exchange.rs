@@ -291,10 +291,9 @@ impl Hub {
         self.dispatch(conn, handler, head, key, Payload::UploadDone(&path));
     }
 
-    /// A body in a pipe goes to the broker (sent before the request, as connections are),
-    /// and on with the request to its worker. When the broker cannot take it now, or is not
-    /// there to take the request too (the pipe would be lost with it), the body moves to a
-    /// file and the request goes as an upload.
+    /// A body in a pipe goes with its request to its worker: the broker (in this process:
+    /// pipes are one-command mode's) takes the pipe's read end from the connection when it
+    /// queues the request.
     fn dispatch_pipe(
         &mut self,
         conn: &mut Conn,
@@ -304,24 +303,10 @@ impl Hub {
         pipe: RequestPipe,
     ) {
         let serial = pipe.serial;
-        if self.handlers.available(handler)
-            && self
-                .lender
-                .as_mut()
-                .is_some_and(|l| l.lend_body(conn.id, serial, pipe.output()))
-        {
-            conn.upload_lent = Some(LentBody::Pipe(pipe.finish()));
-            return self.dispatch(conn, handler, head, key, Payload::Pipe(serial));
-        }
-        let Some(mut spool) = self.spool(conn, Some(pipe.written)) else {
-            return;
-        };
-        if let Err(e) = pipe.spill(&mut spool) {
-            tracing::error!("writing an upload file: {e}");
-            spool.remove();
-            return self.refuse(conn, Status::INTERNAL_ERROR, true, "");
-        }
-        self.dispatch_spooled(conn, handler, head, key, spool);
+        let (ticket, output) = pipe.finish();
+        conn.upload_lent = Some(LentBody::Pipe(ticket));
+        conn.body_pipe = Some((serial, output));
+        self.dispatch(conn, handler, head, key, Payload::Pipe(serial));
     }
 
     /// Sends the request to its handler and waits for the reply; with no handler
@@ -336,9 +321,9 @@ impl Hub {
     ) {
         // Lent only when nothing of ours is queued for the client, which the worker's
         // bytes would overtake (a 100 Continue, say).
-        let direct = !matches!(body, Payload::UploadStart(_))
-            && conn.out.is_empty()
-            && self.lender.as_mut().is_some_and(|l| l.lend(conn));
+        let direct =
+            !matches!(body, Payload::UploadStart(_)) && conn.out.is_empty() && self.lending;
+        conn.lent |= direct;
         let message = self.message(conn, handler, head, key, body, direct);
         conn.first_request = false;
         if self.handlers.send(handler, &message) {

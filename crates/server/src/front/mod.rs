@@ -40,6 +40,11 @@ use splice::Moved;
 
 /// Listeners' tokens: `LISTENERS + i`, below the handlers' (`AUX_BASE`).
 const LISTENERS: usize = AUX_BASE - 1024;
+/// The token of every descriptor of the broker in this process (see `crate::inproc`).
+const INPROC: usize = LISTENERS - 1;
+/// Most turns of the broker in this process per turn of the loop: replies free
+/// connections whose next requests go to it in the next turn, until clients have to wait.
+const INPROC_ROUNDS: usize = 4;
 /// Credits a handler starts with on a connection (mongrel2's).
 const FIRST_CREDITS: &[u8] = b"102400";
 /// How long a closing connection reads and drops what the client still sends.
@@ -71,8 +76,8 @@ pub struct Hub {
     /// The chroot as seen from here (`/` once chrooted): where upload files go.
     pub upload_root: PathBuf,
     pub scheme: &'static [u8],
-    /// One-command mode: client connections are lent to the broker (see `lend`).
-    pub lender: Option<lend::Lender>,
+    /// One-command mode: client connections are lent to the workers (see `lend`).
+    pub lending: bool,
     /// One-command mode: spool files are kept and written again (see `SpoolPool`).
     pub pool: Option<crate::upload::SpoolPool>,
     /// One-command mode: bodies up to 1 MiB go to the workers in pipes (see `RequestPipes`).
@@ -98,6 +103,12 @@ pub struct Front {
     accept_again: bool,
     /// Moves spooled bodies from sockets to files (none if the pipe could not be made).
     body_pipe: Option<splice::BodyPipe>,
+    /// The broker in this process may have more to read at once.
+    inproc_more: bool,
+    /// Most client connections at once (see `limit_connections`), and whether they are
+    /// reached (said once each time).
+    max_conns: usize,
+    at_capacity: bool,
 }
 
 /// Connection ids are never reused, not even across a restart of the server: they start
@@ -135,6 +146,9 @@ impl Front {
             body_pipe: splice::BodyPipe::new()
                 .inspect_err(|e| tracing::warn!("no pipe for spooling bodies ({e}): read instead"))
                 .ok(),
+            inproc_more: false,
+            max_conns: usize::MAX,
+            at_capacity: false,
         })
     }
 
@@ -152,11 +166,17 @@ impl Front {
         let mut last_tick = Instant::now();
         let mut stopping: Option<Instant> = None;
         loop {
-            let timeout = if self.hot.is_empty() {
-                TICK
+            // Fixed before waiting: a deadline of the broker's that is a time from now (its
+            // ticks) is due once the wait ends, though asked again it would be later still.
+            let inproc_deadline = self.inproc_deadline();
+            let timeout = if self.hot.is_empty() && !self.inproc_more {
+                inproc_deadline.map_or(TICK, |at| {
+                    at.saturating_duration_since(Instant::now()).min(TICK)
+                })
             } else {
                 Duration::ZERO
             };
+            let mut inproc_woken = false;
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     return Err(e.into());
@@ -164,7 +184,9 @@ impl Front {
             }
             for event in events.iter() {
                 let token = event.token();
-                if (LISTENERS..AUX_BASE).contains(&token.0) {
+                if token.0 == INPROC {
+                    inproc_woken = true;
+                } else if (LISTENERS..AUX_BASE).contains(&token.0) {
                     self.accept(token.0 - LISTENERS);
                 } else if token.0 >= AUX_BASE {
                     self.aux_event(
@@ -185,6 +207,8 @@ impl Front {
             for index in std::mem::take(&mut self.ready) {
                 self.client_event(index, false);
             }
+            let due = inproc_deadline.is_some_and(|at| at <= Instant::now());
+            self.run_inproc(inproc_woken || self.inproc_more || due);
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick();
@@ -223,11 +247,76 @@ impl Front {
         }
     }
 
+    /// Keeps descriptors for work other than clients (a restarted worker's link, spool
+    /// files, body pipes): past `most` connections, new clients wait in the listen backlog
+    /// until one leaves, rather than take the last descriptor.
+    pub fn limit_connections(&mut self, most: usize) {
+        self.max_conns = most;
+    }
+
+    /// When the broker in this process wants a turn even if nothing signals.
+    fn inproc_deadline(&self) -> Option<Instant> {
+        self.hub.handlers.inproc.as_ref()?.1.deadline()
+    }
+
+    /// Gives the broker in this process its turns: when its descriptors signalled or may
+    /// hold more (`woken`), when requests were pushed to it, or when its deadline passed.
+    /// Its replies are delivered as any handler's are.
+    fn run_inproc(&mut self, mut woken: bool) {
+        let Some(handler) = self.hub.handlers.inproc.as_ref().map(|(h, _)| *h) else {
+            return;
+        };
+        woken |= self
+            .inproc_deadline()
+            .is_some_and(|at| at <= Instant::now());
+        for _ in 0..INPROC_ROUNDS {
+            if !woken && !self.hub.handlers.pushed {
+                return;
+            }
+            self.hub.handlers.pushed = false;
+            let (_, inproc) = self.hub.handlers.inproc.as_mut().expect("checked above");
+            let mut lending = lend::Lending {
+                conns: &mut self.conns,
+                ids: &self.ids,
+            };
+            let mut replies = Vec::new();
+            self.inproc_more = inproc.turn(woken, &mut lending, &mut replies);
+            let mut fds = Vec::new();
+            inproc.new_fds(&mut fds);
+            for fd in fds {
+                let source = &mut mio::unix::SourceFd(&fd);
+                if let Err(e) =
+                    self.poll
+                        .registry()
+                        .register(source, Token(INPROC), Interest::READABLE)
+                {
+                    tracing::error!("cannot poll the broker's descriptor: {e}");
+                }
+            }
+            woken = self.inproc_more;
+            for msg in replies {
+                self.on_reply(handler, msg);
+            }
+        }
+    }
+
     fn accept(&mut self, index: usize) {
         loop {
             let Some(listener) = self.listeners.get(index) else {
                 return;
             };
+            if self.conns.len() >= self.max_conns {
+                if !std::mem::replace(&mut self.at_capacity, true) {
+                    tracing::warn!(
+                        connections = self.conns.len(),
+                        "at the most connections the open files limit allows: new ones wait"
+                    );
+                }
+                // Looked at again at each tick (the edge that said connections wait is spent).
+                self.accept_again = true;
+                return;
+            }
+            self.at_capacity = false;
             let (mut stream, remote) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -428,7 +517,7 @@ impl Front {
         let mut conn = self.conns.remove(index);
         self.ids.remove(&conn.id);
         let _ = self.poll.registry().deregister(&mut conn.stream);
-        if conn.lent != 0 {
+        if conn.lent {
             // The broker (and maybe a worker) holds copies: the connection ends here.
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         }
