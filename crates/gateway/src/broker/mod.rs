@@ -1,6 +1,7 @@
-//! The broker: the one process of a wsgid instance that talks to mongrel2. It pulls requests
-//! into the queue that idle workers take from (see `link`), and forwards the workers'
-//! replies to mongrel2 over one connection.
+//! The broker: the part of a wsgid instance that talks to mongrel2 (a process of its own),
+//! or in one-command mode to the front end it runs inside. It pulls requests into the
+//! queue that idle workers take from (see `link`), and forwards the workers' replies over
+//! one connection.
 //!
 //! mongrel2's PUSH assigns a request to a connected peer before that peer reads it, and a
 //! peer that disconnects loses what was assigned to it and still in flight (design note 2).
@@ -8,14 +9,15 @@
 //! queue fast requests behind slow ones (note 3). The broker stays connected while workers
 //! come and go; a request waits in the shared queue until a worker is free to take it.
 //!
-//! In one-command mode the broker runs inside the front end's process (`Inproc`, see
+//! In one-command mode the broker runs inside the front end's process (`InprocBroker`, see
 //! `server::inproc`): requests and replies pass in memory, a request goes to its worker
 //! with its client's connection, and the worker writes the response to its client itself;
-//! only its end passes through here, in order with the rest. Otherwise replies pass through here too, for three reasons that each lost
-//! responses when every worker had its own connection: mongrel2 fair-queues between connections, so a
-//! connection's next response could overtake the tail of the previous one (note 10); only
-//! the broker sees mongrel2's flow-control credits and restarts; and a worker with a
-//! response for a mongrel2 that is away now hands it over and lives on.
+//! only its end passes through here, in order with the rest. Otherwise replies pass through
+//! here too, for three reasons that each lost responses when every worker had its own
+//! connection: mongrel2 fair-queues between connections, so a connection's next response
+//! could overtake the tail of the previous one (note 10); only the broker sees mongrel2's
+//! flow-control credits and restarts; and a worker with a response for a mongrel2 that is
+//! away now hands it over and lives on.
 //!
 //! **Epochs.** Every time either connection to mongrel2 is lost, a new epoch begins: what
 //! was waiting, held or in service is never delivered over the new connections (mongrel2

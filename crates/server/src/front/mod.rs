@@ -260,15 +260,12 @@ impl Front {
     }
 
     /// Gives the broker in this process its turns: when its descriptors signalled or may
-    /// hold more (`woken`), when requests were pushed to it, or when its deadline passed.
+    /// hold more, or its deadline passed (`woken`), and when requests were pushed to it.
     /// Its replies are delivered as any handler's are.
     fn run_inproc(&mut self, mut woken: bool) {
         let Some(handler) = self.hub.handlers.inproc.as_ref().map(|(h, _)| *h) else {
             return;
         };
-        woken |= self
-            .inproc_deadline()
-            .is_some_and(|at| at <= Instant::now());
         for _ in 0..INPROC_ROUNDS {
             if !woken && !self.hub.handlers.pushed {
                 return;
