@@ -63,3 +63,44 @@ impl Lend for Lending<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Stream;
+    use std::os::fd::OwnedFd;
+
+    fn conn(id: u64) -> Conn {
+        let (ours, _theirs) = mio::net::UnixStream::pair().unwrap();
+        Conn::new(id, Stream::Unix(ours), "127.0.0.1:1".parse().unwrap())
+    }
+
+    fn pipe_end() -> OwnedFd {
+        nix::unistd::pipe().unwrap().0
+    }
+
+    #[test]
+    fn a_connection_is_lent_once_direct_and_a_pipe_only_by_its_serial() {
+        let mut conns = Slab::new();
+        let mut ids = FxHashMap::default();
+        let mut first = conn(10);
+        first.body_pipe = Some((3, pipe_end()));
+        ids.insert(10, conns.insert(first));
+        ids.insert(11, conns.insert(conn(11)));
+        let mut lending = Lending {
+            conns: &mut conns,
+            ids: &ids,
+        };
+        // Not lent before a request went out DIRECT on it.
+        assert!(lending.client(10).is_none());
+        lending.conns[ids[&10]].lent = true;
+        assert!(lending.client(10).is_some());
+        // Gone, or never here: nothing.
+        assert!(lending.client(12).is_none() && lending.body(12, 3).is_none());
+        // A pipe goes only with its own serial, of its own connection.
+        assert!(lending.body(10, 2).is_none() && lending.body(11, 3).is_none());
+        assert!(lending.body(10, 3).is_some());
+        lending.body_sent(10);
+        assert!(lending.body(10, 3).is_none());
+    }
+}
