@@ -477,7 +477,8 @@ impl ReplySink for Reply {
         }
         // Our copy of the connection is closed before the front end takes it back.
         drop(client);
-        self.replier.direct_done(self.seq, piece)
+        self.replier.direct_done(self.seq, piece);
+        Ok(())
     }
 }
 
