@@ -216,6 +216,22 @@ def a_client_that_reads_nothing_of_a_large_response(server, past=2 << 20):
     return slow, size
 
 
+def twenty_hellos_answer_within_a_second_each(server):
+    for _ in range(20):
+        reply = requests.get(server.url + "/hello", timeout=5)
+        assert reply.text == "Hello, World!" and reply.elapsed.total_seconds() < 1
+
+
+def the_slow_client_gets_every_byte_then_its_next_request(slow, size):
+    """The client of `a_client_that_reads_nothing_of_a_large_response` reads at last."""
+    reader = Reader(slow)
+    status, _, body, complete = reader.response(time.time() + 30)
+    assert (status, complete, len(body)) == (200, True, size) and body.count(b"x") == size
+    slow.sendall(b"GET /id?again HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reader.response(time.time() + 5)[2] == b"id=again"
+    slow.close()
+
+
 def test_a_client_slower_than_the_app_does_not_hold_its_worker(tmp_path):
     """A response the client's socket cannot take yet is kept by the worker (up to 4 MiB for
     all its clients), which serves the next request meanwhile; the slow client still gets
@@ -223,16 +239,8 @@ def test_a_client_slower_than_the_app_does_not_hold_its_worker(tmp_path):
     server = serve(tmp_path, workers=1)
     try:
         slow, size = a_client_that_reads_nothing_of_a_large_response(server)
-        for _ in range(20):
-            reply = requests.get(server.url + "/hello", timeout=5)
-            assert reply.text == "Hello, World!" and reply.elapsed.total_seconds() < 1
-        slow.settimeout(10)
-        reader = Reader(slow)
-        status, headers, body, complete = reader.response(time.time() + 20)
-        assert (status, complete, len(body)) == (200, True, size) and body.count(b"x") == size
-        slow.sendall(b"GET /id?again HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert reader.response(time.time() + 5)[2] == b"id=again"
-        slow.close()
+        twenty_hellos_answer_within_a_second_each(server)
+        the_slow_client_gets_every_byte_then_its_next_request(slow, size)
     finally:
         assert server.stop() == 0
 
@@ -244,18 +252,11 @@ def test_a_response_far_past_the_memory_bound_waits_on_disk_not_in_the_worker(tm
     server = serve(tmp_path, workers=1)
     try:
         slow, size = a_client_that_reads_nothing_of_a_large_response(server, past=64 << 20)
-        for _ in range(20):
-            reply = requests.get(server.url + "/hello", timeout=5)
-            assert reply.text == "Hello, World!" and reply.elapsed.total_seconds() < 1
+        twenty_hellos_answer_within_a_second_each(server)
         worker = server.worker_pids()[0]
         rss = int(next(l for l in open(f"/proc/{worker}/status") if l.startswith("VmRSS:")).split()[1])
         assert rss < 48 * 1024, f"the worker holds {rss} KiB"
-        reader = Reader(slow)
-        status, headers, body, complete = reader.response(time.time() + 30)
-        assert (status, complete, len(body)) == (200, True, size) and body.count(b"x") == size
-        slow.sendall(b"GET /id?again HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert reader.response(time.time() + 5)[2] == b"id=again"
-        slow.close()
+        the_slow_client_gets_every_byte_then_its_next_request(slow, size)
     finally:
         assert server.stop() == 0
 
