@@ -102,7 +102,10 @@ def test_config_file_is_used_and_cli_wins(make):
 
 
 def test_status_stop_in_daemon_mode(make):
-    server = make(foreground=False)
+    server = make(foreground=False, start=False)
+    # The command returns once a worker serves, before any request has come.
+    server.start(wait_path=None)
+    assert server.proc.wait(20) == 0
     wait_for(lambda: server.master_pids() and len(server.worker_pids()) == 2, what="pid files")
     [master] = server.master_pids()
     workers = server.worker_pids()

@@ -266,6 +266,8 @@ impl Front {
         let Some(handler) = self.hub.handlers.inproc.as_ref().map(|(h, _)| *h) else {
             return;
         };
+        // Its first descriptors (the workers' listener) are polled before any request.
+        self.poll_inproc_fds();
         for _ in 0..INPROC_ROUNDS {
             if !woken && !self.hub.handlers.pushed {
                 return;
@@ -278,21 +280,29 @@ impl Front {
             };
             let mut replies = Vec::new();
             self.inproc_more = inproc.turn(woken, &mut lending, &mut replies);
-            let mut fds = Vec::new();
-            inproc.new_fds(&mut fds);
-            for fd in fds {
-                let source = &mut mio::unix::SourceFd(&fd);
-                if let Err(e) =
-                    self.poll
-                        .registry()
-                        .register(source, Token(INPROC), Interest::READABLE)
-                {
-                    tracing::error!("cannot poll the broker's descriptor: {e}");
-                }
-            }
+            self.poll_inproc_fds();
             woken = self.inproc_more;
             for msg in replies {
                 self.on_reply(handler, msg);
+            }
+        }
+    }
+
+    /// Polls the descriptors the broker in this process opened since it was last asked.
+    fn poll_inproc_fds(&mut self) {
+        let Some((_, inproc)) = self.hub.handlers.inproc.as_mut() else {
+            return;
+        };
+        let mut fds = Vec::new();
+        inproc.new_fds(&mut fds);
+        for fd in fds {
+            let source = &mut mio::unix::SourceFd(&fd);
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(source, Token(INPROC), Interest::READABLE)
+            {
+                tracing::error!("cannot poll the broker's descriptor: {e}");
             }
         }
     }
