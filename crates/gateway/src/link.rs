@@ -36,8 +36,8 @@ pub use wsgi::response::Piece;
 /// Environment variable carrying the link's name from the master to the workers.
 pub const LINK_ENV: &str = "WSGID_LINK";
 /// Environment variable carrying the listening socket's descriptor from the master to the
-/// broker: the master binds the name once and holds it, so it is never free for another
-/// local user to take while a broker restarts.
+/// broker (or to the front end it runs inside): the master binds the name once and holds
+/// it, so it is never free for another local user to take while a broker restarts.
 pub const LISTENER_FD_ENV: &str = "WSGID_LINK_FD";
 
 /// The broker's greeting, which carries the channels.
@@ -136,7 +136,7 @@ pub fn listen(name: &str) -> io::Result<UnixListener> {
     UnixListener::bind_addr(&address(name)?)
 }
 
-/// The listener the master passed to its broker.
+/// The listener the master passed to its broker (or front end).
 pub fn inherited_listener() -> io::Result<UnixListener> {
     let fd: RawFd = std::env::var(LISTENER_FD_ENV)
         .ok()
