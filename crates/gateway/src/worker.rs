@@ -190,6 +190,21 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether what failed was the stream to the broker, which went away (killed, or in
+/// one-command mode with its front end): its successor is joined at the next take. A
+/// client's own failures are marked (`client::went_away`) and told apart first.
+fn broker_gone(e: &anyhow::Error) -> bool {
+    !crate::client::went_away(e)
+        && e.chain()
+            .filter_map(|c| c.downcast_ref::<io::Error>())
+            .any(|e| {
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                )
+            })
+}
+
 /// Where slow clients' responses spill past the memory bound (`client::Bounds`): beside
 /// the spooled request bodies, in one-command mode the master's private directory. Only
 /// that mode lends clients to workers.
@@ -552,6 +567,12 @@ impl Worker {
             Err(e) if crate::client::went_away(e) => {
                 tracing::info!(seq, "the client went away before its response was complete")
             }
+            Err(e) if broker_gone(e) => {
+                tracing::warn!(
+                    seq,
+                    "the broker is gone: a response is lost with it ({e:#})"
+                )
+            }
             Err(e) => tracing::error!(seq, "cannot answer a request: {e:#}"),
             Ok(()) => {}
         }
@@ -564,7 +585,12 @@ impl Worker {
                 Piece::LastThenClose
             };
             if let Err(e) = reply.send(b"", piece) {
-                tracing::error!(seq, "cannot send a response to the broker: {e}");
+                let e = anyhow::Error::from(e);
+                if broker_gone(&e) {
+                    tracing::warn!(seq, "the broker is gone: a response's end is lost with it");
+                } else {
+                    tracing::error!(seq, "cannot send a response to the broker: {e}");
+                }
             }
         }
     }

@@ -30,7 +30,9 @@ pub trait Inproc {
 /// queued: by the connection's id, which is never reused, so a request can only ever carry
 /// its own client's connection, whatever was closed or accepted since it was read.
 pub trait Lend {
-    /// Connection `id`'s socket, while it is open.
+    /// Whether connection `id` is still open.
+    fn is_open(&self, id: u64) -> bool;
+    /// Connection `id`'s socket, while it is open and was lent (`DIRECT`).
     fn client(&self, id: u64) -> Option<BorrowedFd<'_>>;
     /// The read end of body pipe `serial`, while it is connection `id`'s next.
     fn body(&self, id: u64, serial: u64) -> Option<BorrowedFd<'_>>;

@@ -274,11 +274,18 @@ impl Requests {
     ) -> usize {
         let seq = self.next_seq;
         let msg = &self.waiting[i];
-        let lendings = pass
-            .lend
-            .as_deref()
-            .map(|l| lendings(l, conn, msg))
-            .unwrap_or_default();
+        let lendings = match pass.lend.as_deref() {
+            Some(lend) => lendings(lend, conn, msg),
+            None => Some(Lendings::default()),
+        };
+        let Some(lendings) = lendings else {
+            // Its body went with its client: nobody to serve, no worker to wake.
+            tracing::debug!(conn, "a request whose client left with its body, dropped");
+            let msg = self.waiting.remove(i).expect("index in range");
+            pass.verdicts
+                .extend(self.close_when_done(&msg[..sender_len], conn));
+            return i;
+        };
         let piped = lendings.body.is_some();
         match pass.channels.enqueue(seq, msg, lendings) {
             Ok(true) => {
@@ -331,8 +338,10 @@ struct Pass<'a, 'l> {
 }
 
 /// What goes with `conn`'s request `msg` to its worker: the client's connection, when the
-/// front end marked the request `DIRECT`, and the body pipe the request names.
-fn lendings<'a>(lend: &'a dyn Lend, conn: ConnId, msg: &[u8]) -> Lendings<'a> {
+/// front end marked the request `DIRECT`, and the body pipe the request names. None when
+/// the request names a pipe that went with its client (it left before the request was
+/// queued).
+fn lendings<'a>(lend: &'a dyn Lend, conn: ConnId, msg: &[u8]) -> Option<Lendings<'a>> {
     let direct = find_header(msg, DIRECT).as_deref() == Some(b"1");
     let body = find_header(msg, BODY_PIPE).as_deref().and_then(serial_of);
     let lendings = Lendings {
@@ -340,12 +349,15 @@ fn lendings<'a>(lend: &'a dyn Lend, conn: ConnId, msg: &[u8]) -> Lendings<'a> {
         body: body.and_then(|serial| lend.body(conn, serial)),
     };
     if body.is_some() && lendings.body.is_none() {
+        if !lend.is_open(conn) {
+            return None;
+        }
         tracing::warn!(
             conn,
             "a request's body pipe did not come: its worker refuses it"
         );
     }
-    lendings
+    Some(lendings)
 }
 
 fn serial_of(value: &[u8]) -> Option<u64> {
@@ -420,6 +432,9 @@ mod tests {
     }
 
     impl Lend for OneConn {
+        fn is_open(&self, id: u64) -> bool {
+            id == 7
+        }
         fn client(&self, id: u64) -> Option<std::os::fd::BorrowedFd<'_>> {
             use std::os::fd::AsFd;
             (id == 7).then(|| self.stream.as_fd())
@@ -460,7 +475,7 @@ mod tests {
         };
         let direct: (&[u8], &[u8]) = (DIRECT, b"1");
         let got = |msg: &[u8], conn| {
-            let l = lendings(&lend, conn, msg);
+            let l = lendings(&lend, conn, msg).expect("lendings");
             (l.client.is_some(), l.body.is_some())
         };
         assert_eq!(got(&with_headers(7, &[]), 7), (false, false));
@@ -474,10 +489,8 @@ mod tests {
             got(&with_headers(7, &[(BODY_PIPE, b"1")]), 7),
             (false, false)
         );
-        assert_eq!(
-            got(&with_headers(8, &[(BODY_PIPE, b"2")]), 8),
-            (false, false)
-        );
+        // Connection 8 is gone: its request, which named a pipe, is not for a worker.
+        assert!(lendings(&lend, 8, &with_headers(8, &[(BODY_PIPE, b"2")])).is_none());
     }
 
     #[test]

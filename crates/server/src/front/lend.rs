@@ -44,6 +44,10 @@ impl Lending<'_> {
 }
 
 impl Lend for Lending<'_> {
+    fn is_open(&self, id: u64) -> bool {
+        self.conn(id).is_some()
+    }
+
     fn client(&self, id: u64) -> Option<BorrowedFd<'_>> {
         self.conn(id).filter(|c| c.lent).map(|c| c.stream.as_fd())
     }
@@ -96,6 +100,7 @@ mod tests {
         lending.conns[ids[&10]].lent = true;
         assert!(lending.client(10).is_some());
         // Gone, or never here: nothing.
+        assert!(lending.is_open(11) && !lending.is_open(12));
         assert!(lending.client(12).is_none() && lending.body(12, 3).is_none());
         // A pipe goes only with its own serial, of its own connection.
         assert!(lending.body(10, 2).is_none() && lending.body(11, 3).is_none());
