@@ -75,12 +75,9 @@ impl Bounds {
         self.held.set(self.held.get() - n);
     }
 
-    /// A new spill file for `len` bytes, if the bound has room and a file can be made.
-    fn spill_file(&self, len: usize) -> Option<File> {
+    /// A new spill file, if one can be made.
+    fn spill_file(&self) -> Option<File> {
         let dir = self.dir.as_ref()?;
-        if self.spilled.get() + len as u64 > SPILL_MAX {
-            return None;
-        }
         match tempfile::tempfile_in(dir) {
             Ok(file) => Some(file),
             Err(e) => {
@@ -196,32 +193,19 @@ impl Client {
             self.progress = Instant::now();
         }
         // Once spilling, everything goes after the spilled bytes, never before them.
-        if self.spill.is_none() && self.bounds.held.get() + rest.len() <= HELD_MAX {
-            self.keep(rest);
-            return Ok(());
-        }
         if self.spill.is_some() && self.spill_out(rest)? {
             return Ok(());
         }
-        self.wait_or_spill(rest)
+        self.keep_or_wait(rest)
     }
 
-    /// Past the memory bound: waits while the client keeps up (a fast download must not
-    /// take a detour through the disk), and spills what is left once it proves slower than
-    /// `SPILL_RATE`, or waits on, past the disk bound too.
-    fn wait_or_spill(&mut self, mut rest: &[u8]) -> io::Result<()> {
+    /// Keeps `rest` in memory when the bound allows. Past it, waits while the client keeps
+    /// up (a fast download must not take a detour through the disk), and spills what is
+    /// left once it proves slower than `SPILL_RATE`, or waits on, past the disk bound too.
+    fn keep_or_wait(&mut self, mut rest: &[u8]) -> io::Result<()> {
         let since = Instant::now();
         let mut taken = 0;
         loop {
-            let before = self.unsent() + rest.len();
-            self.flush()?;
-            if !self.has_pending() {
-                rest = self.send_some(rest)?;
-            }
-            taken += before - (self.unsent() + rest.len());
-            if rest.is_empty() {
-                return Ok(());
-            }
             if self.spill.is_none() && self.bounds.held.get() + rest.len() <= HELD_MAX {
                 self.keep(rest);
                 return Ok(());
@@ -242,6 +226,15 @@ impl Client {
                         .saturating_sub(waited)
                         .max(Duration::from_millis(1)),
                 )?;
+            }
+            let before = self.unsent() + rest.len();
+            self.flush()?;
+            if !self.has_pending() {
+                rest = self.send_some(rest)?;
+            }
+            taken += before - (self.unsent() + rest.len());
+            if rest.is_empty() {
+                return Ok(());
             }
         }
     }
@@ -304,8 +297,12 @@ impl Client {
     /// Appends `data` to the spill file (made now if there is none); false when the disk
     /// bound has no room or no file can be made.
     fn spill_out(&mut self, data: &[u8]) -> io::Result<bool> {
+        let bounds = &self.bounds;
+        if bounds.spilled.get() + data.len() as u64 > SPILL_MAX {
+            return Ok(false);
+        }
         if self.spill.is_none() {
-            let Some(file) = self.bounds.spill_file(data.len()) else {
+            let Some(file) = bounds.spill_file() else {
                 return Ok(false);
             };
             self.spill = Some(Spill {
@@ -314,11 +311,7 @@ impl Client {
                 end: 0,
             });
         }
-        let bounds = &self.bounds;
         let spill = self.spill.as_mut().expect("made above");
-        if bounds.spilled.get() + data.len() as u64 > SPILL_MAX {
-            return Ok(false);
-        }
         // Written at the end (the file's own offset); `sendfile` reads at `at`.
         spill.file.write_all(data)?;
         spill.end += data.len() as u64;
