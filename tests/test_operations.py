@@ -114,7 +114,9 @@ def test_status_stop_in_daemon_mode(make):
                              f"Worker pid(s): {', '.join(map(str, workers))}\n")
     assert os.getsid(master) != os.getsid(0)  # detached into a session of its own
     assert requests.get(server.url + "/hello").status_code == 200
-    assert "GET /hello" in (server.folder / "logs" / "wsgid.log").read_text()
+    # The worker logs a request once its response is out: the line may follow the answer.
+    wait_for(lambda: "GET /hello" in (server.folder / "logs" / "wsgid.log").read_text(),
+             what="the access log line")
     # A second start on the same folder is refused, unless asked for.
     second = wsgid("--app-path", str(server.folder), "--recv", server.handler.send_spec,
                    "--send", server.handler.recv_spec)
