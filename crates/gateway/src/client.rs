@@ -30,7 +30,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{send, MsgFlags};
 
-use crate::link::{Piece, Replier};
+use crate::link::{Piece, Replier, Ticket};
 
 /// A client that takes none of the response for this long is dropped.
 pub const STALLED: Duration = Duration::from_secs(60);
@@ -133,7 +133,8 @@ pub fn went_away(e: &anyhow::Error) -> bool {
 }
 
 pub struct Client {
-    fd: OwnedFd,
+    /// Shared with the held connection it may be (`hold`): closed with the last copy.
+    fd: Rc<OwnedFd>,
     /// A write failed: nothing more goes to this client, and its connection is to close.
     broken: bool,
     /// What the client's socket could not take yet is `pending[sent..]`, in order before
@@ -149,7 +150,7 @@ pub struct Client {
 }
 
 impl Client {
-    fn new(fd: OwnedFd, bounds: Rc<Bounds>) -> Client {
+    fn new(fd: Rc<OwnedFd>, bounds: Rc<Bounds>) -> Client {
         Client {
             fd,
             broken: false,
@@ -159,6 +160,11 @@ impl Client {
             bounds,
             progress: Instant::now(),
         }
+    }
+
+    /// The connection, to keep after this response (`hold`).
+    pub fn share(&self) -> Rc<OwnedFd> {
+        self.fd.clone()
     }
 
     pub fn broken(&self) -> bool {
@@ -328,7 +334,7 @@ impl Client {
         while spill.at < spill.end {
             let mut offset = spill.at as i64;
             let count = (spill.end - spill.at).min(1 << 30) as usize;
-            match nix::sys::sendfile::sendfile(&self.fd, &spill.file, Some(&mut offset), count) {
+            match nix::sys::sendfile::sendfile(&*self.fd, &spill.file, Some(&mut offset), count) {
                 Ok(0) => break,
                 Ok(n) => {
                     spill.at += n as u64;
@@ -431,7 +437,7 @@ pub struct Backlog {
 
 struct Finished {
     client: Client,
-    seq: u64,
+    ticket: Ticket,
     piece: Piece,
     replier: Arc<Replier>,
 }
@@ -446,7 +452,7 @@ impl Backlog {
     }
 
     /// A client lent with a request, under this worker's bounds.
-    pub fn client(&self, fd: OwnedFd) -> Client {
+    pub fn client(&self, fd: Rc<OwnedFd>) -> Client {
         Client::new(fd, self.bounds.clone())
     }
 
@@ -454,11 +460,11 @@ impl Backlog {
         self.waiting.is_empty()
     }
 
-    /// Keeps the rest of response `seq`, ended by `piece`.
-    pub fn add(&mut self, client: Client, seq: u64, piece: Piece, replier: Arc<Replier>) {
+    /// Keeps the rest of the response to `ticket`, ended by `piece`.
+    pub fn add(&mut self, client: Client, ticket: Ticket, piece: Piece, replier: Arc<Replier>) {
         self.waiting.push(Finished {
             client,
-            seq,
+            ticket,
             piece,
             replier,
         });
@@ -499,23 +505,23 @@ impl Backlog {
     }
 }
 
-/// Says response `seq` is out; our copy of the connection is closed first, as for any
+/// Says the response to `ticket` is out; our copy of the connection is closed first, as for any
 /// response written directly.
 fn end(f: Finished, failed: bool) {
     let Finished {
         client,
-        seq,
+        ticket,
         piece,
         replier,
     } = f;
     drop(client);
     let piece = if failed {
-        tracing::debug!(seq, "a slow client is gone or stalled: closed");
+        tracing::debug!("a slow client ({ticket}) is gone or stalled: closed");
         Piece::LastThenClose
     } else {
         piece
     };
-    replier.direct_done(seq, piece);
+    replier.finish(ticket, piece);
 }
 
 #[cfg(test)]
@@ -528,7 +534,7 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         let bounds = Rc::new(Bounds::new(spill_dir));
-        (Client::new(ours.into(), bounds.clone()), theirs, bounds)
+        (Client::new(Rc::new(ours.into()), bounds.clone()), theirs, bounds)
     }
 
     fn pattern(len: usize) -> Vec<u8> {

@@ -13,6 +13,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod hold;
 pub mod front;
 pub mod link;
 pub mod logging;

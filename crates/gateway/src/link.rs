@@ -15,7 +15,8 @@
 //! forwards them, whichever workers made them (mongrel2 fair-queues between connections:
 //! design note 10). The stream's end tells either side that the other is gone. A request
 //! may carry its client's connection (one-command mode, `server::inproc`): its worker writes
-//! the response there and sends the broker only a `direct` frame saying it is complete.
+//! the response there and sends the broker only a `Done` frame saying it is complete; it may
+//! then keep the connection and read its next requests itself (`crate::hold`).
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Seek, Write};
@@ -65,15 +66,46 @@ const QUEUE_HEADER: usize = 9;
 pub const MAX_REPLY_PIECE: usize = 256 * 1024;
 
 /// A reply frame's header: the request's sequence number (u64 LE), the payload's length
-/// (u32 LE), the piece kind, whether the response went to the client directly, two spare
-/// bytes; the payload follows.
+/// (u32 LE), the piece kind, the frame's kind, two spare bytes; the payload follows.
 pub struct ReplyHeader {
+    /// The request's sequence number; a connection's id in a `Back` frame.
     pub seq: u64,
     pub len: u32,
     pub piece: Piece,
-    /// The worker wrote this response to the client's connection itself (see
+    pub frame: Frame,
+}
+
+/// What a reply frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// Response bytes, for the broker to forward.
+    Relayed,
+    /// The worker wrote the response to the client's connection itself (see
     /// `Taken::Request::client`); this frame, which carries no payload, ends it.
-    pub direct: bool,
+    Done,
+    /// The same, and the worker keeps the connection (`crate::hold`).
+    DoneHeld,
+    /// A held connection goes back to the front end with what the worker read of it (the
+    /// payload); with `LastThenClose`, to be closed.
+    Back,
+}
+
+/// What a response ends, for `Replier::finish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ticket {
+    /// A request taken from the queue, by its sequence number.
+    Queued(u64),
+    /// A request read from a held connection, by the connection's id.
+    Held(u64),
+}
+
+impl std::fmt::Display for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ticket::Queued(seq) => write!(f, "request {seq}"),
+            Ticket::Held(conn) => write!(f, "a request of held connection {conn}"),
+        }
+    }
 }
 
 impl ReplyHeader {
@@ -88,7 +120,12 @@ impl ReplyHeader {
             Piece::Last => 1,
             Piece::LastThenClose => 2,
         };
-        out[13] = u8::from(self.direct);
+        out[13] = match self.frame {
+            Frame::Relayed => 0,
+            Frame::Done => 1,
+            Frame::DoneHeld => 2,
+            Frame::Back => 3,
+        };
         out
     }
 
@@ -103,9 +140,11 @@ impl ReplyHeader {
             2 => Piece::LastThenClose,
             other => return Some(Err(format!("a reply frame of kind {other}"))),
         };
-        let direct = match raw[13] {
-            0 => false,
-            1 if piece != Piece::Middle && len == 0 => true,
+        let frame = match raw[13] {
+            0 => Frame::Relayed,
+            1 if piece != Piece::Middle && len == 0 => Frame::Done,
+            2 if piece == Piece::Last && len == 0 => Frame::DoneHeld,
+            3 if piece != Piece::Middle => Frame::Back,
             _ => return Some(Err("a malformed direct reply frame".to_string())),
         };
         if len as usize > MAX_REPLY_PIECE {
@@ -115,7 +154,7 @@ impl ReplyHeader {
             seq,
             len,
             piece,
-            direct,
+            frame,
         }))
     }
 }
@@ -355,19 +394,50 @@ impl Replier {
         Ok(())
     }
 
-    /// Tells the broker that the response to `seq` was written to the client directly and
-    /// is complete (`piece` says whether the connection is to close). When the broker is
-    /// gone (in one-command mode, with its front end), the response went out all the same,
-    /// and the client's connection is closed with our copy: nothing more to do but say so.
-    pub fn direct_done(&self, seq: u64, piece: Piece) {
+    /// Tells the broker that a response written to the client directly is complete
+    /// (`piece` says whether the connection is to close); a held connection goes back to
+    /// the front end with it. When the broker is gone (in one-command mode, with its front
+    /// end), the response went out all the same, and the client's connection is closed with
+    /// our copy: nothing more to do but say so.
+    pub fn finish(&self, ticket: Ticket, piece: Piece) {
+        let header = match ticket {
+            Ticket::Queued(seq) => ReplyHeader {
+                seq,
+                len: 0,
+                piece,
+                frame: Frame::Done,
+            },
+            Ticket::Held(conn) => return self.give_back(conn, &[], piece),
+        };
+        if let Err(e) = self.write_header_and(&header.encode(), &[]) {
+            tracing::info!("the broker is gone ({e}): a response went out untold");
+        }
+    }
+
+    /// Request `seq`'s response is complete, and its connection kept (`crate::hold`).
+    pub fn finish_held(&self, seq: u64) {
         let header = ReplyHeader {
             seq,
             len: 0,
-            piece,
-            direct: true,
+            piece: Piece::Last,
+            frame: Frame::DoneHeld,
         };
         if let Err(e) = self.write_header_and(&header.encode(), &[]) {
             tracing::info!(seq, "the broker is gone ({e}): a response went out untold");
+        }
+    }
+
+    /// Gives held connection `conn` back to the front end, with what was read of it
+    /// (`LastThenClose`: to be closed).
+    pub fn give_back(&self, conn: u64, read: &[u8], piece: Piece) {
+        let header = ReplyHeader {
+            seq: conn,
+            len: read.len() as u32,
+            piece,
+            frame: Frame::Back,
+        };
+        if let Err(e) = self.write_header_and(&header.encode(), read) {
+            tracing::info!(conn, "the broker is gone ({e}): a held connection goes with it");
         }
     }
 
@@ -377,7 +447,7 @@ impl Replier {
             seq,
             len,
             piece,
-            direct: false,
+            frame: Frame::Relayed,
         };
         self.write_header_and(&header.encode(), payload)
     }
@@ -556,6 +626,17 @@ impl WorkerChannels {
         );
     }
 
+    /// A request is in service (see `records::Ring::busy`).
+    pub fn busy(&self, generation: u64, serving: u64) {
+        self.ring.busy(generation, serving);
+    }
+
+    /// The request in service is over; false when the broker took our held connections
+    /// back meanwhile (see `records::Ring::idle`).
+    pub fn idle(&self, generation: u64) -> bool {
+        self.ring.idle(generation)
+    }
+
     /// Whether the broker has gone (its end of the stream closed).
     pub fn broker_gone(&self) -> bool {
         let mut byte = [0u8; 1];
@@ -732,10 +813,10 @@ mod tests {
                     (&theirs).read_exact(&mut read).unwrap();
                     assert_eq!(&read, b"direct");
                 }
-                worker.replier().direct_done(seq, Piece::Last);
+                worker.replier().finish(Ticket::Queued(seq), Piece::Last);
                 let h = replies_headers(&mut stream, 1).remove(0);
                 assert_eq!(
-                    (h.seq, h.len, h.piece, h.direct),
+                    (h.seq, h.len, h.piece, h.frame == Frame::Done),
                     (seq, 0, Piece::Last, true)
                 );
             }
@@ -759,28 +840,42 @@ mod tests {
                 seq: 9,
                 len: 77,
                 piece,
-                direct: false,
+                frame: Frame::Relayed,
             }
             .encode();
             let h = ReplyHeader::decode(&raw).unwrap().unwrap();
-            assert_eq!((h.seq, h.len, h.piece, h.direct), (9, 77, piece, false));
+            assert_eq!((h.seq, h.len, h.piece, h.frame), (9, 77, piece, Frame::Relayed));
         }
         // A direct frame ends a response and carries nothing.
         let mut direct = ReplyHeader {
             seq: 1,
             len: 0,
             piece: Piece::Last,
-            direct: true,
+            frame: Frame::Done,
         }
         .encode();
-        assert!(ReplyHeader::decode(&direct).unwrap().unwrap().direct);
+        assert_eq!(ReplyHeader::decode(&direct).unwrap().unwrap().frame, Frame::Done);
         direct[12] = 0;
         assert!(ReplyHeader::decode(&direct).unwrap().is_err());
+        // Keeping the connection ends a response whole; giving one back may carry bytes.
+        direct[12] = 2;
+        direct[13] = 2;
+        assert!(ReplyHeader::decode(&direct).unwrap().is_err());
+        direct[12] = 1;
+        assert_eq!(ReplyHeader::decode(&direct).unwrap().unwrap().frame, Frame::DoneHeld);
+        let back = ReplyHeader {
+            seq: 5,
+            len: 3,
+            piece: Piece::LastThenClose,
+            frame: Frame::Back,
+        }
+        .encode();
+        assert_eq!(ReplyHeader::decode(&back).unwrap().unwrap().frame, Frame::Back);
         let mut raw = ReplyHeader {
             seq: 1,
             len: 1,
             piece: Piece::Last,
-            direct: false,
+            frame: Frame::Relayed,
         }
         .encode();
         assert!(ReplyHeader::decode(&raw[..15]).is_none());
@@ -790,7 +885,7 @@ mod tests {
             seq: 1,
             len: u32::MAX,
             piece: Piece::Last,
-            direct: false,
+            frame: Frame::Relayed,
         }
         .encode();
         assert!(ReplyHeader::decode(&raw).unwrap().is_err());

@@ -19,10 +19,18 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 /// Records per ring. A worker writes one per request, and the broker reads the ring with
 /// every reply it gets from that worker, so the ring never holds more than a few.
 const CAPACITY: u64 = 1024;
-/// Head (written by the worker), tail (by the broker) and the "taking" mark (by the
-/// worker) on cache lines of their own, then the records.
+/// Head (written by the worker), tail (by the broker), the "taking" mark (by the worker),
+/// the service word and the held connection in service (see `Ring::busy`) on cache lines
+/// of their own, then the records.
 const LINE: usize = 64;
-const RING_BYTES: usize = 3 * LINE + CAPACITY as usize * 8;
+const RECORDS: usize = 5 * LINE;
+const RING_BYTES: usize = RECORDS + CAPACITY as usize * 8;
+
+/// The service word: the worker is between requests, and may read the connections it holds.
+const IDLE: u64 = 0;
+/// The service word: the broker took the worker's held connections back (but the one in
+/// service) while the worker was busy. Busy is odd: `generation << 1 | 1`.
+const TAKEN_BACK: u64 = 2;
 
 /// One ring's memory, mapped.
 struct Mapping {
@@ -66,8 +74,16 @@ impl Mapping {
         self.word(2 * LINE)
     }
 
+    fn service(&self) -> &AtomicU64 {
+        self.word(3 * LINE)
+    }
+
+    fn serving(&self) -> &AtomicU64 {
+        self.word(4 * LINE)
+    }
+
     fn entry(&self, index: u64) -> &AtomicU64 {
-        self.word(3 * LINE + (index % CAPACITY) as usize * 8)
+        self.word(RECORDS + (index % CAPACITY) as usize * 8)
     }
 }
 
@@ -118,6 +134,28 @@ impl RingReader {
     pub fn taking(&self) -> bool {
         self.map.taking().load(Ordering::Acquire) != 0
     }
+
+    /// What the worker does now: `Some(mark)` while it serves a request, a mark that
+    /// differs from one request to the next; `None` between requests.
+    pub fn busy(&self) -> Option<u64> {
+        let mark = self.map.service().load(Ordering::Acquire);
+        (mark & 1 == 1).then_some(mark)
+    }
+
+    /// The held connection whose request is in service (0: none), while `busy`.
+    pub fn serving(&self) -> u64 {
+        self.map.serving().load(Ordering::Acquire)
+    }
+
+    /// Takes the worker's held connections back, if it is still busy with the request
+    /// `mark` names: from then on it reads none of them (but the one in service), and
+    /// drops them when that request is over. False when that request is over already.
+    pub fn take_back(&self, mark: u64) -> bool {
+        self.map
+            .service()
+            .compare_exchange(mark, TAKEN_BACK, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 /// A worker's end of its ring.
@@ -137,6 +175,30 @@ impl Ring {
         self.map
             .taking()
             .store(u64::from(taking), Ordering::Release);
+    }
+
+    /// A request is in service (`serving`: the held connection it came on, or 0): the
+    /// broker may take the other held connections back from now on (see `idle`).
+    pub fn busy(&self, generation: u64, serving: u64) {
+        self.map.serving().store(serving, Ordering::Release);
+        self.map
+            .service()
+            .store(generation << 1 | 1, Ordering::Release);
+    }
+
+    /// The request in service is over; false when the broker took the held connections
+    /// back meanwhile (all but the one in service), which the worker then drops.
+    pub fn idle(&self, generation: u64) -> bool {
+        let mark = generation << 1 | 1;
+        let kept = self
+            .map
+            .service()
+            .compare_exchange(mark, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !kept {
+            self.map.service().store(IDLE, Ordering::Release);
+        }
+        kept
     }
 
     /// Records `seq` as taken; `false` when the ring is full (the broker reads nothing).
@@ -177,6 +239,30 @@ mod tests {
         reader.read(&mut |r| seen.push(r));
         assert_eq!(seen.len() as u64, CAPACITY);
         assert!(ring.write(1));
+    }
+
+    #[test]
+    fn held_connections_are_taken_back_only_from_the_request_seen_busy() {
+        let (reader, file) = RingReader::create().unwrap();
+        let ring = Ring::open(&file).unwrap();
+        assert_eq!(reader.busy(), None);
+        ring.busy(1, 42);
+        let mark = reader.busy().unwrap();
+        assert_eq!(reader.serving(), 42);
+        // Over before the broker looked again: nothing taken back.
+        assert!(ring.idle(1));
+        assert!(!reader.take_back(mark));
+        ring.busy(2, 0);
+        // A later request has another mark: what the broker saw before is not it.
+        assert!(!reader.take_back(mark));
+        let mark = reader.busy().unwrap();
+        assert!(reader.take_back(mark));
+        assert_eq!(reader.busy(), None);
+        // The worker learns it when its request is over, and is idle after.
+        assert!(!ring.idle(2));
+        assert_eq!(reader.busy(), None);
+        ring.busy(3, 0);
+        assert!(ring.idle(3));
     }
 
     #[test]

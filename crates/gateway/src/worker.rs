@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::{self, Write as _};
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +25,8 @@ use pyo3::prelude::*;
 
 use crate::client::{Backlog, Client};
 use crate::config::Settings;
-use crate::link::{self, Replier, Taken, WorkerChannels, LINK_ENV};
+use crate::hold::{HeldRequest, Holding, Read, Said};
+use crate::link::{self, Replier, Taken, Ticket, WorkerChannels, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use server::front::lend::BODY_PIPE;
@@ -179,12 +180,13 @@ pub fn run(mut settings: Settings) -> anyhow::Result<()> {
             retirement_asked = true;
         }
         match broker.next(&signals, &worker.backlog)? {
-            Some(taken) => worker.take(taken, broker.channels.replier()),
+            Some(Next::Taken(taken)) => worker.take(taken, &mut broker),
+            Some(Next::Held(held)) => worker.serve_held(held, &mut broker),
             None => signals.drain(),
         }
     }
     tracing::info!(served = worker.served, "stopping gracefully");
-    broker.stop(|taken, replier| worker.take(taken, replier))?;
+    broker.stop(|taken, broker| worker.take(taken, broker))?;
     worker.backlog.borrow_mut().finish();
     tracing::info!(served = worker.served, "worker stopped");
     Ok(())
@@ -224,9 +226,21 @@ fn spill_dir(settings: &Settings) -> Option<PathBuf> {
 struct BrokerLink {
     name: String,
     channels: WorkerChannels,
-    /// Waits for a request or a signal. The queue is watched with `EPOLLEXCLUSIVE`: a new
-    /// request wakes one idle worker, not all of them.
+    /// Waits for a request, a held connection's request, or a signal. The queue is watched
+    /// with `EPOLLEXCLUSIVE`: a new request wakes one idle worker, not all of them.
     idle: Epoll,
+    /// Connections we hold between requests (one-command mode).
+    holding: Holding,
+    /// The queue may hold a request: the last wait said so, or the last take found one.
+    queue_hint: bool,
+    /// Numbers the requests in service (`records::Ring::busy`).
+    generation: u64,
+}
+
+/// What the worker does next.
+enum Next {
+    Taken(Taken),
+    Held(HeldRequest),
 }
 
 /// Tokens of what `BrokerLink::idle` watches.
@@ -256,6 +270,9 @@ impl BrokerLink {
                         name: name.to_string(),
                         channels,
                         idle,
+                        holding: Holding::new(),
+                        queue_hint: true,
+                        generation: 0,
                     });
                 }
                 Err(e) if since.elapsed() > Duration::from_secs(30) => {
@@ -280,17 +297,22 @@ impl BrokerLink {
         &mut self,
         signals: &Signals,
         backlog: &RefCell<Backlog>,
-    ) -> anyhow::Result<Option<Taken>> {
+    ) -> anyhow::Result<Option<Next>> {
         loop {
             backlog.borrow_mut().advance();
-            match self.channels.take()? {
-                taken @ (Taken::Request { .. } | Taken::Discard { .. }) => return Ok(Some(taken)),
+            match self.take_queued()? {
+                taken @ (Taken::Request { .. } | Taken::Discard { .. }) => {
+                    self.begin_service(0);
+                    return Ok(Some(Next::Taken(taken)));
+                }
                 Taken::Closed => {
                     // On a stop the broker goes first, and our signal follows at once.
                     if signals.stopping() || signal_within(signals, Duration::from_millis(500))? {
                         return Ok(None);
                     }
                     tracing::warn!("lost the broker; reconnecting");
+                    let replier = self.channels.replier();
+                    self.holding.give_back_all(&self.idle, &replier);
                     match BrokerLink::connect(&self.name, signals) {
                         Ok(fresh) => *self = fresh,
                         Err(_) if signals.stopping() => {}
@@ -300,9 +322,27 @@ impl BrokerLink {
                 }
                 Taken::Empty => {}
             }
-            let mut events = [EpollEvent::empty(); 2];
+            if let Some(conn) = self.holding.next_ready() {
+                // Marked busy before reading: from then on the broker leaves it to us.
+                self.begin_service(conn);
+                let replier = self.channels.replier();
+                match self.holding.read(&self.idle, conn, &replier) {
+                    Read::Request(held) => return Ok(Some(Next::Held(held))),
+                    Read::Nothing => {
+                        self.end_service(Some(conn));
+                        continue;
+                    }
+                }
+            }
+            self.holding.sweep(&self.idle, &self.channels.replier());
+            let mut events = [EpollEvent::empty(); 64];
             let timeout = if backlog.borrow().is_empty() {
-                EpollTimeout::NONE
+                self.holding.deadline().map_or(EpollTimeout::NONE, |at| {
+                    let wait = at.saturating_duration_since(Instant::now());
+                    // Rounded up: a deadline is not reached by waking just before it.
+                    EpollTimeout::try_from(wait + Duration::from_millis(1))
+                        .unwrap_or(EpollTimeout::MAX)
+                })
             } else {
                 self.wait_with(&backlog.borrow())?;
                 EpollTimeout::ZERO
@@ -312,12 +352,43 @@ impl BrokerLink {
                 Err(nix::errno::Errno::EINTR) => 0,
                 Err(e) => return Err(e.into()),
             };
+            for event in &events[..n] {
+                match event.data() {
+                    QUEUE => self.queue_hint = true,
+                    SIGNAL => {}
+                    conn => self.holding.woke(conn),
+                }
+            }
             // A request that woke us is taken even if a signal came with it: the wake-up
             // was ours alone (EPOLLEXCLUSIVE), and no other idle worker would get it.
             let woke = |token| events[..n].iter().any(|e| e.data() == token);
             if woke(SIGNAL) && !woke(QUEUE) {
                 return Ok(None);
             }
+        }
+    }
+
+    /// The next queued request, when the queue may hold one.
+    fn take_queued(&mut self) -> io::Result<Taken> {
+        if !self.queue_hint {
+            return Ok(Taken::Empty);
+        }
+        let taken = self.channels.take()?;
+        self.queue_hint = !matches!(taken, Taken::Empty);
+        Ok(taken)
+    }
+
+    /// A request is in service (`serving`: the held connection it came on, or 0).
+    fn begin_service(&mut self, serving: u64) {
+        self.generation += 1;
+        self.channels.busy(self.generation, serving);
+    }
+
+    /// The request in service is over: if the broker took our held connections back
+    /// meanwhile, they are dropped (but `serving`'s, which it left us).
+    fn end_service(&mut self, serving: Option<u64>) {
+        if !self.channels.idle(self.generation) {
+            self.holding.taken_back(&self.idle, serving);
         }
     }
 
@@ -348,12 +419,15 @@ impl BrokerLink {
     /// Stops gracefully. Nothing was assigned to us ahead of time, so while the broker runs
     /// there is nothing to finish: other workers take what is queued. When the broker has
     /// gone (the whole instance stops, the broker first), the workers serve what it queued.
-    fn stop(&mut self, mut answer: impl FnMut(Taken, Arc<Replier>)) -> anyhow::Result<()> {
+    fn stop(&mut self, mut answer: impl FnMut(Taken, &mut BrokerLink)) -> anyhow::Result<()> {
+        let replier = self.channels.replier();
+        self.holding.give_back_all(&self.idle, &replier);
         if self.channels.broker_gone() {
             while let taken @ (Taken::Request { .. } | Taken::Discard { .. }) =
                 self.channels.take()?
             {
-                answer(taken, self.channels.replier());
+                self.begin_service(0);
+                answer(taken, self);
             }
         }
         Ok(())
@@ -450,7 +524,10 @@ enum BodyFile {
 /// connection was lent to us; it notes when the response ended.
 struct Reply {
     replier: Arc<Replier>,
-    seq: u64,
+    ticket: Ticket,
+    /// The connection may be kept after a whole response (`hold`): then `kept` has it.
+    may_hold: bool,
+    kept: RefCell<Option<Rc<OwnedFd>>>,
     ended: Cell<bool>,
     client: RefCell<Option<Client>>,
     /// Set once the response is complete: a lent upload file is not read after that (the
@@ -468,14 +545,17 @@ impl ReplySink for Reply {
         }
         let mut lent = self.client.borrow_mut();
         let Some(client) = lent.as_mut() else {
-            return self.replier.reply(self.seq, payload, piece);
+            let Ticket::Queued(seq) = self.ticket else {
+                return Err(io::Error::other("a held connection's response has no client"));
+            };
+            return self.replier.reply(seq, payload, piece);
         };
         let written = client.write_all(payload);
         if piece == Piece::Middle {
             return written.map_err(crate::client::gone);
         }
         if let Err(e) = written {
-            tracing::debug!(seq = self.seq, "the client is gone: {e}");
+            tracing::debug!("the client of {} is gone: {e}", self.ticket);
         }
         let piece = if client.broken() {
             Piece::LastThenClose
@@ -487,34 +567,65 @@ impl ReplySink for Reply {
             let replier = self.replier.clone();
             self.backlog
                 .borrow_mut()
-                .add(client, self.seq, piece, replier);
+                .add(client, self.ticket, piece, replier);
+            return Ok(());
+        }
+        if self.may_hold && piece == Piece::Last {
+            // What becomes of it is the worker's to say, once this request is over.
+            *self.kept.borrow_mut() = Some(client.share());
             return Ok(());
         }
         // Our copy of the connection is closed before the front end takes it back.
         drop(client);
-        self.replier.direct_done(self.seq, piece);
+        self.replier.finish(self.ticket, piece);
         Ok(())
     }
 }
 
 impl Worker {
     /// Does what was taken from the queue.
-    fn take(&mut self, taken: Taken, replier: Arc<Replier>) {
+    fn take(&mut self, taken: Taken, link: &mut BrokerLink) {
+        let replier = link.channels.replier();
         match taken {
             Taken::Request {
                 seq,
                 msg,
                 client,
                 body,
-            } => self.answer(
-                seq,
-                msg,
-                body.map(File::from),
-                replier,
-                client.map(|fd| self.backlog.borrow().client(fd)),
-            ),
-            Taken::Discard { msg } => self.discard_upload(&msg),
+            } => {
+                // Offered to keep (`hold`): what the front end said, to say it again.
+                let said = client.as_ref().and_then(|_| Said::offered(&msg));
+                let client = client.map(|fd| self.backlog.borrow().client(Rc::new(fd)));
+                let ticket = Ticket::Queued(seq);
+                let may_hold = said.is_some();
+                let kept = self.answer(ticket, msg, body.map(File::from), &replier, client, may_hold);
+                link.end_service(None);
+                if let (Some(fd), Some(said)) = (kept, said) {
+                    if link.holding.keep(&link.idle, said, fd) {
+                        replier.finish_held(seq);
+                    } else {
+                        replier.finish(ticket, Piece::Last);
+                    }
+                }
+            }
+            Taken::Discard { msg } => {
+                self.discard_upload(&msg);
+                link.end_service(None);
+            }
             Taken::Empty | Taken::Closed => {}
+        }
+    }
+
+    /// Serves a request read from a connection we hold; it stays held unless its response
+    /// ended otherwise (closed, or waiting for a slow client).
+    fn serve_held(&mut self, held: HeldRequest, link: &mut BrokerLink) {
+        let HeldRequest { conn, msg, fd } = held;
+        let client = self.backlog.borrow().client(fd);
+        let replier = link.channels.replier();
+        let kept = self.answer(Ticket::Held(conn), msg, None, &replier, Some(client), true);
+        link.end_service(Some(conn));
+        if kept.is_none() {
+            link.holding.forget(&link.idle, conn);
         }
     }
 
@@ -546,17 +657,22 @@ impl Worker {
     /// Serves request `seq`. Whatever happens, its response ends, so the broker can free its
     /// connection; a response that cannot reach the broker is logged, and the worker lives on.
     /// `piped`: the body, when it came in a pipe of its own.
+    /// `may_hold`: the connection may be kept after a whole response, and is then returned
+    /// (its response's end is then for the caller to tell).
     fn answer(
         &mut self,
-        seq: u64,
+        ticket: Ticket,
         msg: Vec<u8>,
         piped: Option<File>,
-        replier: Arc<Replier>,
+        replier: &Arc<Replier>,
         client: Option<Client>,
-    ) {
+        may_hold: bool,
+    ) -> Option<Rc<OwnedFd>> {
         let reply = Rc::new(Reply {
-            replier,
-            seq,
+            replier: replier.clone(),
+            ticket,
+            may_hold,
+            kept: RefCell::new(None),
             ended: Cell::new(false),
             client: RefCell::new(client),
             over: Rc::new(Cell::new(false)),
@@ -565,15 +681,12 @@ impl Worker {
         let served = Python::attach(|py| self.handle(py, msg, piped, &reply));
         match &served {
             Err(e) if crate::client::went_away(e) => {
-                tracing::info!(seq, "the client went away before its response was complete")
+                tracing::info!("the client went away before the response to {ticket} was complete")
             }
             Err(e) if broker_gone(e) => {
-                tracing::warn!(
-                    seq,
-                    "the broker is gone: a response is lost with it ({e:#})"
-                )
+                tracing::warn!("the broker is gone: the response to {ticket} is lost with it ({e:#})")
             }
-            Err(e) => tracing::error!(seq, "cannot answer a request: {e:#}"),
+            Err(e) => tracing::error!("cannot answer {ticket}: {e:#}"),
             Ok(()) => {}
         }
         if !reply.ended.get() {
@@ -587,12 +700,13 @@ impl Worker {
             if let Err(e) = reply.send(b"", piece) {
                 let e = anyhow::Error::from(e);
                 if broker_gone(&e) {
-                    tracing::warn!(seq, "the broker is gone: a response's end is lost with it");
+                    tracing::warn!("the broker is gone: the end of {ticket} is lost with it");
                 } else {
-                    tracing::error!(seq, "cannot send a response to the broker: {e}");
+                    tracing::error!("cannot send the response to {ticket} to the broker: {e}");
                 }
             }
         }
+        reply.kept.take()
     }
 
     fn writer(&self, reply: &Rc<Reply>, facts: RequestFacts) -> Rc<RefCell<ResponseWriter>> {

@@ -82,7 +82,7 @@ pub enum Phase {
         /// The upload file an upload-done message names: removed if it is never sent.
         upload: Option<std::path::PathBuf>,
         /// The message is marked `DIRECT` (see `Phase::Handler`).
-        direct: bool,
+        direct: Option<crate::front::lend::Lent>,
     },
     /// Waiting for, or relaying, a handler's response.
     Handler {
@@ -94,6 +94,10 @@ pub enum Phase {
         /// No reply by then: 504.
         deadline: Option<Instant>,
     },
+    /// A worker holds the connection between requests and reads them itself (see
+    /// `lend::Lent::MayHold`); it gives the connection back (`lend::BACK`) or closes it. It
+    /// is not polled here meanwhile.
+    Held { handler: usize },
     /// Nothing more is served; the connection closes once its output is written.
     Closing,
     /// Written and half-closed: what the client still sends (the rest of a refused body)
@@ -143,6 +147,11 @@ pub struct Conn {
     pub log: Option<LogFacts>,
     /// A request went out `DIRECT` on it (see `front::lend`): workers may hold copies.
     pub lent: bool,
+    /// Not read here: its request went out `Lent::MayHold` (the worker may read the next
+    /// one), or a worker holds it. `polled` follows it (see `Front::settle`).
+    pub paused: bool,
+    /// Registered with the poll; a paused connection is taken off it once it is held.
+    pub polled: bool,
     /// The read end of the next request's body pipe and its serial number, until the
     /// broker queues the request with it.
     pub body_pipe: Option<(u64, std::os::fd::OwnedFd)>,
@@ -184,6 +193,8 @@ impl Conn {
             written_for_credits: 0,
             log: None,
             lent: false,
+            paused: false,
+            polled: true,
             body_pipe: None,
             upload_lent: None,
         }

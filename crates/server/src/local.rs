@@ -40,6 +40,19 @@ const INPROC: &str = "inproc://broker";
 /// Request heads up to this size (mongrel2's 4 KiB default is short for today's cookies;
 /// nginx allows 4 x 8 KiB, gunicorn about 8 KiB per line).
 const HEAD_LIMIT: usize = 16 << 10;
+/// A proxy's X-Forwarded-For is kept; the workers believe it only from a peer in
+/// `--forwarded-allow-ips`, and take the peer's address otherwise.
+const NO_CLOBBER_XFF: bool = true;
+
+/// What a worker needs to read the next requests of a connection it holds (see
+/// `front::lend::Lent::MayHold`) as this front end would: the same limits and headers.
+pub fn held_requests() -> (crate::http::request::HeadLimits, bool) {
+    let limits = crate::http::request::HeadLimits {
+        max_head: HEAD_LIMIT,
+        max_headers: Settings::from_map(&BTreeMap::new()).0.header_count,
+    };
+    (limits, NO_CLOBBER_XFF)
+}
 
 pub fn run(local: Local) -> anyhow::Result<()> {
     let limit = usize::try_from(crate::run::raise_fd_limit()).unwrap_or(usize::MAX);
@@ -84,9 +97,7 @@ pub fn run(local: Local) -> anyhow::Result<()> {
         ("upload.temp_store", local.temp_store),
         // The workers' access log says what was served.
         ("disable.access_logging", "1".to_string()),
-        // A proxy's X-Forwarded-For is kept; the workers believe it only from a peer in
-        // `--forwarded-allow-ips`, and take the peer's address otherwise.
-        ("no_clobber_xff", "1".to_string()),
+        ("no_clobber_xff", u8::from(NO_CLOBBER_XFF).to_string()),
         // Credits: a slow client holds up its worker's response rather than buffering it.
         ("download.flow_control", "1".to_string()),
     ]

@@ -342,7 +342,7 @@ struct Pass<'a, 'l> {
 /// the request names a pipe that went with its client (it left before the request was
 /// queued).
 fn lendings<'a>(lend: &'a dyn Lend, conn: ConnId, msg: &[u8]) -> Option<Lendings<'a>> {
-    let direct = find_header(msg, DIRECT).as_deref() == Some(b"1");
+    let direct = matches!(find_header(msg, DIRECT).as_deref(), Some(b"1" | b"2"));
     let body = find_header(msg, BODY_PIPE).as_deref().and_then(serial_of);
     let lendings = Lendings {
         client: lend.client(conn).filter(|_| direct),

@@ -28,6 +28,7 @@
 //! against chosen collisions bought nothing here, for a few percent of the broker's time.
 
 mod dispatch;
+mod held;
 mod outgoing;
 mod workers;
 
@@ -129,6 +130,8 @@ struct Broker {
     next_liveness_check: Instant,
     /// Following a worker that died while taking a request (see `settle_probe`).
     probe: Option<Probe>,
+    /// Connections the workers hold between requests (one-command mode).
+    held: held::Held,
 }
 
 pub fn run(settings: &Settings, listener: UnixListener) -> anyhow::Result<()> {
@@ -185,6 +188,7 @@ impl Broker {
             next_flush: None,
             next_liveness_check: Instant::now(),
             probe: None,
+            held: held::Held::default(),
         })
     }
 
@@ -262,6 +266,7 @@ impl Broker {
         // Replies first: they free connections whose next requests wait.
         self.read_replies(&ready.workers);
         self.check_workers();
+        self.look_at_holders();
         self.settle_probe();
         self.drive_replies(ready.replies);
         if let (false, Upstream::Zmtp { requests, .. }) = (self.requests_closed, &mut self.upstream)
@@ -379,7 +384,7 @@ impl Broker {
         let tick = tick.map(|ms| now + Duration::from_millis(ms));
         peers
             .into_iter()
-            .chain([self.next_flush, tick])
+            .chain([self.next_flush, tick, self.held.deadline()])
             .flatten()
             .min()
     }

@@ -26,16 +26,28 @@ pub const WINDOW: Duration = Duration::from_millis(20);
 /// Flow-control state of a connection nothing was sent to for this long is forgotten.
 const CREDITS_KEPT: Duration = Duration::from_secs(600);
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
-/// The `ctl` key telling the front end that a lent connection's response is complete.
+/// The `ctl` key telling the front end that a lent connection's response is complete, and
+/// its values: what becomes of the connection (`server::front::lend`).
 pub const DONE: &[u8] = b"done";
+/// The `ctl` key giving a held connection back to the front end.
+pub const BACK: &[u8] = b"back";
+
+/// What becomes of a connection whose response a worker wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    KeepAlive,
+    Close,
+    /// The worker keeps it, and reads its next requests itself.
+    Held,
+}
 
 struct ConnOut {
     /// `UUID LEN:ID, `.
     prefix: Vec<u8>,
     pending: Vec<u8>,
-    /// A worker wrote the response to the client itself: once `pending` is sent, this
-    /// `ctl` reply tells the front end it is complete.
-    done: Option<Vec<u8>>,
+    /// `ctl` replies to the front end, in order, once `pending` is sent: a response a
+    /// worker wrote to the client itself is complete, a held connection is given back.
+    ctls: Vec<Vec<u8>>,
     /// Close the connection once `pending` is sent.
     close: bool,
     /// When the last messages were sent, oldest first (at most `WINDOW_MESSAGES`).
@@ -54,7 +66,7 @@ impl ConnOut {
     fn idle(&self, now: Instant) -> bool {
         self.pending.is_empty()
             && !self.close
-            && self.done.is_none()
+            && self.ctls.is_empty()
             && match self.credits {
                 Some(_) => now >= self.touched + CREDITS_KEPT,
                 None => self.sent.back().is_none_or(|&t| now >= t + WINDOW),
@@ -89,7 +101,7 @@ impl Outgoing {
                 Some(e.insert(ConnOut {
                     prefix,
                     pending: Vec::new(),
-                    done: None,
+                    ctls: Vec::new(),
                     close: false,
                     sent: VecDeque::with_capacity(WINDOW_MESSAGES),
                     credits: None,
@@ -119,9 +131,22 @@ impl Outgoing {
 
     /// The response in service on `conn` was written to the client by its worker (the
     /// front end lent the connection): the front end is told, after anything queued before.
-    pub fn push_done(&mut self, sender: &[u8], conn: ConnId, close: bool) {
-        let value: &[u8] = if close { b"close" } else { b"keep-alive" };
-        let ctl = match m2wire::encode_ctl(sender, &[conn], &[(DONE, value)]) {
+    pub fn push_done(&mut self, sender: &[u8], conn: ConnId, after: After) {
+        let value: &[u8] = match after {
+            After::KeepAlive => b"keep-alive",
+            After::Close => b"close",
+            After::Held => b"held",
+        };
+        self.push_ctl(sender, conn, DONE, value, after == After::Close);
+    }
+
+    /// A held connection goes back to the front end, with what its worker read of it.
+    pub fn push_back(&mut self, sender: &[u8], conn: ConnId, read: &[u8]) {
+        self.push_ctl(sender, conn, BACK, read, false);
+    }
+
+    fn push_ctl(&mut self, sender: &[u8], conn: ConnId, key: &[u8], value: &[u8], close: bool) {
+        let ctl = match m2wire::encode_ctl(sender, &[conn], &[(key, value)]) {
             Ok(ctl) => ctl,
             Err(err) => return tracing::warn!(conn, "cannot reply: {err}"),
         };
@@ -129,7 +154,7 @@ impl Outgoing {
             if out.close {
                 return;
             }
-            out.done = Some(ctl);
+            out.ctls.push(ctl);
             out.close = close;
             self.dirty.insert(conn);
         }
@@ -246,11 +271,11 @@ fn send_what_may_go(out: &mut ConnOut, now: Instant, sender: &mut impl Sender) -
             out.pending.drain(..take);
         }
     }
-    if let Some(ctl) = &out.done {
+    while let Some(ctl) = out.ctls.first() {
         if !sender.send(ctl, b"") {
             return Flushed::Blocked;
         }
-        out.done = None;
+        out.ctls.remove(0);
     }
     if out.close {
         if let (None, Some(at)) = (out.credits, out.window_opens()) {
@@ -298,8 +323,8 @@ mod tests {
         let (mut out, mut rec) = (Outgoing::default(), Recorder::default());
         let now = Instant::now();
         out.push(b"u", 7, b"relayed", false);
-        out.push_done(b"u", 7, false);
-        out.push_done(b"u", 8, true);
+        out.push_done(b"u", 7, After::KeepAlive);
+        out.push_done(b"u", 8, After::Close);
         out.push(b"u", 8, b"after a close", false);
         assert_eq!(out.flush(now, &mut rec), None);
         let mut sent = rec.sent.clone();

@@ -9,9 +9,9 @@ use m2wire::ConnId;
 use rustc_hash::FxHashMap;
 
 use super::dispatch::Close;
-use super::outgoing::Outgoing;
+use super::outgoing::{After, Outgoing};
 use super::Broker;
-use crate::link::{self, BrokerChannels, Piece, ReplyHeader};
+use crate::link::{self, BrokerChannels, Frame, Piece, ReplyHeader};
 use crate::records::RingReader;
 use zmtp::ReadBuf;
 
@@ -89,6 +89,10 @@ impl Workers {
             }
         }
         ready
+    }
+
+    pub fn ring(&self, fd: RawFd) -> Option<&RingReader> {
+        self.by_fd.get(&fd).map(|w| &w.ring)
     }
 
     /// The streams to read: all but those whose connection is still backed up.
@@ -208,7 +212,7 @@ impl Broker {
             if rbuf.data().len() < end {
                 break;
             }
-            let blocked = self.on_reply(&header, &rbuf.data()[at + ReplyHeader::LEN..end]);
+            let blocked = self.on_reply(fd, &header, &rbuf.data()[at + ReplyHeader::LEN..end]);
             at = end;
             if let Some(conn) = blocked.filter(|_| !ignore_cap) {
                 if let Some(w) = self.workers.by_fd.get_mut(&fd) {
@@ -226,7 +230,12 @@ impl Broker {
 
     /// One reply piece: forwarded when its request belongs to this epoch. Returns the
     /// connection when its backlog should stop the worker's reading.
-    fn on_reply(&mut self, header: &ReplyHeader, payload: &[u8]) -> Option<ConnId> {
+    fn on_reply(&mut self, fd: RawFd, header: &ReplyHeader, payload: &[u8]) -> Option<ConnId> {
+        let close = header.piece == Piece::LastThenClose;
+        if header.frame == Frame::Back {
+            self.on_back(fd, header.seq, payload, close);
+            return None;
+        }
         let Some(f) = self.queue.in_flight.get(&header.seq) else {
             tracing::warn!(seq = header.seq, "a reply to no request in flight, dropped");
             return None;
@@ -243,9 +252,11 @@ impl Broker {
             return None;
         }
         let (sender, conn) = (f.sender.clone(), f.conn);
-        let close = header.piece == Piece::LastThenClose;
-        if header.direct {
-            self.outgoing.push_done(&sender, conn, close);
+        if header.frame == Frame::DoneHeld {
+            self.on_held(fd, &sender, conn);
+        } else if header.frame == Frame::Done {
+            let after = if close { After::Close } else { After::KeepAlive };
+            self.outgoing.push_done(&sender, conn, after);
         } else if !payload.is_empty() || close {
             self.outgoing.push(&sender, conn, payload, close);
         }
@@ -284,6 +295,8 @@ impl Broker {
         let Some(worker) = self.workers.by_fd.remove(&fd) else {
             return;
         };
+        let serving = worker.ring.busy().map(|_| worker.ring.serving());
+        self.release_held(fd, serving.filter(|&conn| conn != 0));
         let lost: Vec<u64> = self
             .queue
             .in_flight

@@ -6,13 +6,15 @@ use std::ops::Range;
 use std::rc::Rc;
 use std::time::Instant;
 
-use m2wire::{encode_notice, encode_request, Headers, Notice};
+use m2wire::{encode_notice, Headers, Notice};
 
-use super::{lend, Hub, FIRST_CREDITS};
+use super::lend::{self, Lent};
+use super::{Hub, FIRST_CREDITS};
 use crate::conn::{AfterBody, Conn, LentBody, Phase, Sink};
 use crate::http::body::Decoder;
 use crate::http::canned;
 use crate::http::framing::{Fed, ResponseFraming};
+use crate::http::message::{self, Origin};
 use crate::http::request::{Framing, Head};
 use crate::http::Status;
 use crate::upload::{RequestPipe, Spool};
@@ -113,7 +115,7 @@ impl Hub {
             head,
             key,
             Payload::UploadStart(&spool.message_path),
-            false,
+            None,
         );
         self.handlers.send(handler, &message);
     }
@@ -321,13 +323,26 @@ impl Hub {
     ) {
         // Lent only when nothing of ours is queued for the client, which the worker's
         // bytes would overtake (a 100 Continue, say).
-        let direct =
-            !matches!(body, Payload::UploadStart(_)) && conn.out.is_empty() && self.lending;
-        conn.lent |= direct;
+        let direct = (!matches!(body, Payload::UploadStart(_))
+            && conn.out.is_empty()
+            && self.lending)
+            .then(|| {
+                // Held only when nothing of the next request is here or due here.
+                let bodiless = matches!(body, Payload::Inline(b) if b.is_empty())
+                    && head.framing == Framing::Length(0);
+                let idle = conn.input.is_empty() && !conn.read_pending && !conn.hup;
+                if bodiless && idle && conn.keep_alive && !conn.read_closed {
+                    Lent::MayHold
+                } else {
+                    Lent::Once
+                }
+            });
+        conn.lent |= direct.is_some();
+        conn.paused = direct == Some(Lent::MayHold);
         let message = self.message(conn, handler, head, key, body, direct);
         conn.first_request = false;
         if self.handlers.send(handler, &message) {
-            self.await_reply(conn, handler, head.is_head(), direct);
+            self.await_reply(conn, handler, head.is_head(), direct.is_some());
         } else {
             let upload = match body {
                 Payload::UploadDone(path) => {
@@ -375,7 +390,7 @@ impl Hub {
         else {
             return;
         };
-        let (handler, is_head, direct) = (*handler, *is_head, *direct);
+        let (handler, is_head, direct) = (*handler, *is_head, direct.is_some());
         if handler == connected && self.handlers.send(handler, message) {
             self.await_reply(conn, handler, is_head, direct);
         }
@@ -414,9 +429,8 @@ impl Hub {
         head: &Head,
         key: &str,
         payload: Payload,
-        direct: bool,
+        direct: Option<Lent>,
     ) -> Vec<u8> {
-        let remote = &conn.remote_ip;
         let body = match payload {
             Payload::Inline(body) => body,
             Payload::UploadStart(_) | Payload::UploadDone(_) | Payload::Pipe(_) => &[],
@@ -430,68 +444,42 @@ impl Hub {
             Payload::Pipe(n) => serial.format(n),
             _ => "",
         };
-        let mut client_xff = None;
-        let mut headers: Vec<(&[u8], &[u8])> = Vec::with_capacity(24);
-        headers.push((b"PATH", head.path()));
-        for (name, value) in head.headers() {
-            // No client may forge an upload, nor our framing.
-            if name.starts_with(b"x-mongrel2-") || (inline_chunked && name == b"transfer-encoding")
-            {
-                continue;
-            }
-            if name == b"x-forwarded-for" {
-                client_xff.get_or_insert(value);
-                if !self.settings.no_clobber_xff {
-                    continue;
-                }
-            }
-            headers.push((name, value));
-        }
-        if inline_chunked {
-            headers.push((b"content-length", length.as_bytes()));
-        }
-        if !(self.settings.no_clobber_xff && client_xff.is_some()) {
-            headers.push((b"x-forwarded-for", remote.as_bytes()));
-        }
-        headers.push((b"METHOD", head.method()));
-        headers.push((b"VERSION", head.version()));
-        headers.push((b"URI", head.uri()));
-        if let Some(q) = head.query() {
-            headers.push((b"QUERY", q));
-        }
-        if let Some(f) = head.fragment() {
-            headers.push((b"FRAGMENT", f));
-        }
-        headers.push((b"PATTERN", key.as_bytes()));
-        headers.push((b"URL_SCHEME", self.scheme));
-        headers.push((b"REMOTE_ADDR", remote.as_bytes()));
+        let mut extra: Vec<(&[u8], &[u8])> = Vec::with_capacity(4);
         if self.settings.flow_control && conn.first_request {
-            headers.push((b"DOWNLOAD_CREDITS", FIRST_CREDITS));
+            extra.push((b"DOWNLOAD_CREDITS", FIRST_CREDITS));
         }
-        if direct {
-            headers.push((lend::DIRECT, b"1"));
+        if let Some(lending) = direct {
+            extra.push((lend::DIRECT, lending.value()));
         }
         match payload {
             Payload::Inline(_) => {}
-            Payload::UploadStart(p) => headers.push((b"x-mongrel2-upload-start", p.as_bytes())),
+            Payload::UploadStart(p) => extra.push((b"x-mongrel2-upload-start", p.as_bytes())),
             Payload::UploadDone(p) => {
-                headers.push((b"x-mongrel2-upload-start", p.as_bytes()));
-                headers.push((b"x-mongrel2-upload-done", p.as_bytes()));
+                extra.push((b"x-mongrel2-upload-start", p.as_bytes()));
+                extra.push((b"x-mongrel2-upload-done", p.as_bytes()));
                 if matches!(conn.upload_lent, Some(LentBody::File(_))) {
-                    headers.push((lend::UPLOAD_LENT, b"1"));
+                    extra.push((lend::UPLOAD_LENT, b"1"));
                 }
             }
-            Payload::Pipe(_) => headers.push((lend::BODY_PIPE, pipe_serial.as_bytes())),
+            Payload::Pipe(_) => extra.push((lend::BODY_PIPE, pipe_serial.as_bytes())),
         }
         let h = &self.handlers.list[handler];
-        let mut out = Vec::with_capacity(256 + body.len() + 32 * headers.len());
-        encode_request(
+        let origin = Origin {
+            sender: h.config.send_ident.as_bytes(),
+            conn_id: conn.id,
+            encoding: h.encoding,
+            remote_ip: &conn.remote_ip,
+            scheme: self.scheme,
+            pattern: key.as_bytes(),
+            no_clobber_xff: self.settings.no_clobber_xff,
+        };
+        let mut out = Vec::new();
+        message::encode(
             &mut out,
-            h.config.send_ident.as_bytes(),
-            conn.id,
-            head.path(),
-            h.encoding,
-            &headers,
+            &origin,
+            head,
+            inline_chunked.then_some(length.as_bytes()),
+            &extra,
             body,
         );
         out
@@ -539,6 +527,7 @@ impl Hub {
                 spool.remove();
             }
             conn.phase = Phase::Closing;
+            conn.paused = false;
             return;
         }
         if let Phase::Body {
@@ -627,6 +616,7 @@ impl Hub {
             // A 0-length reply closes an idle connection (a handler's close after its
             // response, as mongrel2 allows).
             Phase::Head | Phase::Closing => conn.handler == Some(handler),
+            Phase::Held { handler: h } => *h == handler,
             _ => false,
         }
     }
@@ -638,7 +628,10 @@ impl Hub {
         let has = |key: &[u8]| arg(key).is_some();
         if let Some(value) = arg(lend::DONE) {
             let value = value.first().unwrap_or_default();
-            return self.done_directly(conn, from, value == b"close");
+            return self.done_directly(conn, from, value);
+        }
+        if let Some(read) = arg(lend::BACK) {
+            return self.taken_back(conn, from, read.first().unwrap_or_default());
         }
         match command {
             Some(_) if has(b"keep-alive") => {
@@ -693,7 +686,7 @@ impl Hub {
     /// `done`: a worker wrote the response to the client; the connection is ours again.
     /// Accepted only for a request that went out `DIRECT` to this handler and of which no
     /// byte was relayed: anything else would leave the response unframed, so it closes.
-    fn done_directly(&mut self, conn: &mut Conn, from: usize, close: bool) {
+    fn done_directly(&mut self, conn: &mut Conn, from: usize, value: &[u8]) {
         let lent_response = matches!(
             &conn.phase,
             Phase::Handler { handler, direct: true, framing, .. }
@@ -707,12 +700,50 @@ impl Hub {
             conn.phase = Phase::Closing;
             return;
         }
-        let close = close || !conn.keep_alive || conn.read_closed;
         self.give_back_upload(conn);
         self.finish_log(conn);
-        conn.phase = if close { Phase::Closing } else { Phase::Head };
         conn.progress = Instant::now();
+        if value == lend::HELD {
+            if !conn.paused {
+                tracing::warn!(
+                    conn = conn.id,
+                    "a worker held a connection it was not offered: the client is closed"
+                );
+                conn.phase = Phase::Closing;
+                return;
+            }
+            conn.phase = Phase::Held { handler: from };
+            return;
+        }
+        let close = value == b"close" || !conn.keep_alive || conn.read_closed;
+        conn.phase = if close { Phase::Closing } else { Phase::Head };
+        self.resume_reading(conn);
         self.advance(conn);
+    }
+
+    /// `back`: the worker that held the connection gives it back, with what it read of the
+    /// next request (a request it leaves to us: one with a body, say, or not whole yet).
+    fn taken_back(&mut self, conn: &mut Conn, from: usize, read: &[u8]) {
+        if !matches!(conn.phase, Phase::Held { handler } if handler == from) {
+            tracing::warn!(
+                conn = conn.id,
+                "a connection given back that was not held: the client is closed"
+            );
+            conn.phase = Phase::Closing;
+            return;
+        }
+        conn.phase = Phase::Head;
+        conn.input.extend_from_slice(read);
+        conn.progress = Instant::now();
+        self.resume_reading(conn);
+        self.advance(conn);
+    }
+
+    /// Reading resumes after a pause: what came meanwhile raised no edge we saw.
+    fn resume_reading(&mut self, conn: &mut Conn) {
+        if std::mem::take(&mut conn.paused) {
+            conn.read_pending = true;
+        }
     }
 }
 

@@ -28,8 +28,33 @@ pub const UPLOAD_LENT: &[u8] = b"UPLOAD_LENT";
 /// The request header of a body in a pipe of its own; its value is the pipe's serial
 /// number, which the broker matches.
 pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
-/// The `ctl` key of the reply that ends a response written directly.
+/// The `ctl` key of the reply that ends a response written directly; its value says what
+/// becomes of the connection: `keep-alive`, `close`, or `held` (`Lent::MayHold`).
 pub const DONE: &[u8] = b"done";
+pub const HELD: &[u8] = b"held";
+/// The `ctl` key of the reply that gives a held connection back; its value is what the
+/// worker read from it and did not serve (the start of a request it leaves to us).
+pub const BACK: &[u8] = b"back";
+
+/// How a request's connection is lent (the value of its `DIRECT` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lent {
+    /// For this response only.
+    Once,
+    /// The worker may keep the connection after the response and read the next requests
+    /// itself (`Phase::Held`): nothing of the next request was read here, and the request
+    /// had no body still coming. Under load most requests then cross no process at all.
+    MayHold,
+}
+
+impl Lent {
+    pub fn value(self) -> &'static [u8] {
+        match self {
+            Lent::Once => b"1",
+            Lent::MayHold => b"2",
+        }
+    }
+}
 
 /// The front end's connections, as the broker looks them up (see `Lend`).
 pub struct Lending<'a> {

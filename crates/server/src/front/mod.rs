@@ -366,6 +366,10 @@ impl Front {
             self.settle(index);
             return;
         }
+        if conn.paused {
+            // Its next request is for the worker to read (`lend::Lent::MayHold`).
+            return;
+        }
         let was_empty = conn.input.is_empty();
         conn.hup |= hup;
         if was_empty && matches!(conn.phase, Phase::Body { .. }) {
@@ -512,7 +516,32 @@ impl Front {
         }
         if conn.finished() {
             self.close(index);
-        } else if conn.read_pending
+            return;
+        }
+        // A held connection's requests wake its worker only; given back, it is polled again.
+        let polled = !matches!(conn.phase, Phase::Held { .. });
+        if polled != conn.polled {
+            let registry = self.poll.registry();
+            let done = if polled {
+                registry.register(
+                    &mut conn.stream,
+                    Token(index),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+            } else {
+                registry.deregister(&mut conn.stream)
+            };
+            match done {
+                Ok(()) => conn.polled = polled,
+                Err(e) => {
+                    tracing::warn!(conn = conn.id, "cannot poll a client connection: {e}");
+                    conn.write_failed = true;
+                    self.close(index);
+                    return;
+                }
+            }
+        }
+        if conn.read_pending
             && conn.wants_input(self.hub.settings.buffer_size)
             && !self.ready.contains(&index)
         {
@@ -523,7 +552,9 @@ impl Front {
     fn close(&mut self, index: usize) {
         let mut conn = self.conns.remove(index);
         self.ids.remove(&conn.id);
-        let _ = self.poll.registry().deregister(&mut conn.stream);
+        if conn.polled {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
         if conn.lent {
             // The broker (and maybe a worker) holds copies: the connection ends here.
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
@@ -712,6 +743,7 @@ impl Hub {
                 }
                 Phase::Handler { .. }
                 | Phase::Queued { .. }
+                | Phase::Held { .. }
                 | Phase::Closing
                 | Phase::Lingering { .. } => return,
             }

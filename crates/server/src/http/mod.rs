@@ -5,6 +5,7 @@
 pub mod body;
 pub mod canned;
 pub mod framing;
+pub mod message;
 pub mod request;
 
 /// A response status the server itself may answer with.

@@ -1,0 +1,129 @@
+//! Connections the workers hold between requests (one-command mode, `crate::hold`), as the
+//! broker sees them: which worker holds which, and the looks that take them back from a
+//! worker busy with one request for too long, so that their next requests go to the shared
+//! queue and an idle worker (design note 3).
+
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use m2wire::ConnId;
+use rustc_hash::FxHashMap;
+
+use super::outgoing::After;
+use super::Broker;
+
+/// How often the workers that hold connections are looked at. One seen busy with the same
+/// request at two looks loses its held connections: a request on one of them waits at most
+/// two looks behind a slow one.
+pub const LOOK_EVERY: Duration = Duration::from_millis(2);
+
+#[derive(Default)]
+pub struct Held {
+    by_conn: FxHashMap<ConnId, Holder>,
+    /// Per holding worker, what it was busy with at the last look.
+    seen: FxHashMap<RawFd, Option<u64>>,
+    next_look: Option<Instant>,
+}
+
+struct Holder {
+    worker: RawFd,
+    sender: Vec<u8>,
+}
+
+impl Held {
+    /// When the next look is due, while any connection is held.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.next_look.filter(|_| !self.by_conn.is_empty())
+    }
+
+    fn of(&self, worker: RawFd) -> Vec<ConnId> {
+        self.by_conn
+            .iter()
+            .filter(|(_, h)| h.worker == worker)
+            .map(|(&conn, _)| conn)
+            .collect()
+    }
+}
+
+impl Broker {
+    /// Worker `fd` wrote the response on `conn` and keeps the connection.
+    pub(super) fn on_held(&mut self, fd: RawFd, sender: &[u8], conn: ConnId) {
+        self.outgoing.push_done(sender, conn, After::Held);
+        let holder = Holder {
+            worker: fd,
+            sender: sender.to_vec(),
+        };
+        self.held.by_conn.insert(conn, holder);
+        self.held.seen.entry(fd).or_insert(None);
+        self.held
+            .next_look
+            .get_or_insert_with(|| Instant::now() + LOOK_EVERY);
+    }
+
+    /// Worker `fd` gives held connection `conn` back, with what it read of it, or has it
+    /// closed (`close`).
+    pub(super) fn on_back(&mut self, fd: RawFd, conn: ConnId, read: &[u8], close: bool) {
+        match self.held.by_conn.get(&conn) {
+            Some(h) if h.worker == fd => {}
+            // Taken back from it already (it read nothing of it since: see `look`).
+            _ => return,
+        }
+        let holder = self.held.by_conn.remove(&conn).expect("just seen");
+        if close {
+            self.outgoing.push(&holder.sender, conn, b"", true);
+        } else {
+            self.outgoing.push_back(&holder.sender, conn, read);
+        }
+    }
+
+    /// Takes held connections back from the workers busy with one request since the last
+    /// look, but the connection of that request.
+    pub(super) fn look_at_holders(&mut self) {
+        let now = Instant::now();
+        if self.held.next_look.is_none_or(|at| at > now) {
+            return;
+        }
+        self.held.next_look = Some(now + LOOK_EVERY);
+        let holders: Vec<RawFd> = self.held.seen.keys().copied().collect();
+        for fd in holders {
+            let Some(ring) = self.workers.ring(fd) else {
+                continue;
+            };
+            let busy = ring.busy();
+            let before = self.held.seen.insert(fd, busy).flatten();
+            let Some(mark) = busy.filter(|&b| Some(b) == before) else {
+                continue;
+            };
+            let serving = ring.serving();
+            if !ring.take_back(mark) {
+                continue;
+            }
+            let conns = self.held.of(fd);
+            tracing::debug!(
+                conns = conns.len(),
+                "a worker busy with one request for {LOOK_EVERY:?} or more: its held connections are taken back"
+            );
+            for conn in conns.into_iter().filter(|&c| c != serving) {
+                let holder = self.held.by_conn.remove(&conn).expect("held");
+                self.outgoing.push_back(&holder.sender, conn, b"");
+            }
+        }
+        let holding: std::collections::HashSet<RawFd> =
+            self.held.by_conn.values().map(|h| h.worker).collect();
+        self.held.seen.retain(|fd, _| holding.contains(fd));
+    }
+
+    /// Worker `fd` is gone: the connections it held go back to the front end, but the one
+    /// whose request it was serving, which is closed (its response will never come).
+    pub(super) fn release_held(&mut self, fd: RawFd, serving: Option<ConnId>) {
+        for conn in self.held.of(fd) {
+            let holder = self.held.by_conn.remove(&conn).expect("held");
+            if Some(conn) == serving {
+                self.outgoing.push(&holder.sender, conn, b"", true);
+            } else {
+                self.outgoing.push_back(&holder.sender, conn, b"");
+            }
+        }
+        self.held.seen.remove(&fd);
+    }
+}
