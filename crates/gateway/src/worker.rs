@@ -681,7 +681,7 @@ impl Worker {
         let served = Python::attach(|py| self.handle(py, msg, piped, &reply));
         match &served {
             Err(e) if crate::client::went_away(e) => {
-                tracing::info!("the client went away before the response to {ticket} was complete")
+                tracing::info!("the client went away before its response was complete ({ticket})")
             }
             Err(e) if broker_gone(e) => {
                 tracing::warn!("the broker is gone: the response to {ticket} is lost with it ({e:#})")
