@@ -534,7 +534,11 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         let bounds = Rc::new(Bounds::new(spill_dir));
-        (Client::new(Rc::new(ours.into()), bounds.clone()), theirs, bounds)
+        (
+            Client::new(Rc::new(ours.into()), bounds.clone()),
+            theirs,
+            bounds,
+        )
     }
 
     fn pattern(len: usize) -> Vec<u8> {

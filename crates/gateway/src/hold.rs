@@ -30,8 +30,9 @@ use server::http::request::{self as http, Framing, HeadLimits};
 
 use crate::link::{Piece, Replier};
 
-/// At most this many connections held by one worker; past it, responses end as before.
-const MOST_HELD: usize = 1024;
+/// At most this many connections held by one worker, and a quarter of its open files
+/// limit; past it, responses end as before.
+const MOST_HELD: u64 = 1024;
 /// A held connection with no request for this long goes back to the front end, whose
 /// keep-alive timeout then applies.
 const IDLE: Duration = Duration::from_secs(2);
@@ -93,6 +94,7 @@ pub struct Holding {
     conns: FxHashMap<u64, HeldConn>,
     /// Held connections the last wait found readable, not served yet.
     ready: Vec<u64>,
+    most: usize,
     limits: HeadLimits,
     no_clobber_xff: bool,
     buf: Vec<u8>,
@@ -102,28 +104,27 @@ pub struct Holding {
 /// Epoll tokens of held connections are their ids; these are below any id.
 pub const FIRST_TOKEN: u64 = 2;
 
-impl Holding {
-    pub fn new() -> Holding {
+impl Default for Holding {
+    fn default() -> Holding {
         let (limits, no_clobber_xff) = server::local::held_requests();
         Holding {
             conns: FxHashMap::default(),
             ready: Vec::new(),
+            most: (server::run::raise_fd_limit() / 4).min(MOST_HELD) as usize,
             limits,
             no_clobber_xff,
             buf: vec![0; READ],
             next_sweep: None,
         }
     }
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-
+impl Holding {
     /// Keeps the connection of a request just answered on it; false when it cannot be
     /// kept, and the response ends as any other.
     pub fn keep(&mut self, epoll: &Epoll, said: Said, fd: Rc<OwnedFd>) -> bool {
         let conn = said.conn;
-        if self.conns.len() >= MOST_HELD || conn < FIRST_TOKEN || self.conns.contains_key(&conn) {
+        if self.conns.len() >= self.most || conn < FIRST_TOKEN || self.conns.contains_key(&conn) {
             return false;
         }
         let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, conn);
@@ -207,9 +208,9 @@ impl Holding {
         self.ready.retain(|&c| c != conn);
     }
 
-    /// The broker took the held connections back while a request was in service (all but
-    /// `serving`'s): they are the front end's again, and dropped here unread.
-    pub fn taken_back(&mut self, epoll: &Epoll, serving: Option<u64>) {
+    /// Drops every held connection but `serving`'s, unread: the broker took them back
+    /// while that request was in service, or is gone with its front end.
+    pub fn let_go(&mut self, epoll: &Epoll, serving: Option<u64>) {
         let gone: Vec<u64> = self
             .conns
             .keys()

@@ -437,7 +437,10 @@ impl Replier {
             frame: Frame::Back,
         };
         if let Err(e) = self.write_header_and(&header.encode(), read) {
-            tracing::info!(conn, "the broker is gone ({e}): a held connection goes with it");
+            tracing::info!(
+                conn,
+                "the broker is gone ({e}): a held connection goes with it"
+            );
         }
     }
 
@@ -844,7 +847,10 @@ mod tests {
             }
             .encode();
             let h = ReplyHeader::decode(&raw).unwrap().unwrap();
-            assert_eq!((h.seq, h.len, h.piece, h.frame), (9, 77, piece, Frame::Relayed));
+            assert_eq!(
+                (h.seq, h.len, h.piece, h.frame),
+                (9, 77, piece, Frame::Relayed)
+            );
         }
         // A direct frame ends a response and carries nothing.
         let mut direct = ReplyHeader {
@@ -854,7 +860,10 @@ mod tests {
             frame: Frame::Done,
         }
         .encode();
-        assert_eq!(ReplyHeader::decode(&direct).unwrap().unwrap().frame, Frame::Done);
+        assert_eq!(
+            ReplyHeader::decode(&direct).unwrap().unwrap().frame,
+            Frame::Done
+        );
         direct[12] = 0;
         assert!(ReplyHeader::decode(&direct).unwrap().is_err());
         // Keeping the connection ends a response whole; giving one back may carry bytes.
@@ -862,7 +871,10 @@ mod tests {
         direct[13] = 2;
         assert!(ReplyHeader::decode(&direct).unwrap().is_err());
         direct[12] = 1;
-        assert_eq!(ReplyHeader::decode(&direct).unwrap().unwrap().frame, Frame::DoneHeld);
+        assert_eq!(
+            ReplyHeader::decode(&direct).unwrap().unwrap().frame,
+            Frame::DoneHeld
+        );
         let back = ReplyHeader {
             seq: 5,
             len: 3,
@@ -870,7 +882,10 @@ mod tests {
             frame: Frame::Back,
         }
         .encode();
-        assert_eq!(ReplyHeader::decode(&back).unwrap().unwrap().frame, Frame::Back);
+        assert_eq!(
+            ReplyHeader::decode(&back).unwrap().unwrap().frame,
+            Frame::Back
+        );
         let mut raw = ReplyHeader {
             seq: 1,
             len: 1,

@@ -270,7 +270,7 @@ impl BrokerLink {
                         name: name.to_string(),
                         channels,
                         idle,
-                        holding: Holding::new(),
+                        holding: Holding::default(),
                         queue_hint: true,
                         generation: 0,
                     });
@@ -311,8 +311,8 @@ impl BrokerLink {
                         return Ok(None);
                     }
                     tracing::warn!("lost the broker; reconnecting");
-                    let replier = self.channels.replier();
-                    self.holding.give_back_all(&self.idle, &replier);
+                    // Its front end went with it: our copies of its connections close.
+                    self.holding.let_go(&self.idle, None);
                     match BrokerLink::connect(&self.name, signals) {
                         Ok(fresh) => *self = fresh,
                         Err(_) if signals.stopping() => {}
@@ -388,7 +388,7 @@ impl BrokerLink {
     /// meanwhile, they are dropped (but `serving`'s, which it left us).
     fn end_service(&mut self, serving: Option<u64>) {
         if !self.channels.idle(self.generation) {
-            self.holding.taken_back(&self.idle, serving);
+            self.holding.let_go(&self.idle, serving);
         }
     }
 
@@ -417,11 +417,13 @@ impl BrokerLink {
     }
 
     /// Stops gracefully. Nothing was assigned to us ahead of time, so while the broker runs
-    /// there is nothing to finish: other workers take what is queued. When the broker has
-    /// gone (the whole instance stops, the broker first), the workers serve what it queued.
+    /// there is nothing to finish: other workers take what is queued, and the connections
+    /// we hold go back to the front end now (not when the broker sees our stream end, which
+    /// a child the app forked may keep open). When the broker has gone (the whole instance
+    /// stops, the broker first), the workers serve what it queued.
     fn stop(&mut self, mut answer: impl FnMut(Taken, &mut BrokerLink)) -> anyhow::Result<()> {
-        let replier = self.channels.replier();
-        self.holding.give_back_all(&self.idle, &replier);
+        self.holding
+            .give_back_all(&self.idle, &self.channels.replier());
         if self.channels.broker_gone() {
             while let taken @ (Taken::Request { .. } | Taken::Discard { .. }) =
                 self.channels.take()?
@@ -546,7 +548,9 @@ impl ReplySink for Reply {
         let mut lent = self.client.borrow_mut();
         let Some(client) = lent.as_mut() else {
             let Ticket::Queued(seq) = self.ticket else {
-                return Err(io::Error::other("a held connection's response has no client"));
+                return Err(io::Error::other(
+                    "a held connection's response has no client",
+                ));
             };
             return self.replier.reply(seq, payload, piece);
         };
@@ -598,7 +602,14 @@ impl Worker {
                 let client = client.map(|fd| self.backlog.borrow().client(Rc::new(fd)));
                 let ticket = Ticket::Queued(seq);
                 let may_hold = said.is_some();
-                let kept = self.answer(ticket, msg, body.map(File::from), &replier, client, may_hold);
+                let kept = self.answer(
+                    ticket,
+                    msg,
+                    body.map(File::from),
+                    &replier,
+                    client,
+                    may_hold,
+                );
                 link.end_service(None);
                 if let (Some(fd), Some(said)) = (kept, said) {
                     if link.holding.keep(&link.idle, said, fd) {
@@ -684,7 +695,9 @@ impl Worker {
                 tracing::info!("the client went away before its response was complete ({ticket})")
             }
             Err(e) if broker_gone(e) => {
-                tracing::warn!("the broker is gone: the response to {ticket} is lost with it ({e:#})")
+                tracing::warn!(
+                    "the broker is gone: the response to {ticket} is lost with it ({e:#})"
+                )
             }
             Err(e) => tracing::error!("cannot answer {ticket}: {e:#}"),
             Ok(()) => {}

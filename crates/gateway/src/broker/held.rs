@@ -31,6 +31,10 @@ struct Holder {
 }
 
 impl Held {
+    pub fn is_empty(&self) -> bool {
+        self.by_conn.is_empty()
+    }
+
     /// When the next look is due, while any connection is held.
     pub fn deadline(&self) -> Option<Instant> {
         self.next_look.filter(|_| !self.by_conn.is_empty())

@@ -255,7 +255,11 @@ impl Broker {
         if header.frame == Frame::DoneHeld {
             self.on_held(fd, &sender, conn);
         } else if header.frame == Frame::Done {
-            let after = if close { After::Close } else { After::KeepAlive };
+            let after = if close {
+                After::Close
+            } else {
+                After::KeepAlive
+            };
             self.outgoing.push_done(&sender, conn, after);
         } else if !payload.is_empty() || close {
             self.outgoing.push(&sender, conn, payload, close);
@@ -274,7 +278,7 @@ impl Broker {
     /// Drops workers whose process has gone while their stream stays open.
     pub(super) fn check_workers(&mut self) {
         let due = self.next_liveness_check <= std::time::Instant::now();
-        if !due || self.queue.in_flight.is_empty() {
+        if !due || (self.queue.in_flight.is_empty() && self.held.is_empty()) {
             return;
         }
         self.next_liveness_check = std::time::Instant::now() + std::time::Duration::from_secs(1);

@@ -37,8 +37,7 @@ pub fn encode(
     headers.push((b"PATH", head.path()));
     for (name, value) in head.headers() {
         // No client may forge an upload, nor our framing.
-        if name.starts_with(b"x-mongrel2-") || (length.is_some() && name == b"transfer-encoding")
-        {
+        if name.starts_with(b"x-mongrel2-") || (length.is_some() && name == b"transfer-encoding") {
             continue;
         }
         if name == b"x-forwarded-for" {
