@@ -166,3 +166,21 @@ def test_a_reload_gives_held_connections_back(tmp_path):
         assert not before & set(worker_pids(server)), "the old workers were replaced"
     finally:
         assert server.stop() == 0
+
+
+def test_a_stop_closes_idle_held_connections_at_once_and_finishes_those_in_service(tmp_path):
+    server = serve(tmp_path, workers=2)
+    conns = held(server, 10)
+    busy_sock, busy_reader = conns[0]
+    busy_sock.sendall(get("/slow-id?busy"))
+    time.sleep(0.2)
+    started = time.time()
+    server.proc.send_signal(signal.SIGTERM)
+    status, _, body, _ = busy_reader.response(time.time() + 5)
+    assert (status, body) == (200, b"id=busy")
+    for sock, _ in conns[1:]:
+        sock.settimeout(5)
+        assert sock.recv(1) == b"", "an idle held connection is closed by the stop"
+    assert server.proc.wait(timeout=10) == 0
+    # Not held until they idle out (2 s): given back when the front end stops.
+    assert time.time() - started < 1.8

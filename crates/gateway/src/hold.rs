@@ -95,14 +95,16 @@ pub struct Holding {
     /// Held connections the last wait found readable, not served yet.
     ready: Vec<u64>,
     most: usize,
+    /// Told to hold no more (the front end stops).
+    closed: bool,
     limits: HeadLimits,
     no_clobber_xff: bool,
     buf: Vec<u8>,
     next_sweep: Option<Instant>,
 }
 
-/// Epoll tokens of held connections are their ids; these are below any id.
-pub const FIRST_TOKEN: u64 = 2;
+/// Epoll tokens of held connections are their ids; the worker's own are below any id.
+pub const FIRST_TOKEN: u64 = 3;
 
 impl Default for Holding {
     fn default() -> Holding {
@@ -111,6 +113,7 @@ impl Default for Holding {
             conns: FxHashMap::default(),
             ready: Vec::new(),
             most: (server::run::raise_fd_limit() / 4).min(MOST_HELD) as usize,
+            closed: false,
             limits,
             no_clobber_xff,
             buf: vec![0; READ],
@@ -124,7 +127,11 @@ impl Holding {
     /// kept, and the response ends as any other.
     pub fn keep(&mut self, epoll: &Epoll, said: Said, fd: Rc<OwnedFd>) -> bool {
         let conn = said.conn;
-        if self.conns.len() >= self.most || conn < FIRST_TOKEN || self.conns.contains_key(&conn) {
+        if self.closed
+            || self.conns.len() >= self.most
+            || conn < FIRST_TOKEN
+            || self.conns.contains_key(&conn)
+        {
             return false;
         }
         let event = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, conn);
@@ -222,7 +229,12 @@ impl Holding {
         }
     }
 
-    /// Gives every held connection back (the worker stops).
+    /// Holds no more connections.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// Gives every held connection back (the worker stops, or the front end).
     pub fn give_back_all(&mut self, epoll: &Epoll, replier: &Replier) {
         let all: Vec<u64> = self.conns.keys().copied().collect();
         for conn in all {
@@ -263,4 +275,58 @@ fn served_here(head: &http::Head) -> bool {
     head.framing == Framing::Length(0)
         && !head.expects_continue
         && head.header(b"upgrade").is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(wire: &str) -> http::Head {
+        let (limits, _) = server::local::held_requests();
+        http::parse(wire.as_bytes(), limits).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn only_requests_without_a_body_upgrade_or_expectation_are_served_here() {
+        assert!(served_here(&head("GET / HTTP/1.1\r\nHost: x\r\n\r\n")));
+        assert!(served_here(&head("HEAD /a?b HTTP/1.0\r\n\r\n")));
+        for wire in [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            assert!(!served_here(&head(wire)), "{wire}");
+        }
+    }
+
+    fn message(direct: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::new();
+        let origin = Origin {
+            sender: b"wsgid-local",
+            conn_id: 77,
+            encoding: HeaderEncoding::Tnetstring,
+            remote_ip: "10.0.0.1",
+            scheme: b"http",
+            pattern: b"/",
+            no_clobber_xff: true,
+        };
+        let head = head("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
+        message::encode(&mut msg, &origin, &head, None, &[(b"DIRECT", direct)], b"");
+        msg
+    }
+
+    #[test]
+    fn a_connection_is_kept_only_when_offered_and_says_the_same_again() {
+        assert!(Said::offered(&message(b"1")).is_none());
+        let said = Said::offered(&message(b"2")).unwrap();
+        assert_eq!(
+            (said.conn, &said.sender[..], &said.remote_ip[..]),
+            (77, &b"wsgid-local"[..], "10.0.0.1")
+        );
+        assert_eq!(
+            (&said.scheme[..], &said.pattern[..]),
+            (&b"http"[..], &b"/"[..])
+        );
+    }
 }

@@ -20,7 +20,7 @@
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read, Seek, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::Arc;
@@ -43,6 +43,9 @@ pub const LISTENER_FD_ENV: &str = "WSGID_LINK_FD";
 
 /// The broker's greeting, which carries the channels.
 const WELCOME: u8 = b'w';
+/// The broker's order, later on the same stream: give every held connection back, and hold
+/// no more (the front end stops, and waits for its connections).
+const GIVE_BACK: u8 = b'g';
 
 /// Largest message carried in the queue itself. A datagram must fit the socket's send buffer
 /// (`net.core.wmem_default`, 208 KiB here), so larger ones travel in a memfd.
@@ -271,6 +274,12 @@ impl BrokerChannels {
         Ok(())
     }
 
+    /// Orders the worker on `stream` to give back the connections it holds, for good.
+    pub fn order_give_back(&self, stream: &UnixStream) {
+        // Non-blocking; nothing else goes this way after the greeting, so there is room.
+        let _ = (&*stream).write(&[GIVE_BACK]);
+    }
+
     /// Queues an upload's end whose connection is gone, for a worker to remove its file.
     pub fn discard(&self, seq: u64, msg: &[u8]) -> io::Result<bool> {
         self.send_frame(DISCARD, seq, &msg[..msg.len().min(INLINE_MAX)], &[])
@@ -349,6 +358,16 @@ pub struct WorkerChannels {
     queue: OwnedFd,
     ring: Ring,
     buf: Box<[u8]>,
+}
+
+/// What the broker said on the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orders {
+    None,
+    /// Give back the held connections, and hold no more.
+    GiveBack,
+    /// The stream ended: the broker is gone, or let us go.
+    Ended,
 }
 
 /// What taking from the queue gave.
@@ -507,6 +526,21 @@ impl WorkerChannels {
             ring: Ring::open(&ring)?,
             buf: vec![0u8; QUEUE_HEADER + INLINE_MAX].into_boxed_slice(),
         })
+    }
+
+    /// The stream, to poll for the broker's orders (`orders`).
+    pub fn stream_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    /// Reads the broker's orders.
+    pub fn orders(&self) -> Orders {
+        let mut orders = [0u8; 16];
+        match recv(self.stream.as_raw_fd(), &mut orders, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => Orders::Ended,
+            Ok(n) if orders[..n].contains(&GIVE_BACK) => Orders::GiveBack,
+            Ok(_) | Err(_) => Orders::None,
+        }
     }
 
     /// Where replies go.

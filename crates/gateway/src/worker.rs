@@ -26,7 +26,7 @@ use pyo3::prelude::*;
 use crate::client::{Backlog, Client};
 use crate::config::Settings;
 use crate::hold::{HeldRequest, Holding, Read, Said};
-use crate::link::{self, Replier, Taken, Ticket, WorkerChannels, LINK_ENV};
+use crate::link::{self, Orders, Replier, Taken, Ticket, WorkerChannels, LINK_ENV};
 use crate::upload::{OpenError, Refusal, UploadFile, UploadPolicy};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use server::front::lend::BODY_PIPE;
@@ -243,9 +243,11 @@ enum Next {
     Held(HeldRequest),
 }
 
-/// Tokens of what `BrokerLink::idle` watches.
+/// Tokens of what `BrokerLink::idle` watches (held connections: their ids, from
+/// `hold::FIRST_TOKEN`).
 const QUEUE: u64 = 0;
 const SIGNAL: u64 = 1;
+const ORDERS: u64 = 2;
 
 impl BrokerLink {
     /// Connects, retrying while the broker starts.
@@ -266,6 +268,10 @@ impl BrokerLink {
                     let exclusive = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
                     idle.add(channels.queue_fd(), EpollEvent::new(exclusive, QUEUE))?;
                     idle.add(&signals.wake, EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL))?;
+                    idle.add(
+                        channels.stream_fd(),
+                        EpollEvent::new(EpollFlags::EPOLLIN, ORDERS),
+                    )?;
                     return Ok(BrokerLink {
                         name: name.to_string(),
                         channels,
@@ -356,6 +362,7 @@ impl BrokerLink {
                 match event.data() {
                     QUEUE => self.queue_hint = true,
                     SIGNAL => {}
+                    ORDERS => self.obey(),
                     conn => self.holding.woke(conn),
                 }
             }
@@ -364,6 +371,23 @@ impl BrokerLink {
             let woke = |token| events[..n].iter().any(|e| e.data() == token);
             if woke(SIGNAL) && !woke(QUEUE) {
                 return Ok(None);
+            }
+        }
+    }
+
+    fn obey(&mut self) {
+        match self.channels.orders() {
+            Orders::None => {}
+            Orders::GiveBack => {
+                self.holding
+                    .give_back_all(&self.idle, &self.channels.replier());
+                self.holding.close();
+            }
+            Orders::Ended => {
+                // Watched no more (it would signal for ever); what ended the stream is
+                // found when the queue ends with it, or when a reply cannot go.
+                let _ = self.idle.delete(self.channels.stream_fd());
+                self.queue_hint = true;
             }
         }
     }

@@ -24,6 +24,9 @@ pub trait Inproc {
     fn new_fds(&mut self, out: &mut Vec<RawFd>);
     /// When a turn is due even if nothing signals.
     fn deadline(&self) -> Option<Instant>;
+    /// The front end stops: the connections workers hold are wanted back, to be closed
+    /// when idle (see `front::lend::Lent::MayHold`).
+    fn stopping(&mut self);
 }
 
 /// What the front end lends a request that goes to a worker, looked up when the request is

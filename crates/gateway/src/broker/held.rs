@@ -23,6 +23,8 @@ pub struct Held {
     /// Per holding worker, what it was busy with at the last look.
     seen: FxHashMap<RawFd, Option<u64>>,
     next_look: Option<Instant>,
+    /// The front end stops: no worker may hold a connection any more.
+    pub wanted_back: bool,
 }
 
 struct Holder {
@@ -50,6 +52,13 @@ impl Held {
 }
 
 impl Broker {
+    /// The front end stops: the workers give back what they hold (and hold no more), so
+    /// that it can close the idle ones.
+    pub(super) fn want_held_back(&mut self) {
+        self.held.wanted_back = true;
+        self.workers.order_give_back(&self.channels);
+    }
+
     /// Worker `fd` wrote the response on `conn` and keeps the connection.
     pub(super) fn on_held(&mut self, fd: RawFd, sender: &[u8], conn: ConnId) {
         self.outgoing.push_done(sender, conn, After::Held);

@@ -257,6 +257,9 @@ impl Broker {
     fn serve(&mut self, listener: &UnixListener, ready: &Ready, lend: Option<&mut dyn Lend>) {
         if ready.accept {
             while let Ok((stream, _)) = listener.accept() {
+                if self.held.wanted_back {
+                    self.channels.order_give_back(&stream);
+                }
                 let accepted = self.workers.accept(stream, &self.channels);
                 if let (Some(fd), Upstream::Inproc { fresh, .. }) = (accepted, &mut self.upstream) {
                     fresh.push(fd);
@@ -640,6 +643,10 @@ impl server::inproc::Inproc for InprocBroker {
 
     fn deadline(&self) -> Option<Instant> {
         self.broker.deadline()
+    }
+
+    fn stopping(&mut self) {
+        self.broker.want_held_back();
     }
 }
 

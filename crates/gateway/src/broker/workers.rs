@@ -91,6 +91,13 @@ impl Workers {
         ready
     }
 
+    /// Orders every worker to give back the connections it holds, and to hold no more.
+    pub fn order_give_back(&self, channels: &BrokerChannels) {
+        for w in self.by_fd.values() {
+            channels.order_give_back(&w.stream);
+        }
+    }
+
     pub fn ring(&self, fd: RawFd) -> Option<&RingReader> {
         self.by_fd.get(&fd).map(|w| &w.ring)
     }

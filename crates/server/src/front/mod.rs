@@ -234,6 +234,9 @@ impl Front {
                 for mut l in std::mem::take(&mut self.listeners) {
                     let _ = self.poll.registry().deregister(&mut l);
                 }
+                if let Some((_, inproc)) = self.hub.handlers.inproc.as_mut() {
+                    inproc.stopping();
+                }
             }
             if let Some(since) = stopping {
                 self.close_idle();
