@@ -184,3 +184,75 @@ def test_a_stop_closes_idle_held_connections_at_once_and_finishes_those_in_servi
     assert server.proc.wait(timeout=10) == 0
     # Not held until they idle out (2 s): given back when the front end stops.
     assert time.time() - started < 1.8
+
+
+def test_keep_alive_clients_get_only_their_own_replies_through_kills_and_reloads(tmp_path):
+    """Clients that keep their connections (so that workers hold them) and mix GETs, bodies,
+    pipelines and slow requests, while workers are killed, added, removed and reloaded and
+    the front end is killed: every response read answers its own request."""
+    import random
+    import threading
+
+    server = serve(tmp_path, workers=3)
+    stop, wrong, served = threading.Event(), [], [0]
+
+    def client(name):
+        rng, n = random.Random(name), 0
+        while not stop.is_set():
+            try:
+                sock, reader = connect(server)
+                with sock:
+                    for _ in range(rng.randint(1, 40)):
+                        n += 1
+                        tag = f"{name}-{n}"
+                        roll = rng.random()
+                        if roll < 0.6:
+                            wires, expected = [get(f"/id?{tag}")], [f"id={tag}".encode()]
+                        elif roll < 0.7:
+                            wires = [get(f"/id?{tag}a"), get(f"/id?{tag}b")]
+                            expected = [f"id={tag}a".encode(), f"id={tag}b".encode()]
+                        elif roll < 0.8:
+                            wires, expected = [get(f"/slow-id?{tag}")], [f"id={tag}".encode()]
+                        else:
+                            body = tag.encode() * rng.randint(1, 20_000)
+                            wires = [f"POST /sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+                                     f"\r\n\r\n".encode() + body]
+                            expected = [b"sha256=" + hashlib.sha256(body).hexdigest().encode()]
+                        sock.sendall(b"".join(wires))
+                        for want in expected:
+                            status, _, got, complete = reader.response(time.time() + 10)
+                            if status is None or not complete:
+                                raise OSError("cut")
+                            if status == 200 and want.startswith(b"sha256="):
+                                got = b"sha256=" + json.loads(got)["sha256"].encode()
+                            if status == 200 and got != want:
+                                wrong.append((tag, got[:100], want[:100]))
+                            served[0] += 1
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+    try:
+        for t in threads:
+            t.start()
+        master = server.proc
+        for action in ("kill-worker", "TTIN", "HUP", "TTOU", "kill-worker", "kill-front", "HUP"):
+            time.sleep(0.8)
+            before = served[0]
+            if action == "kill-worker":
+                os.kill(worker_pids(server)[0], signal.SIGKILL)
+            elif action == "kill-front":
+                os.kill([p for p in children(master.pid) if role_of(p) == "front"][0], signal.SIGKILL)
+            else:
+                master.send_signal(getattr(signal, "SIG" + action))
+            wait_for(lambda: served[0] > before + 30, timeout=15, what=f"service after {action}")
+        time.sleep(0.8)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    try:
+        assert not wrong, wrong[:5]
+        assert served[0] > 500, served[0]
+    finally:
+        assert server.stop() == 0
