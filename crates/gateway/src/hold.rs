@@ -234,6 +234,10 @@ impl Holding {
         self.closed = true;
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
     /// Gives every held connection back (the worker stops, or the front end).
     pub fn give_back_all(&mut self, epoll: &Epoll, replier: &Replier) {
         let all: Vec<u64> = self.conns.keys().copied().collect();

@@ -652,12 +652,20 @@ impl Worker {
     }
 
     /// Serves a request read from a connection we hold; it stays held unless its response
-    /// ended otherwise (closed, or waiting for a slow client).
+    /// ended otherwise (closed, or waiting for a slow client) or we hold no more.
     fn serve_held(&mut self, held: HeldRequest, link: &mut BrokerLink) {
         let HeldRequest { conn, msg, fd } = held;
         let client = self.backlog.borrow().client(fd);
         let replier = link.channels.replier();
-        let kept = self.answer(Ticket::Held(conn), msg, None, &replier, Some(client), true);
+        let may_hold = !link.holding.is_closed();
+        let kept = self.answer(
+            Ticket::Held(conn),
+            msg,
+            None,
+            &replier,
+            Some(client),
+            may_hold,
+        );
         link.end_service(Some(conn));
         if kept.is_none() {
             link.holding.forget(&link.idle, conn);

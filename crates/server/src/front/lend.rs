@@ -8,8 +8,14 @@
 //! for its client: the request says so with the `DIRECT` header. Such a response ends with
 //! a `ctl` reply, `done`. A body that fits a pipe goes the same way, in a pipe of its own
 //! (`BODY_PIPE`, with the pipe's serial number, so that a pipe can only go with its own
-//! request). While a worker holds a connection this side only reads it; closing it shuts
-//! it down, so that the copies elsewhere end with it.
+//! request). While a worker writes a response this side only reads the connection; closing
+//! it shuts it down, so that the copies elsewhere end with it.
+//!
+//! A keep-alive connection may stay with its worker after the response (`Lent::MayHold`,
+//! `Phase::Held`): the worker then reads its next requests itself and this side does not
+//! poll it, until the worker gives it back (`BACK`, with what it read and did not serve),
+//! has it closed, or the broker takes it back from a worker busy too long (the gateway's
+//! `hold` module says how that keeps request-level balancing).
 
 use std::os::fd::{AsFd, BorrowedFd};
 
