@@ -256,3 +256,35 @@ def test_keep_alive_clients_get_only_their_own_replies_through_kills_and_reloads
         assert served[0] > 500, served[0]
     finally:
         assert server.stop() == 0
+
+
+def test_connections_held_by_a_busy_worker_spread_to_an_idle_one(tmp_path):
+    """Sixteen connections held by the only worker; a second one joins (TTIN) and each
+    connection then asks for half-millisecond requests, one after another: too short for a
+    worker to be seen busy with one request twice, yet the new worker must get its share,
+    not idle while the first serves everything."""
+    import threading
+
+    server = serve(tmp_path, workers=1)
+    try:
+        conns = held(server, 16)
+        server.proc.send_signal(signal.SIGTTIN)
+        wait_for(lambda: len(worker_pids(server)) == 2, what="the second worker")
+        time.sleep(0.5)  # joined the broker
+        pids, stop = [], time.time() + 2.0
+
+        def client(sock, reader):
+            while time.time() < stop:
+                status, _, body, _ = ask(sock, reader, get("/sleep-pid?0.0005"))
+                assert status == 200
+                pids.append(body)
+
+        threads = [threading.Thread(target=client, args=conn) for conn in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        share = {pid: pids.count(pid) / len(pids) for pid in set(pids)}
+        assert len(share) == 2 and min(share.values()) > 0.25, share
+    finally:
+        assert server.stop() == 0

@@ -180,6 +180,9 @@ def inner(environ, start_response):
             time.sleep(float(environ["QUERY_STRING"] or 10))
             os._exit(0)
         return text(start_response, str(child))
+    if path == "/sleep-pid":  # who served a short wait (balancing tests)
+        time.sleep(float(environ["QUERY_STRING"]))
+        return text(start_response, str(os.getpid()))
     if path == "/sleep":
         time.sleep(float(environ["QUERY_STRING"] or 1))
         return text(start_response, "slept")

@@ -1,7 +1,9 @@
 //! Connections the workers hold between requests (one-command mode, `crate::hold`), as the
 //! broker sees them: which worker holds which, and the looks that take them back from a
-//! worker busy with one request for too long, so that their next requests go to the shared
-//! queue and an idle worker (design note 3).
+//! worker busy with one request for too long, or busy all along while another is idle all
+//! along, so that their next requests go to the shared queue and an idle worker (design
+//! note 3). Taken back, connections are held again by whichever worker serves them next:
+//! the held connections spread over the workers as the load does.
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -12,15 +14,16 @@ use rustc_hash::FxHashMap;
 use super::outgoing::After;
 use super::Broker;
 
-/// How often the workers that hold connections are looked at. One seen busy with the same
-/// request at two looks loses its held connections: a request on one of them waits at most
-/// two looks behind a slow one.
+/// How often the workers are looked at while connections are held. One seen busy with the
+/// same request at two looks loses its held connections (a request on one of them waits at
+/// most two looks behind a slow one), as does one seen busy at two looks while another was
+/// idle at both (requests of a few hundred microseconds, all on one worker's connections).
 pub const LOOK_EVERY: Duration = Duration::from_millis(2);
 
 #[derive(Default)]
 pub struct Held {
     by_conn: FxHashMap<ConnId, Holder>,
-    /// Per holding worker, what it was busy with at the last look.
+    /// What each worker was busy with at the last look (`RingReader::busy`).
     seen: FxHashMap<RawFd, Option<u64>>,
     next_look: Option<Instant>,
     /// The front end stops: no worker may hold a connection any more.
@@ -67,7 +70,6 @@ impl Broker {
             sender: sender.to_vec(),
         };
         self.held.by_conn.insert(conn, holder);
-        self.held.seen.entry(fd).or_insert(None);
         self.held
             .next_look
             .get_or_insert_with(|| Instant::now() + LOOK_EVERY);
@@ -89,22 +91,35 @@ impl Broker {
         }
     }
 
-    /// Takes held connections back from the workers busy with one request since the last
-    /// look, but the connection of that request.
+    /// Takes held connections back (but the one of the request in service) from the
+    /// workers busy with one request since the last look, and from those busy at both
+    /// looks while another worker was idle at both.
     pub(super) fn look_at_holders(&mut self) {
         let now = Instant::now();
         if self.held.next_look.is_none_or(|at| at > now) {
             return;
         }
         self.held.next_look = Some(now + LOOK_EVERY);
-        let holders: Vec<RawFd> = self.held.seen.keys().copied().collect();
+        let seen = self.workers.busy();
+        let before = std::mem::replace(&mut self.held.seen, seen.clone());
+        let idle_all_along =
+            |fd: &RawFd| seen.get(fd) == Some(&None) && before.get(fd) == Some(&None);
+        let mut holders: Vec<RawFd> = self.held.by_conn.values().map(|h| h.worker).collect();
+        holders.sort_unstable();
+        holders.dedup();
         for fd in holders {
-            let Some(ring) = self.workers.ring(fd) else {
+            let (Some(&Some(mark)), Some(&Some(was))) = (seen.get(&fd), before.get(&fd)) else {
                 continue;
             };
-            let busy = ring.busy();
-            let before = self.held.seen.insert(fd, busy).flatten();
-            let Some(mark) = busy.filter(|&b| Some(b) == before) else {
+            let slow = mark == was;
+            if !slow
+                && !seen
+                    .keys()
+                    .any(|other| *other != fd && idle_all_along(other))
+            {
+                continue;
+            }
+            let Some(ring) = self.workers.ring(fd) else {
                 continue;
             };
             let serving = ring.serving();
@@ -114,16 +129,14 @@ impl Broker {
             let conns = self.held.of(fd);
             tracing::debug!(
                 conns = conns.len(),
-                "a worker busy with one request for {LOOK_EVERY:?} or more: its held connections are taken back"
+                slow,
+                "held connections taken back from a busy worker"
             );
             for conn in conns.into_iter().filter(|&c| c != serving) {
                 let holder = self.held.by_conn.remove(&conn).expect("held");
                 self.outgoing.push_back(&holder.sender, conn, b"");
             }
         }
-        let holding: std::collections::HashSet<RawFd> =
-            self.held.by_conn.values().map(|h| h.worker).collect();
-        self.held.seen.retain(|fd, _| holding.contains(fd));
     }
 
     /// Worker `fd` is gone: the connections it held go back to the front end, but the one

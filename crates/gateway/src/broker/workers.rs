@@ -98,6 +98,14 @@ impl Workers {
         }
     }
 
+    /// What each worker is busy with now (`RingReader::busy`).
+    pub fn busy(&self) -> FxHashMap<RawFd, Option<u64>> {
+        self.by_fd
+            .iter()
+            .map(|(&fd, w)| (fd, w.ring.busy()))
+            .collect()
+    }
+
     pub fn ring(&self, fd: RawFd) -> Option<&RingReader> {
         self.by_fd.get(&fd).map(|w| &w.ring)
     }
