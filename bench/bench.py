@@ -693,10 +693,15 @@ def main():
             finally:
                 server.stop()
         results.append(round_results)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
-    text, med = report(results, servers, args, stamp)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
+    # Two runs ending in the same minute: the second gets a suffix, not the first's name.
+    minute = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    stamp, n = minute, 1
+    while (out / f"{stamp}.json").exists():
+        n += 1
+        stamp = f"{minute}-{n}"
+    text, med = report(results, servers, args, stamp)
     previous = sorted(out.glob("*.json"))
     (out / f"{stamp}.md").write_text(text)
     (out / f"{stamp}.json").write_text(json.dumps({"args": vars(args), "rounds": results, "medians": med}, indent=1))

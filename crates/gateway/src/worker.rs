@@ -328,6 +328,8 @@ impl BrokerLink {
                 }
                 Taken::Empty => {}
             }
+            // Between requests, even under load: an idle held connection goes back in time.
+            self.holding.sweep(&self.idle, &self.channels.replier());
             if let Some(conn) = self.holding.next_ready() {
                 // Marked busy before reading: from then on the broker leaves it to us.
                 self.begin_service(conn);
@@ -340,7 +342,6 @@ impl BrokerLink {
                     }
                 }
             }
-            self.holding.sweep(&self.idle, &self.channels.replier());
             let mut events = [EpollEvent::empty(); 64];
             let timeout = if backlog.borrow().is_empty() {
                 self.holding.deadline().map_or(EpollTimeout::NONE, |at| {
