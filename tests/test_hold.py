@@ -288,3 +288,22 @@ def test_connections_held_by_a_busy_worker_spread_to_an_idle_one(tmp_path):
         assert len(share) == 2 and min(share.values()) > 0.25, share
     finally:
         assert server.stop() == 0
+
+
+def test_responses_that_close_leave_no_warning(tmp_path):
+    """HTTP/1.0 clients (ab, health checks) and `Connection: close`: each response ends the
+    connection, and the log says nothing of it (a stray close message after each used to
+    log a warning per request)."""
+    server = serve(tmp_path, workers=2)
+    try:
+        for wire in (b"GET /id?a HTTP/1.0\r\n\r\n",
+                     b"GET /id?b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") * 10:
+            sock, reader = connect(server)
+            with sock:
+                status, _, body, _ = ask(sock, reader, wire)
+                assert status == 200 and body.startswith(b"id=")
+                assert sock.recv(1) == b""
+        assert ask(*held(server, 1)[0], get("/id?last"))[2] == b"id=last"
+        assert "WARN" not in server.log(), server.log()[-2000:]
+    finally:
+        assert server.stop() == 0

@@ -50,6 +50,9 @@ struct ConnOut {
     ctls: Vec<Vec<u8>>,
     /// Close the connection once `pending` is sent.
     close: bool,
+    /// A `ctl` reply (`done: close`) says so already: no close message follows it (the
+    /// front end would find the connection closing, and warn of a stray reply).
+    close_told: bool,
     /// When the last messages were sent, oldest first (at most `WINDOW_MESSAGES`).
     sent: VecDeque<Instant>,
     /// Bytes mongrel2 accepts now, under flow control.
@@ -103,6 +106,7 @@ impl Outgoing {
                     pending: Vec::new(),
                     ctls: Vec::new(),
                     close: false,
+                    close_told: false,
                     sent: VecDeque::with_capacity(WINDOW_MESSAGES),
                     credits: None,
                     touched: Instant::now(),
@@ -156,6 +160,7 @@ impl Outgoing {
             }
             out.ctls.push(ctl);
             out.close = close;
+            out.close_told = close;
             self.dirty.insert(conn);
         }
     }
@@ -277,7 +282,7 @@ fn send_what_may_go(out: &mut ConnOut, now: Instant, sender: &mut impl Sender) -
         }
         out.ctls.remove(0);
     }
-    if out.close {
+    if out.close && !out.close_told {
         if let (None, Some(at)) = (out.credits, out.window_opens()) {
             if now < at {
                 return Flushed::Wait(at);
@@ -326,23 +331,29 @@ mod tests {
         out.push_done(b"u", 7, After::KeepAlive);
         out.push_done(b"u", 8, After::Close);
         out.push(b"u", 8, b"after a close", false);
+        out.push_done(b"u", 9, After::Held);
+        out.push_back(b"u", 9, b"GET");
         assert_eq!(out.flush(now, &mut rec), None);
         let mut sent = rec.sent.clone();
         sent.sort();
         let keep: &[u8] = b"u 3:X 7, 31:3:ctl,21:4:done,10:keep-alive,}]";
+        // The ctl reply closes: no close message after it, nor anything else.
         let close: &[u8] = b"u 3:X 8, 25:3:ctl,15:4:done,5:close,}]";
+        let held: &[u8] = b"u 3:X 9, 24:3:ctl,14:4:done,4:held,}]";
+        let back: &[u8] = b"u 3:X 9, 23:3:ctl,13:4:back,3:GET,}]";
         assert_eq!(
             sent,
             [
                 (b"u 1:7, ".to_vec(), b"relayed".to_vec()),
-                (b"u 1:8, ".to_vec(), vec![]),
                 (keep.to_vec(), vec![]),
                 (close.to_vec(), vec![]),
+                (back.to_vec(), vec![]),
+                (held.to_vec(), vec![]),
             ]
         );
         let order = |m: &[u8]| rec.sent.iter().position(|(p, _)| p == m).unwrap();
         assert!(order(b"u 1:7, ") < order(keep));
-        assert!(order(close) < order(b"u 1:8, "));
+        assert!(order(held) < order(back));
         assert!(out.is_empty());
     }
 
