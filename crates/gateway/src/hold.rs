@@ -18,6 +18,7 @@
 //! a request with a body, one not whole in one read, pipelined requests, an upgrade, a
 //! malformed one (which the front end then refuses as it would have), the client's close.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -92,8 +93,9 @@ pub enum Read {
 
 pub struct Holding {
     conns: FxHashMap<u64, HeldConn>,
-    /// Held connections the last wait found readable, not served yet.
-    ready: Vec<u64>,
+    /// Held connections the last wait found readable, not served yet, in that order.
+    ready: VecDeque<u64>,
+    /// At most this many held: `MOST_HELD`, or a quarter of the open files limit.
     most: usize,
     /// Told to hold no more (the front end stops).
     closed: bool,
@@ -111,7 +113,7 @@ impl Default for Holding {
         let (limits, no_clobber_xff) = server::local::held_requests();
         Holding {
             conns: FxHashMap::default(),
-            ready: Vec::new(),
+            ready: VecDeque::new(),
             most: (server::run::raise_fd_limit() / 4).min(MOST_HELD) as usize,
             closed: false,
             limits,
@@ -147,13 +149,13 @@ impl Holding {
     /// Notes what a wait found readable.
     pub fn woke(&mut self, token: u64) {
         if self.conns.contains_key(&token) && !self.ready.contains(&token) {
-            self.ready.push(token);
+            self.ready.push_back(token);
         }
     }
 
     /// A held connection the last wait found readable.
     pub fn next_ready(&mut self) -> Option<u64> {
-        self.ready.pop()
+        self.ready.pop_front()
     }
 
     /// Reads held connection `conn`'s next request. Call only while the worker is marked
