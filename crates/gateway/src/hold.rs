@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use m2wire::request::{HeaderEncoding, Request};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use rustc_hash::FxHashMap;
+use server::front::lend::Lent;
 use server::http::message::{self, Origin};
 use server::http::request::{self as http, Framing, HeadLimits};
 
@@ -52,11 +53,10 @@ pub struct Said {
 }
 
 impl Said {
-    /// What request `msg` says, when its connection is offered to keep.
-    pub fn offered(msg: &[u8]) -> Option<Said> {
-        let req = Request::parse(msg).ok()?;
-        let lent = server::front::lend::Lent::MayHold.value();
-        if req.header(server::front::lend::DIRECT) != Some(lent) {
+    /// What request `req` says, when its connection is offered to keep.
+    pub fn offered(req: &Request<'_>) -> Option<Said> {
+        let lent = req.header(server::front::lend::DIRECT).and_then(Lent::of);
+        if lent != Some(Lent::MayHold) {
             return None;
         }
         let text = |name: &[u8]| req.header(name).map(<[u8]>::to_vec);
@@ -193,13 +193,12 @@ impl Holding {
             no_clobber_xff: self.no_clobber_xff,
         };
         let mut msg = Vec::new();
-        let lent = server::front::lend::Lent::MayHold;
         message::encode(
             &mut msg,
             &origin,
             &head,
             None,
-            &[(server::front::lend::DIRECT, lent.value())],
+            &[(server::front::lend::DIRECT, Lent::MayHold.value())],
             b"",
         );
         Read::Request(HeldRequest {
@@ -324,8 +323,9 @@ mod tests {
 
     #[test]
     fn a_connection_is_kept_only_when_offered_and_says_the_same_again() {
-        assert!(Said::offered(&message(b"1")).is_none());
-        let said = Said::offered(&message(b"2")).unwrap();
+        let offered = |direct| Said::offered(&Request::parse(&message(direct)).unwrap());
+        assert!(offered(b"1").is_none());
+        let said = offered(b"2").unwrap();
         assert_eq!(
             (said.conn, &said.sender[..], &said.remote_ip[..]),
             (77, &b"wsgid-local"[..], "10.0.0.1")

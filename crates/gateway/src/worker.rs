@@ -552,8 +552,10 @@ enum BodyFile {
 struct Reply {
     replier: Arc<Replier>,
     ticket: Ticket,
-    /// The connection may be kept after a whole response (`hold`): then `kept` has it.
-    may_hold: bool,
+    /// Whether the connection may be kept after a whole response (`hold`): then `kept` has
+    /// it, and `said` what the front end said of it when it offered it.
+    may_hold: Cell<MayHold>,
+    said: RefCell<Option<Said>>,
     kept: RefCell<Option<Rc<OwnedFd>>>,
     ended: Cell<bool>,
     client: RefCell<Option<Client>>,
@@ -562,6 +564,31 @@ struct Reply {
     over: Rc<Cell<bool>>,
     /// Where the rest of a response goes when the client is slower than the app.
     backlog: Rc<RefCell<Backlog>>,
+}
+
+/// Whether a response's connection may be kept after it (`hold`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MayHold {
+    No,
+    /// If the front end offered it, which the request's message says (`Reply::note_offer`).
+    IfOffered,
+    Yes,
+}
+
+impl Reply {
+    /// Reads the front end's offer in the request, once its message is parsed.
+    fn note_offer(&self, req: &Request<'_>) {
+        if self.may_hold.get() != MayHold::IfOffered {
+            return;
+        }
+        let said = Said::offered(req);
+        self.may_hold.set(if said.is_some() {
+            MayHold::Yes
+        } else {
+            MayHold::No
+        });
+        *self.said.borrow_mut() = said;
+    }
 }
 
 impl ReplySink for Reply {
@@ -599,7 +626,7 @@ impl ReplySink for Reply {
                 .add(client, self.ticket, piece, replier);
             return Ok(());
         }
-        if self.may_hold && piece == Piece::Last {
+        if self.may_hold.get() == MayHold::Yes && piece == Piece::Last {
             // What becomes of it is the worker's to say, once this request is over.
             *self.kept.borrow_mut() = Some(client.share());
             return Ok(());
@@ -622,11 +649,13 @@ impl Worker {
                 client,
                 body,
             } => {
-                // Offered to keep (`hold`): what the front end said, to say it again.
-                let said = client.as_ref().and_then(|_| Said::offered(&msg));
+                let may_hold = if client.is_some() {
+                    MayHold::IfOffered
+                } else {
+                    MayHold::No
+                };
                 let client = client.map(|fd| self.backlog.borrow().client(Rc::new(fd)));
                 let ticket = Ticket::Queued(seq);
-                let may_hold = said.is_some();
                 let kept = self.answer(
                     ticket,
                     msg,
@@ -636,8 +665,8 @@ impl Worker {
                     may_hold,
                 );
                 link.end_service(None);
-                if let (Some(fd), Some(said)) = (kept, said) {
-                    if link.holding.keep(&link.idle, said, fd) {
+                if let Some((fd, said)) = kept {
+                    if said.is_some_and(|said| link.holding.keep(&link.idle, said, fd)) {
                         replier.finish_held(seq);
                     } else {
                         replier.finish(ticket, Piece::Last);
@@ -658,7 +687,11 @@ impl Worker {
         let HeldRequest { conn, msg, fd } = held;
         let client = self.backlog.borrow().client(fd);
         let replier = link.channels.replier();
-        let may_hold = !link.holding.is_closed();
+        let may_hold = if link.holding.is_closed() {
+            MayHold::No
+        } else {
+            MayHold::Yes
+        };
         let kept = self.answer(
             Ticket::Held(conn),
             msg,
@@ -701,8 +734,9 @@ impl Worker {
     /// Serves request `seq`. Whatever happens, its response ends, so the broker can free its
     /// connection; a response that cannot reach the broker is logged, and the worker lives on.
     /// `piped`: the body, when it came in a pipe of its own.
-    /// `may_hold`: the connection may be kept after a whole response, and is then returned
-    /// (its response's end is then for the caller to tell).
+    /// `may_hold`: whether the connection may be kept after a whole response; it is then
+    /// returned, with what the front end said of it when it offered it, and its response's
+    /// end is for the caller to tell.
     fn answer(
         &mut self,
         ticket: Ticket,
@@ -710,12 +744,13 @@ impl Worker {
         piped: Option<File>,
         replier: &Arc<Replier>,
         client: Option<Client>,
-        may_hold: bool,
-    ) -> Option<Rc<OwnedFd>> {
+        may_hold: MayHold,
+    ) -> Option<(Rc<OwnedFd>, Option<Said>)> {
         let reply = Rc::new(Reply {
             replier: replier.clone(),
             ticket,
-            may_hold,
+            may_hold: Cell::new(may_hold),
+            said: RefCell::new(None),
             kept: RefCell::new(None),
             ended: Cell::new(false),
             client: RefCell::new(client),
@@ -752,7 +787,8 @@ impl Worker {
                 }
             }
         }
-        reply.kept.take()
+        let kept = reply.kept.take()?;
+        Some((kept, reply.said.take()))
     }
 
     fn writer(&self, reply: &Rc<Reply>, facts: RequestFacts) -> Rc<RefCell<ResponseWriter>> {
@@ -780,10 +816,13 @@ impl Worker {
                 self.refuse(reply, "400 Bad Request", "malformed request")?;
                 return Ok(());
             }
-            Ok(req) => match self.prepare(py, &req, reply)? {
-                Some(prepared) => prepared,
-                None => return Ok(()),
-            },
+            Ok(req) => {
+                reply.note_offer(&req);
+                match self.prepare(py, &req, reply)? {
+                    Some(prepared) => prepared,
+                    None => return Ok(()),
+                }
+            }
         };
         let Prepared {
             environ,

@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use m2wire::{find_header, is_notice, parse_address, ConnId, Request};
 use rustc_hash::{FxHashMap, FxHashSet};
-use server::front::lend::{BODY_PIPE, DIRECT};
+use server::front::lend::{Lent, BODY_PIPE, DIRECT};
 use server::inproc::Lend;
 
 use crate::link::{BrokerChannels, Lendings};
@@ -342,7 +342,7 @@ struct Pass<'a, 'l> {
 /// the request names a pipe that went with its client (it left before the request was
 /// queued).
 fn lendings<'a>(lend: &'a dyn Lend, conn: ConnId, msg: &[u8]) -> Option<Lendings<'a>> {
-    let direct = matches!(find_header(msg, DIRECT).as_deref(), Some(b"1" | b"2"));
+    let direct = find_header(msg, DIRECT).is_some_and(|v| Lent::of(&v).is_some());
     let body = find_header(msg, BODY_PIPE).as_deref().and_then(serial_of);
     let lendings = Lendings {
         client: lend.client(conn).filter(|_| direct),

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use m2wire::{encode_prefix, ConnId};
 use rustc_hash::{FxHashMap, FxHashSet};
+use server::front::lend::{BACK, CLOSE, DONE, HELD, KEEP_ALIVE};
 
 /// At most this many messages to one connection in any `WINDOW` (mongrel2 allows 16 queued).
 pub const WINDOW_MESSAGES: usize = 8;
@@ -26,11 +27,6 @@ pub const WINDOW: Duration = Duration::from_millis(20);
 /// Flow-control state of a connection nothing was sent to for this long is forgotten.
 const CREDITS_KEPT: Duration = Duration::from_secs(600);
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
-/// The `ctl` key telling the front end that a lent connection's response is complete, and
-/// its values: what becomes of the connection (`server::front::lend`).
-pub const DONE: &[u8] = b"done";
-/// The `ctl` key giving a held connection back to the front end.
-pub const BACK: &[u8] = b"back";
 
 /// What becomes of a connection whose response a worker wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,9 +133,9 @@ impl Outgoing {
     /// front end lent the connection): the front end is told, after anything queued before.
     pub fn push_done(&mut self, sender: &[u8], conn: ConnId, after: After) {
         let value: &[u8] = match after {
-            After::KeepAlive => b"keep-alive",
-            After::Close => b"close",
-            After::Held => b"held",
+            After::KeepAlive => KEEP_ALIVE,
+            After::Close => CLOSE,
+            After::Held => HELD,
         };
         self.push_ctl(sender, conn, DONE, value, after == After::Close);
     }

@@ -715,7 +715,7 @@ impl Hub {
             conn.phase = Phase::Held { handler: from };
             return;
         }
-        let close = value == b"close" || !conn.keep_alive || conn.read_closed;
+        let close = value == lend::CLOSE || !conn.keep_alive || conn.read_closed;
         conn.phase = if close { Phase::Closing } else { Phase::Head };
         self.resume_reading(conn);
         self.advance(conn);

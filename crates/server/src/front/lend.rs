@@ -37,6 +37,8 @@ pub const BODY_PIPE: &[u8] = b"BODY_PIPE";
 /// The `ctl` key of the reply that ends a response written directly; its value says what
 /// becomes of the connection: `keep-alive`, `close`, or `held` (`Lent::MayHold`).
 pub const DONE: &[u8] = b"done";
+pub const KEEP_ALIVE: &[u8] = b"keep-alive";
+pub const CLOSE: &[u8] = b"close";
 pub const HELD: &[u8] = b"held";
 /// The `ctl` key of the reply that gives a held connection back; its value is what the
 /// worker read from it and did not serve (the start of a request it leaves to us).
@@ -59,6 +61,13 @@ impl Lent {
             Lent::Once => b"1",
             Lent::MayHold => b"2",
         }
+    }
+
+    /// A `DIRECT` header's value, read back.
+    pub fn of(value: &[u8]) -> Option<Lent> {
+        [Lent::Once, Lent::MayHold]
+            .into_iter()
+            .find(|lent| lent.value() == value)
     }
 }
 
