@@ -2,7 +2,8 @@
 
 Every server serves bench/app.py with 2 workers where that applies. Servers run in
 alternation (A B C ... per round), workloads per server: hello world, a 64 KiB response and a
-1 MiB POST under `wrk -t2 -c64`, a 64 KiB static file (front ends and nginx), a 1 GiB upload
+1 MiB POST under `wrk -t2 -c64`, the same POST offered at one fixed rate to every server
+(`hey`: latency at equal load), a 64 KiB static file (front ends and nginx), a 1 GiB upload
 and download with curl (elapsed time, peak RSS sampled every 50 ms), idle RSS, and 10,000 idle
 keep-alive connections held while hello is served (front ends). CPU per request is user+sys of
 the server's processes over the run divided by the requests wrk completed; the front end's
@@ -362,27 +363,36 @@ def connections_served(port):
     return len(details), sum(1 for line in details if "bytes_sent:" in line)
 
 
-def run_wrk(server, path, seconds, script=None, connections=64):
+def with_cpu(server, args):
+    """Runs the load command `args`: its output, and the CPU seconds the server's processes used
+    meanwhile (all, the gateway's, the front end's)."""
     pids, gateway, front = server.pids(), server.gateway_pids(), server.front_pids()
     cpu0, gw0, fr0 = cpu_seconds(pids), cpu_seconds(gateway), cpu_seconds(front)
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    pids |= server.pids()
+    return out, (cpu_seconds(pids) - cpu0, cpu_seconds(gateway) - gw0, cpu_seconds(front) - fr0)
+
+
+def per_request(server, cpu, requests):
+    total, gateway, front = (seconds * 1e6 / max(requests, 1) for seconds in cpu)
+    return {"cpu_us": total, "gateway_cpu_us": gateway, "front_cpu_us": front if server.front_pids() else None}
+
+
+def run_wrk(server, path, seconds, script=None, connections=64):
     args = [*"wrk -t2".split(), f"-c{connections}", f"-d{seconds}s", "--latency"] + \
         (["-s", str(script)] if script else []) + [server.url + path]
     seen = {}
     sampler = threading.Timer(seconds * 0.9, lambda: seen.update(
         zip(("open", "served"), connections_served(int(server.url.rsplit(":", 1)[1])))))
     sampler.start()
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    out, cpu = with_cpu(server, args)
     sampler.join()
-    pids |= server.pids()
-    cpu, gw, fr = cpu_seconds(pids) - cpu0, cpu_seconds(gateway) - gw0, cpu_seconds(front) - fr0
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)] if p99 else None
-    return {"rps": requests / seconds, "requests": requests, "p99_ms": p99_ms,
-            "cpu_us": cpu * 1e6 / max(requests, 1), "gateway_cpu_us": gw * 1e6 / max(requests, 1),
-            "front_cpu_us": fr * 1e6 / max(requests, 1) if front else None,
+    return {"rps": requests / seconds, "requests": requests, "p99_ms": p99_ms, **per_request(server, cpu, requests),
             "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "command": " ".join(args),
             "served_conns": seen.get("served"), "open_conns": seen.get("open")}
 
@@ -410,6 +420,24 @@ def run_isolation(server, seconds):
         stop.set()
         thread.join()
     return {**hello, "slow_done": slow["done"], "slow_failed": slow["failed"]}
+
+
+def run_post_rate(server, seconds, rate, body, connections=64):
+    """1 MiB POSTs offered at the same rate to every server (`hey -q`, per connection), below what
+    each serves at most: latency compared at equal load. wrk's runs measure latency at each
+    server's own saturation, where the client may be what saturates (see the README)."""
+    per_connection = rate / connections
+    args = ["hey", "-z", f"{seconds}s", "-c", str(connections), "-q", f"{per_connection:g}", "-m", "POST",
+            "-D", str(body), "-T", "application/octet-stream", server.url + "/post"]
+    out, cpu = with_cpu(server, args)
+    ok = sum(int(n) for n in re.findall(r"\[2\d\d\]\s+(\d+) responses", out))
+    every = sum(int(n) for n in re.findall(r"\[\d+\]\s+(\d+) responses", out))
+    failed = re.search(r"Error distribution:(.*)", out, re.S)
+    failed = sum(int(n) for n in re.findall(r"\[(\d+)\]", failed.group(1))) if failed else 0
+    seconds_of = {q: float(v) * 1000 for q, v in re.findall(r"(\d+)% in ([\d.]+) secs", out)}
+    return {"rps": ok / seconds, "offered": rate, "p50_ms": seconds_of.get("50"), "p99_ms": seconds_of.get("99"),
+            **per_request(server, cpu, ok), "errors": every - ok + failed,
+            "command": " ".join(args[:-1] + [re.sub(r":\d+/", ":PORT/", args[-1])]).replace(str(body), "BODY_1MIB")}
 
 
 def run_upload(server, big_file):
@@ -510,6 +538,7 @@ def versions():
     return {
         "wsgid": run(str(RELEASE / "wsgid"), "-v"), "mongrel2-core": run("dpkg-query", "-W", "-f=${Version}", "mongrel2-core"),
         "libzmq": run("dpkg-query", "-W", "-f=${Version}", "libzmq5"), "wrk": run("wrk", "--version").split(" [")[0],
+        "hey": run("dpkg-query", "-W", "-f=${Version}", "hey"),
         "python": platform.python_version(), "rustc": run("rustc", "--version"), "cpus": str(os.cpu_count()),
         **{line.split("==")[0]: line.split("==")[1] for line in pip.splitlines() if line.split("==")[0].lower() in wanted},
     }
@@ -527,10 +556,10 @@ def fmt(value, digits=0):
 def report(results, servers, args, stamp):
     names = [SERVERS[s].name for s in servers]
     med = {n: {} for n in names}
-    rate_fields = ("rps", "p99_ms", "cpu_us", "gateway_cpu_us", "front_cpu_us", "errors", "served_conns",
+    rate_fields = ("rps", "p50_ms", "p99_ms", "cpu_us", "gateway_cpu_us", "front_cpu_us", "errors", "served_conns",
                    "open_conns", "slow_done", "slow_failed")
     for name in names:
-        for key in ("hello", "64k", "post", "static", "isolation"):
+        for key in ("hello", "64k", "post", "post-rate", "static", "isolation"):
             runs = [r[name][key] for r in results if key in r.get(name, {})]
             if runs:
                 med[name][key] = {f: median([run.get(f) for run in runs]) for f in rate_fields}
@@ -580,6 +609,16 @@ def report(results, servers, args, stamp):
             lines.append(f"| {name} | {fmt(i.get('rps'))} | {fmt(i.get('p99_ms'), 1)} | "
                          f"{served} | {fmt(i.get('slow_done'))} | "
                          f"{fmt((i.get('errors') or 0) + (i.get('slow_failed') or 0))} |")
+    rate_names = [n for n in names if "post-rate" in med[n]]
+    if rate_names:
+        lines += ["", f"POST 1 MiB offered at {args.post_rate:,} req/s to each server (`hey`, 64 connections), "
+                  "latency at equal load:", "",
+                  "| server | req/s served | p50 ms | p99 ms | CPU µs/req | errors |", "|---|---|---|---|---|---|"]
+        for name in rate_names:
+            pr = med[name]["post-rate"]
+            short = " (fell behind)" if (pr.get("rps") or 0) < 0.95 * args.post_rate else ""
+            lines.append(f"| {name} | {fmt(pr.get('rps'))}{short} | {fmt(pr.get('p50_ms'), 1)} | "
+                         f"{fmt(pr.get('p99_ms'), 1)} | {fmt(pr.get('cpu_us'), 1)} | {fmt(pr.get('errors'))} |")
     lines += ["", "| server | idle RSS MiB | 1 GiB upload s | upload peak RSS MiB (all) | front end peak | wsgid worker peak | "
               "1 GiB download s | download peak RSS MiB (all) | front end peak | wsgid worker peak |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -629,7 +668,7 @@ def report(results, servers, args, stamp):
               "Load commands (PORT is each server's): " + "; ".join(sorted({
                   "`" + re.sub(r"http://127\.0\.0\.1:\d+", "http://127.0.0.1:PORT", run[key]["command"]) + "`"
                   for r in results for run in r.values() if isinstance(run, dict)
-                  for key in ("hello", "64k", "post", "static") if key in run})),
+                  for key in ("hello", "64k", "post", "post-rate", "static") if key in run})),
               "1 GiB upload: `curl -sS -T FILE http://127.0.0.1:PORT/stream`; 1 GiB download (a generator of "
               "64 KiB chunks): `curl -sS -o /dev/null http://127.0.0.1:PORT/download`; RSS of every server process "
               "sampled every 50 ms. wsgid runs with WSGID_LOG=warn (no access log), gunicorn with "
@@ -644,7 +683,9 @@ def main():
     stack.WSGID = RELEASE / "wsgid"  # the front end too: `wsgid server`
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ", ".join(SERVERS))
-    parser.add_argument("--workloads", default="hello,64k,post,static,isolation,upload,download,idle,held")
+    parser.add_argument("--workloads", default="hello,64k,post,post-rate,static,isolation,upload,download,idle,held")
+    parser.add_argument("--post-rate", type=int, default=1280,
+                        help="req/s offered by post-rate, in all (64 connections share it)")
     parser.add_argument("--held", type=int, default=10_000, help="idle keep-alive connections held")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
@@ -653,7 +694,8 @@ def main():
     servers = args.servers.split(",")
     workloads = set(args.workloads.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="wsgid-bench-"))
-    big = tmp / "upload.bin"
+    big, post_body = tmp / "upload.bin", tmp / "post.bin"
+    post_body.write_bytes(b"x" * 2**20)
     if "upload" in workloads:
         with open(big, "wb") as f:
             block = os.urandom(2**20)
@@ -679,6 +721,8 @@ def main():
                     r["64k"] = run_wrk(server, "/64k", args.seconds)
                 if "post" in workloads and app:
                     r["post"] = run_wrk(server, "/post", args.seconds, HERE / "post.lua")
+                if "post-rate" in workloads and app:
+                    r["post-rate"] = run_post_rate(server, args.seconds, args.post_rate, post_body)
                 if "static" in workloads and server.serves_static:
                     r["static"] = run_wrk(server, "/static/64k.bin", args.seconds)
                 if "isolation" in workloads and app:
