@@ -400,7 +400,7 @@ impl Replier {
     pub fn reply(&self, seq: u64, payload: &[u8], piece: Piece) -> io::Result<()> {
         let mut pieces = payload.chunks(MAX_REPLY_PIECE).peekable();
         if pieces.peek().is_none() {
-            return self.write_frame(seq, &[], piece);
+            return self.send(Frame::Relayed, seq, piece, &[]);
         }
         while let Some(part) = pieces.next() {
             let this = if pieces.peek().is_some() {
@@ -408,7 +408,7 @@ impl Replier {
             } else {
                 piece
             };
-            self.write_frame(seq, part, this)?;
+            self.send(Frame::Relayed, seq, this, part)?;
         }
         Ok(())
     }
@@ -419,29 +419,18 @@ impl Replier {
     /// end), the response went out all the same, and the client's connection is closed with
     /// our copy: nothing more to do but say so.
     pub fn finish(&self, ticket: Ticket, piece: Piece) {
-        let header = match ticket {
-            Ticket::Queued(seq) => ReplyHeader {
-                seq,
-                len: 0,
-                piece,
-                frame: Frame::Done,
-            },
+        let seq = match ticket {
+            Ticket::Queued(seq) => seq,
             Ticket::Held(conn) => return self.give_back(conn, &[], piece),
         };
-        if let Err(e) = self.write_header_and(&header.encode(), &[]) {
+        if let Err(e) = self.send(Frame::Done, seq, piece, &[]) {
             tracing::info!("the broker is gone ({e}): a response went out untold");
         }
     }
 
     /// Request `seq`'s response is complete, and its connection kept (`crate::hold`).
     pub fn finish_held(&self, seq: u64) {
-        let header = ReplyHeader {
-            seq,
-            len: 0,
-            piece: Piece::Last,
-            frame: Frame::DoneHeld,
-        };
-        if let Err(e) = self.write_header_and(&header.encode(), &[]) {
+        if let Err(e) = self.send(Frame::DoneHeld, seq, Piece::Last, &[]) {
             tracing::info!(seq, "the broker is gone ({e}): a response went out untold");
         }
     }
@@ -449,13 +438,7 @@ impl Replier {
     /// Gives held connection `conn` back to the front end, with what was read of it
     /// (`LastThenClose`: to be closed).
     pub fn give_back(&self, conn: u64, read: &[u8], piece: Piece) {
-        let header = ReplyHeader {
-            seq: conn,
-            len: read.len() as u32,
-            piece,
-            frame: Frame::Back,
-        };
-        if let Err(e) = self.write_header_and(&header.encode(), read) {
+        if let Err(e) = self.send(Frame::Back, conn, piece, read) {
             tracing::info!(
                 conn,
                 "the broker is gone ({e}): a held connection goes with it"
@@ -463,13 +446,14 @@ impl Replier {
         }
     }
 
-    fn write_frame(&self, seq: u64, payload: &[u8], piece: Piece) -> io::Result<()> {
-        let len = payload.len() as u32;
+    /// One frame to the broker: its header, then `payload` (the connection's number for
+    /// `Back`, the request's for the others).
+    fn send(&self, frame: Frame, seq: u64, piece: Piece, payload: &[u8]) -> io::Result<()> {
         let header = ReplyHeader {
             seq,
-            len,
+            len: payload.len() as u32,
             piece,
-            frame: Frame::Relayed,
+            frame,
         };
         self.write_header_and(&header.encode(), payload)
     }
