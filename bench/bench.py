@@ -437,7 +437,7 @@ def run_post_rate(server, seconds, rate, body, connections=64):
     seconds_of = {q: float(v) * 1000 for q, v in re.findall(r"(\d+)% in ([\d.]+) secs", out)}
     return {"rps": ok / seconds, "offered": rate, "p50_ms": seconds_of.get("50"), "p99_ms": seconds_of.get("99"),
             **per_request(server, cpu, ok), "errors": every - ok + failed,
-            "command": " ".join(args[:-1] + [re.sub(r":\d+/", ":PORT/", args[-1])]).replace(str(body), "BODY_1MIB")}
+            "command": " ".join(args).replace(str(body), "BODY_1MIB")}
 
 
 def run_upload(server, big_file):
@@ -695,7 +695,8 @@ def main():
     workloads = set(args.workloads.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="wsgid-bench-"))
     big, post_body = tmp / "upload.bin", tmp / "post.bin"
-    post_body.write_bytes(b"x" * 2**20)
+    if "post-rate" in workloads:
+        post_body.write_bytes(b"x" * 2**20)
     if "upload" in workloads:
         with open(big, "wb") as f:
             block = os.urandom(2**20)

@@ -87,10 +87,7 @@ impl Body {
                         .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
                     let n = file.read(&mut buf[..want])?;
                     if n == 0 {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "upload file is shorter than the request body",
-                        ));
+                        return Err(short_body());
                     }
                     *remaining -= n as u64;
                     *lo = 0;
@@ -199,6 +196,14 @@ fn size_arg(size: Option<isize>) -> Option<usize> {
     size.and_then(|s| usize::try_from(s).ok())
 }
 
+/// The body's file or pipe ended before the length the request declared.
+fn short_body() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "upload file is shorter than the request body",
+    )
+}
+
 fn io_err(e: std::io::Error) -> PyErr {
     PyOSError::new_err(format!("wsgi.input: {e}"))
 }
@@ -219,12 +224,7 @@ fn read_bytes<'py>(py: Python<'py>, file: &File, len: usize) -> PyResult<Bound<'
         let mut done = 0;
         while done < len {
             match libc::read(file.as_raw_fd(), base.add(done).cast(), len - done) {
-                0 => {
-                    return Err(io_err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "upload file is shorter than the request body",
-                    )))
-                }
+                0 => return Err(io_err(short_body())),
                 n if n > 0 => done += n as usize,
                 _ => {
                     let e = std::io::Error::last_os_error();
