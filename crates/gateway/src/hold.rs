@@ -75,6 +75,9 @@ struct HeldConn {
     fd: Rc<OwnedFd>,
     said: Said,
     since: Instant,
+    /// In `Holding::ready`, waiting to be served (the wait, level-triggered, reports it
+    /// again until it is read).
+    queued: bool,
 }
 
 /// A request read from a held connection, as the front end would have sent it.
@@ -93,7 +96,8 @@ pub enum Read {
 
 pub struct Holding {
     conns: FxHashMap<u64, HeldConn>,
-    /// Held connections the last wait found readable, not served yet, in that order.
+    /// Held connections the last wait found readable, not served yet, in that order; a
+    /// connection let go meanwhile is skipped when its turn comes.
     ready: VecDeque<u64>,
     /// At most this many held: `MOST_HELD`, or a quarter of the open files limit.
     most: usize,
@@ -142,20 +146,40 @@ impl Holding {
         }
         let since = Instant::now();
         self.next_sweep.get_or_insert(since + IDLE);
-        self.conns.insert(conn, HeldConn { fd, said, since });
+        self.conns.insert(
+            conn,
+            HeldConn {
+                fd,
+                said,
+                since,
+                queued: false,
+            },
+        );
         true
     }
 
     /// Notes what a wait found readable.
     pub fn woke(&mut self, token: u64) {
-        if self.conns.contains_key(&token) && !self.ready.contains(&token) {
-            self.ready.push_back(token);
+        if let Some(held) = self.conns.get_mut(&token) {
+            if !std::mem::replace(&mut held.queued, true) {
+                self.ready.push_back(token);
+            }
         }
     }
 
     /// A held connection the last wait found readable.
     pub fn next_ready(&mut self) -> Option<u64> {
-        self.ready.pop_front()
+        while let Some(conn) = self.ready.pop_front() {
+            match self.conns.get_mut(&conn) {
+                Some(held) if held.queued => {
+                    held.queued = false;
+                    return Some(conn);
+                }
+                // Let go since (or served already, from an earlier place in the queue).
+                _ => {}
+            }
+        }
+        None
     }
 
     /// Reads held connection `conn`'s next request. Call only while the worker is marked
@@ -213,7 +237,6 @@ impl Holding {
         if let Some(held) = self.conns.remove(&conn) {
             let _ = epoll.delete(held.fd.as_fd());
         }
-        self.ready.retain(|&c| c != conn);
     }
 
     /// Drops every held connection but `serving`'s, unread: the broker took them back
@@ -306,10 +329,14 @@ mod tests {
     }
 
     fn message(direct: &[u8]) -> Vec<u8> {
+        message_for(77, direct)
+    }
+
+    fn message_for(conn_id: u64, direct: &[u8]) -> Vec<u8> {
         let mut msg = Vec::new();
         let origin = Origin {
             sender: b"wsgid-local",
-            conn_id: 77,
+            conn_id,
             encoding: HeaderEncoding::Tnetstring,
             remote_ip: "10.0.0.1",
             scheme: b"http",
@@ -334,5 +361,36 @@ mod tests {
             (&said.scheme[..], &said.pattern[..]),
             (&b"http"[..], &b"/"[..])
         );
+    }
+
+    #[test]
+    fn ready_connections_are_served_once_each_in_order_and_never_after_being_let_go() {
+        use nix::sys::epoll::EpollCreateFlags;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        let mut holding = Holding::default();
+        let mut peers = Vec::new();
+        for conn in [10, 11, 12] {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            peers.push(theirs);
+            let said = Said::offered(&Request::parse(&message_for(conn, b"2")).unwrap()).unwrap();
+            assert!(holding.keep(&epoll, said, Rc::new(OwnedFd::from(ours))));
+        }
+        // A level-triggered wait reports a connection again until it is read.
+        for token in [11, 10, 11, 12, 10, 99] {
+            holding.woke(token);
+        }
+        holding.forget(&epoll, 12);
+        assert_eq!(holding.next_ready(), Some(11));
+        assert_eq!(holding.next_ready(), Some(10));
+        assert_eq!(holding.next_ready(), None);
+        // Let go while queued, then kept anew: served once, as any other.
+        holding.woke(11);
+        holding.forget(&epoll, 11);
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let said = Said::offered(&Request::parse(&message_for(11, b"2")).unwrap()).unwrap();
+        assert!(holding.keep(&epoll, said, Rc::new(OwnedFd::from(ours))));
+        holding.woke(11);
+        assert_eq!(holding.next_ready(), Some(11));
+        assert_eq!(holding.next_ready(), None);
     }
 }
